@@ -1,0 +1,347 @@
+"""ARCHIVE: ship one protocol's HAProxy access logs to OpenStack Swift.
+
+Flow of :func:`archive_logs`:
+
+1. Rotate the active log aside as a pending file (see ``logsink.LogStore``).
+2. Gzip every pending file of the protocol, oldest first, in chunks into an
+   unnamed temp file inside the log dir, hashing the compressed bytes as they
+   are written: memory stays flat whatever the log size.
+3. PUT it as ``<container>/<lb_id>/haproxy-<UTC YYYYmmdd-HHMMSS>.log.gz`` with
+   the MD5 as etag, creating the container on 404.  A fresh swiftclient
+   ``Connection`` per attempt, no swiftclient retries: our own bounded retry
+   loop handles unreachable endpoints and 5xx answers.
+4. Only after Swift confirmed the etag, delete the shipped pending files.  On
+   any failure they stay and the next ARCHIVE ships them with the newer lines.
+
+The token is never logged nor put in an error message: swiftclient's own debug
+log is filtered while we talk to Swift.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import requests
+import swiftclient.client
+from swiftclient.exceptions import ClientException
+
+from libra_worker.errors import ArchiveFailed
+from libra_worker.logsink import LOG_DIR_NAME, LogStore
+
+LOG = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+MAX_ATTEMPTS = 3
+FIRST_BACKOFF = 0.5
+DEADLINE_MARGIN = 0.25
+REDACTED = "<token>"
+
+# swiftclient logs request headers at debug level, revealing the first 16
+# characters of X-Auth-Token by default; reveal none of it.
+swiftclient.client.logger_settings["reveal_sensitive_prefix"] = 0
+
+
+@dataclass(frozen=True)
+class SwiftTarget:
+    """Where and how to upload: parsed from the ARCHIVE message."""
+
+    endpoint: str
+    token: str
+    container: str
+    prefix: str
+
+    @classmethod
+    def from_basepath(cls, basepath: str, lb_id: str, endpoint: str,
+                      token: str) -> "SwiftTarget":
+        """``basepath`` is a container, optionally followed by ``/sub/path``."""
+        container, _, sub_path = basepath.strip("/").partition("/")
+        if not container:
+            raise ArchiveFailed("The object store base path is empty.")
+        if not lb_id or "/" in lb_id:
+            raise ArchiveFailed(f"Invalid load balancer id {lb_id!r} for ARCHIVE.")
+        if not endpoint.startswith(("http://", "https://")):
+            raise ArchiveFailed("The object store endpoint must be an http(s) URL.")
+        if not token:
+            raise ArchiveFailed("The object store token is empty.")
+        prefix = "/".join(filter(None, [sub_path.strip("/"), lb_id]))
+        return cls(endpoint.rstrip("/"), token, container, prefix)
+
+    def object_name(self, when: datetime) -> str:
+        return f"{self.prefix}/haproxy-{when:%Y%m%d-%H%M%S}.log.gz"
+
+
+@dataclass(frozen=True)
+class Spool:
+    """The compressed logs, ready to upload."""
+
+    file: BinaryIO
+    md5: str
+    size: int
+    lines: int
+    raw_bytes: int
+
+
+class _HashingWriter:
+    """File-like sink for GzipFile that hashes what it passes through."""
+
+    def __init__(self, target: BinaryIO) -> None:
+        self.target = target
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.md5.update(data)
+        self.size += len(data)
+        return self.target.write(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+class _RedactToken(logging.Filter):
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.token in message:
+            record.msg, record.args = message.replace(self.token, REDACTED), None
+        return True
+
+
+@contextlib.contextmanager
+def _token_redacted(token: str) -> Iterator[None]:
+    """Strip the token from swiftclient's log records while we use it."""
+    swift_logger = logging.getLogger("swiftclient")
+    redactor = _RedactToken(token)
+    swift_logger.addFilter(redactor)
+    try:
+        yield
+    finally:
+        swift_logger.removeFilter(redactor)
+
+
+def _mask(text: str, token: str) -> str:
+    return text.replace(token, REDACTED) if token else text
+
+
+def archive_logs(log_dir: Path | str, *, protocol: str, lb_id: str, basepath: str,
+                 endpoint: str, token: str, timeout: float = 15.0) -> dict:
+    """Ship the not yet archived access-log lines of ``protocol`` to Swift.
+
+    Args:
+        log_dir: the log directory (``LogSink.log_dir``) or the state dir that
+            contains it.
+        protocol: ``"HTTP"`` or ``"TCP"`` (any case).
+        lb_id: load balancer id; first path element of the object name.
+        basepath: the Swift container (``hpcs_object_store_basepath``).
+        endpoint: Swift storage URL, e.g. ``https://host/v1/AUTH_x``.
+        token: Swift auth token; never logged nor echoed in errors.
+        timeout: seconds allowed for connecting / waiting on Swift, and the
+            budget for retries; with Swift unreachable the call fails within it.
+            A slow upload that keeps making progress is not cut off.
+
+    Returns:
+        ``{"object": "<container>/<name>", "lines": n, "bytes": uncompressed,
+        "compressed_bytes": m, "dropped": k}`` where ``dropped`` counts lines
+        lost at the size cap since the previous successful archive.
+
+    Raises:
+        ArchiveFailed: with a sentence for the reply; nothing was retired.
+    """
+    if timeout <= 0:
+        raise ArchiveFailed("The archive timeout must be positive.")
+    store = LogStore(_resolve_log_dir(Path(log_dir)))
+    proto = protocol.strip().lower()
+    if proto not in ("http", "tcp"):
+        raise ArchiveFailed(f"Cannot archive logs of protocol {protocol!r}.")
+    target = SwiftTarget.from_basepath(basepath, lb_id, endpoint, token)
+    with _archive_lock(store, proto):
+        store.rotate(proto)
+        pending = store.pending_paths(proto)
+        total_dropped, dropped = store.dropped_unreported(proto)
+        if not pending:
+            raise ArchiveFailed(_nothing_to_archive(proto, dropped))
+        with tempfile.TemporaryFile(dir=store.directory, prefix=".archive-") as temp:
+            spool = _compress(pending, temp)
+            deadline = time.monotonic() + timeout
+            with _token_redacted(token):
+                name = _upload(spool, target, deadline)
+        _retire(store, proto, pending, total_dropped)
+    if dropped:
+        LOG.warning("%d %s log lines were dropped at the size cap before this archive",
+                    dropped, proto.upper())
+    LOG.info("archived %d %s log lines to %s/%s", spool.lines, proto.upper(),
+             target.container, name)
+    return {"object": f"{target.container}/{name}", "lines": spool.lines,
+            "bytes": spool.raw_bytes, "compressed_bytes": spool.size,
+            "dropped": dropped}
+
+
+def _resolve_log_dir(path: Path) -> Path:
+    return path / LOG_DIR_NAME if (path / LOG_DIR_NAME).is_dir() else path
+
+
+def _nothing_to_archive(proto: str, dropped: int) -> str:
+    message = f"There are no new {proto.upper()} log lines to archive."
+    if dropped:
+        message += f" {dropped} lines were dropped at the log size cap."
+    return message
+
+
+@contextlib.contextmanager
+def _archive_lock(store: LogStore, proto: str) -> Iterator[None]:
+    """One archive per protocol at a time, across threads and processes."""
+    if not store.directory.is_dir():
+        raise ArchiveFailed(_nothing_to_archive(proto, 0))
+    fd = os.open(store.directory / f"{proto}.archive.lock", os.O_RDWR | os.O_CREAT,
+                 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ArchiveFailed(
+                f"Another archive of the {proto.upper()} logs is in progress.") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _compress(paths: list[Path], temp: BinaryIO) -> Spool:
+    """Gzip ``paths`` in order into ``temp`` in fixed-size chunks."""
+    writer = _HashingWriter(temp)
+    lines = raw_bytes = 0
+    # mtime=0 and no file name: the archive depends on the lines only.
+    with gzip.GzipFile(fileobj=writer, mode="wb", filename="", mtime=0) as archive:
+        for path in paths:
+            with open(path, "rb") as source:
+                while chunk := source.read(CHUNK_SIZE):
+                    archive.write(chunk)
+                    lines += chunk.count(b"\n")
+                    raw_bytes += len(chunk)
+    temp.flush()
+    return Spool(temp, writer.md5.hexdigest(), writer.size, lines, raw_bytes)
+
+
+def _retire(store: LogStore, proto: str, shipped: list[Path], total_dropped: int) -> None:
+    for path in shipped:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    store.mark_dropped_reported(proto, total_dropped)
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt; carries the sentence for the reply."""
+
+
+def _upload(spool: Spool, target: SwiftTarget, deadline: float) -> str:
+    """PUT the spool, retrying transient failures until ``deadline``."""
+    backoff = FIRST_BACKOFF
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            # The margin lets a hung attempt time out before the deadline.
+            attempt_timeout = max(deadline - time.monotonic() - DEADLINE_MARGIN, 0.1)
+            return _upload_once(spool, target, attempt_timeout)
+        except _Retryable as failure:
+            reason = str(failure)
+        if attempt == MAX_ATTEMPTS or time.monotonic() + backoff >= deadline:
+            break
+        LOG.info("archive upload attempt %d failed (%s); retrying", attempt, reason)
+        time.sleep(backoff)
+        backoff *= 2
+    raise ArchiveFailed(f"{reason} Gave up after {attempt} attempt(s); "
+                        "the logs are kept for the next ARCHIVE.")
+
+
+def _upload_once(spool: Spool, target: SwiftTarget, timeout: float) -> str:
+    connection = swiftclient.client.Connection(
+        preauthurl=target.endpoint, preauthtoken=target.token, retries=0,
+        timeout=timeout)
+    try:
+        return _put_archive(connection, spool, target)
+    except ClientException as error:
+        raise _client_error(error, target) from None
+    except requests.exceptions.RequestException as error:
+        raise _Retryable(
+            f"Could not reach the object store at {target.endpoint} "
+            f"({type(error).__name__}).") from None
+    finally:
+        connection.close()
+
+
+def _put_archive(connection: swiftclient.client.Connection, spool: Spool,
+                 target: SwiftTarget) -> str:
+    for _ in range(3):
+        name = target.object_name(datetime.now(timezone.utc))
+        status = _put_object(connection, spool, target, name)
+        if status == 404:
+            connection.put_container(target.container)
+            status = _put_object(connection, spool, target, name)
+        if status == 404:
+            raise ArchiveFailed(f"The object store has no container "
+                                f"{target.endpoint}/{target.container} (HTTP 404).")
+        if status != 412:
+            return name
+        # An object of that name exists: our own earlier attempt, or another
+        # archive within the same second.  Never overwrite shipped logs.
+        existing = connection.head_object(target.container, name)
+        if existing.get("etag", "").strip('"') == spool.md5:
+            return name
+        time.sleep(1.0 - datetime.now(timezone.utc).microsecond / 1e6)
+    raise _Retryable("The object store kept reporting that the archive object "
+                     "already exists (HTTP 412).")
+
+
+def _put_object(connection: swiftclient.client.Connection, spool: Spool,
+                target: SwiftTarget, name: str) -> int:
+    """PUT the spool; return the HTTP status (404/412 are left to the caller)."""
+    spool.file.seek(0)
+    response: dict = {}
+    try:
+        etag = connection.put_object(
+            target.container, name, spool.file, content_length=spool.size,
+            etag=spool.md5, content_type="application/gzip",
+            headers={"If-None-Match": "*"}, response_dict=response)
+    except ClientException as error:
+        if error.http_status in (404, 412):
+            return error.http_status
+        raise
+    if (etag or "").strip('"') != spool.md5:
+        raise _Retryable(f"The object store returned etag {etag!r} for the "
+                         f"archive instead of its MD5 {spool.md5}.")
+    return int(response.get("status", 201))
+
+
+def _client_error(error: ClientException, target: SwiftTarget) -> Exception:
+    """Turn a swiftclient error into ArchiveFailed, or _Retryable for 5xx."""
+    status = error.http_status
+    where = f"{target.endpoint}/{target.container}"
+    if status == 401:
+        return ArchiveFailed("The object store rejected the authorization token "
+                             "(HTTP 401): it is wrong or has expired.")
+    if status == 403:
+        return ArchiveFailed(f"The token is not authorized to write to {where} "
+                             "(HTTP 403).")
+    if status == 422:
+        return _Retryable("The object store reported an etag (MD5) mismatch for "
+                          "the uploaded archive (HTTP 422).")
+    if status is not None and status >= 500:
+        return _Retryable(f"The object store at {target.endpoint} answered "
+                          f"HTTP {status} {error.http_reason or ''}".rstrip() + ".")
+    detail = _mask(str(error.msg or error), target.token)
+    if status is None:
+        return ArchiveFailed(f"The archive upload to {where} failed: {detail}.")
+    return ArchiveFailed(f"The object store refused the archive upload to {where} "
+                         f"(HTTP {status}): {detail}.")

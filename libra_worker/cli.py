@@ -1,0 +1,128 @@
+"""libra-worker: the daemon's command line.
+
+`libra-worker --config FILE` daemonizes with python-daemon (pidfile, umask, working
+directory, optional user/group); `--foreground` stays attached, for systemd's
+Type=simple and for tests. Either way the steps are the same: load the config, set up
+logging, put the load balancer back into its desired state, then serve jobs until
+SIGTERM/SIGINT. The first signal finishes the job in hand (warm shutdown); a second one
+exits at once (cold). HAProxy keeps serving after the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import logging
+import logging.config
+import logging.handlers
+import os
+import pwd
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import daemon
+import daemon.pidfile
+
+from libra_worker import __version__, transport
+from libra_worker.config import Config, ConfigError, load
+from libra_worker.controller import LBaaSController
+from libra_worker.drivers.haproxy.driver import HAProxyDriver
+from libra_worker.errors import WorkerError
+
+LOG = logging.getLogger("libra_worker")
+_PIDFILE_TIMEOUT = 5
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="libra-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="the worker's INI file")
+    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
+    parser.add_argument("--version", action="version", version=f"libra-worker {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load(args.config)
+        config.worker.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except (ConfigError, OSError) as exc:
+        print(f"libra-worker: {exc}", file=sys.stderr)
+        return 2
+    if args.foreground:
+        return run(config, log_to_stderr=True)
+    with daemon_context(config):
+        return run(config, log_to_stderr=False)
+
+
+def daemon_context(config: Config) -> daemon.DaemonContext:
+    settings = config.worker
+    context = daemon.DaemonContext(
+        working_directory=str(settings.state_dir),
+        umask=settings.umask,
+        pidfile=daemon.pidfile.TimeoutPIDLockFile(str(settings.pid_file), _PIDFILE_TIMEOUT),
+        # Our own handlers are installed in run(); python-daemon's would exit at once.
+        signal_map={signal.SIGTERM: None, signal.SIGINT: None},
+    )
+    if settings.user:
+        context.uid = pwd.getpwnam(settings.user).pw_uid
+        context.gid = pwd.getpwnam(settings.user).pw_gid
+    if settings.group:
+        context.gid = grp.getgrnam(settings.group).gr_gid
+    return context
+
+
+def run(config: Config, log_to_stderr: bool) -> int:
+    """The worker's life: bootstrap, install signal handlers, serve, tear down."""
+    configure_logging(config, log_to_stderr)
+    stopping = threading.Event()
+    install_signal_handlers(stopping)
+    LOG.info("libra-worker %s starting, state in %s", __version__, config.worker.state_dir)
+    try:
+        driver = HAProxyDriver(config.haproxy)
+        try:
+            driver.restore()
+        except WorkerError as exc:
+            # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
+            LOG.error("Could not restore the desired state: %s", exc)
+        controller = LBaaSController(driver)
+        transport.serve(config.gearman, controller.handle, stopping)
+    except Exception:
+        LOG.exception("libra-worker stopped on an unexpected error")
+        return 1
+    LOG.info("libra-worker stopped; HAProxy keeps serving")
+    return 0
+
+
+def install_signal_handlers(stopping: threading.Event) -> None:
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            LOG.warning("Second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        LOG.info("%s: finishing the job in hand, then exiting", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+
+def configure_logging(config: Config, log_to_stderr: bool) -> None:
+    settings = config.worker
+    if settings.logging_config is not None:
+        logging.config.fileConfig(settings.logging_config, disable_existing_loggers=False)
+        return
+    handler: logging.Handler
+    if settings.log_file is not None:
+        # Reopens the file after logrotate moves it.
+        handler = logging.handlers.WatchedFileHandler(settings.log_file)
+    elif log_to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.WatchedFileHandler(settings.state_dir / "worker.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""LBaaSController: turn one job payload into one reply, whatever the payload holds.
+
+This is the single boundary where failures become FAIL replies: a validation error gets
+Libra's `badRequest` shape, a driver error its own sentence, and anything unexpected a
+generic sentence (with the traceback in the worker's log). Nothing raises out of `handle`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from libra_worker import __version__
+from libra_worker.drivers.base import LoadBalancerDriver
+from libra_worker.errors import InvalidMessage, WorkerError
+from libra_worker.messages import Action, Message, bad_request, decode, parse, reply
+
+LOG = logging.getLogger(__name__)
+
+RELEASE = "libra-worker " + __version__
+
+
+class LBaaSController:
+    def __init__(self, driver: LoadBalancerDriver) -> None:
+        self.driver = driver
+        self._actions: dict[Action, Callable[[Message], dict[str, Any]]] = {
+            Action.UPDATE: self._update,
+            Action.SUSPEND: self._suspend,
+            Action.ENABLE: self._enable,
+            Action.DELETE: self._delete,
+            Action.DISCOVER: self._discover,
+            Action.ARCHIVE: self._archive,
+            Action.STATS: self._stats,
+        }
+
+    def handle(self, payload: bytes | str) -> dict[str, Any]:
+        try:
+            document = decode(payload)
+        except InvalidMessage as exc:
+            return bad_request({}, str(exc))
+        try:
+            message = parse(document)
+        except InvalidMessage as exc:
+            LOG.info("Rejected message: %s", exc)
+            return bad_request(document, str(exc))
+        try:
+            extra = self._actions[message.action](message)
+        except WorkerError as exc:
+            LOG.warning("%s failed: %s", message.action.value, exc)
+            return reply(document, str(exc), **exc.reply_fields)
+        except Exception:  # noqa: BLE001 - the one catch-all: a job never ends without a reply
+            LOG.exception("%s failed unexpectedly", message.action.value)
+            return reply(
+                document,
+                f"The worker hit an internal error during {message.action.value}; "
+                "see the worker's log for details.",
+            )
+        LOG.info("%s passed", message.action.value)
+        return reply(document, **extra)
+
+    # ------------------------------------------------------------------ actions
+
+    def _update(self, message: Message) -> dict[str, Any]:
+        assert message.device is not None
+        self.driver.update(message.device)
+        return {}
+
+    def _suspend(self, message: Message) -> dict[str, Any]:
+        self.driver.suspend()
+        return {}
+
+    def _enable(self, message: Message) -> dict[str, Any]:
+        self.driver.enable()
+        return {}
+
+    def _delete(self, message: Message) -> dict[str, Any]:
+        self.driver.delete()
+        return {}
+
+    def _discover(self, message: Message) -> dict[str, Any]:
+        return {"version": __version__, "release": RELEASE}
+
+    def _archive(self, message: Message) -> dict[str, Any]:
+        assert message.archive is not None
+        result = self.driver.archive(message.archive)
+        return {"archive": result}
+
+    def _stats(self, message: Message) -> dict[str, Any]:
+        stats = self.driver.stats()
+        return {
+            "status": stats.state,
+            "since": stats.since,
+            "nodes": [{"id": node.id, "status": node.status} for node in stats.nodes],
+        }

@@ -1,0 +1,1 @@
+"""Load-balancer drivers: the controller talks to one through `base.LoadBalancerDriver`."""

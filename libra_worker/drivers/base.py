@@ -1,0 +1,54 @@
+"""The interface between the controller and a load-balancer implementation."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+from libra_worker.messages import ArchiveRequest, Device
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    id: str
+    status: str  # "UP" or "DOWN", from the node's health checks
+
+
+@dataclass(frozen=True)
+class DeviceStats:
+    state: str
+    since: str
+    nodes: tuple[NodeStatus, ...]
+
+
+class LoadBalancerDriver(abc.ABC):
+    """Every method either does all it says or raises a `WorkerError` saying why not."""
+
+    @abc.abstractmethod
+    def restore(self) -> None:
+        """Put the device back into its persisted desired state (worker start-up)."""
+
+    @abc.abstractmethod
+    def update(self, device: Device) -> None:
+        """Make the device serve exactly `device`, without dropping traffic."""
+
+    @abc.abstractmethod
+    def suspend(self) -> None:
+        """Stop accepting connections, keeping the configuration."""
+
+    @abc.abstractmethod
+    def enable(self) -> None:
+        """Serve the kept configuration again."""
+
+    @abc.abstractmethod
+    def delete(self) -> None:
+        """Stop serving for good and remove the configuration and logs."""
+
+    @abc.abstractmethod
+    def stats(self) -> DeviceStats:
+        """Prove the load balancer runs, and report each node's health."""
+
+    @abc.abstractmethod
+    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+        """Ship the load balancer's logs to an object store; returns extra reply fields."""

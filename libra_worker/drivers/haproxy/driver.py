@@ -1,0 +1,252 @@
+"""The HAProxy driver: each action as a short list of named steps.
+
+Applying a configuration is always: render -> write candidate -> `haproxy -c` -> swap the
+live file atomically -> reload (or start) -> record the desired state. If any step fails,
+the previous file is put back and HAProxy keeps serving it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from libra_worker import archive
+from libra_worker.config import HAProxySettings
+from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatus
+from libra_worker.drivers.haproxy import render
+from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
+from libra_worker.drivers.haproxy.sockets import server_statuses
+from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
+from libra_worker.fileutil import atomic_write, fsync_directory
+from libra_worker.logsink import LogSink
+from libra_worker.messages import ArchiveRequest, Device, device_document, parse_device
+from libra_worker.state import DesiredState, Lifecycle, StateStore
+
+LOG = logging.getLogger(__name__)
+
+
+def port_is_free(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # HAProxy sets SO_REUSEADDR too: a port with only TIME_WAIT leftovers counts as free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+class StateDirLayout:
+    """Every file the driver owns, in one place."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.config = state_dir / "haproxy.cfg"
+        self.candidate = state_dir / "haproxy.cfg.new"
+        self.rejected = state_dir / "haproxy.cfg.failed"
+        self.pid_file = state_dir / "haproxy.pid"
+        self.master_socket = state_dir / "haproxy-master.sock"
+        self.stats_socket = state_dir / "haproxy-stats.sock"
+        self.state = state_dir / "state.json"
+
+
+class HAProxyDriver(LoadBalancerDriver):
+    def __init__(self, settings: HAProxySettings) -> None:
+        self.settings = settings
+        self.files = StateDirLayout(settings.state_dir)
+        self.store = StateStore(self.files.state)
+        self.logs = LogSink(settings.state_dir, settings.log_max_bytes)
+        self.process = HAProxyProcess(
+            binary=find_binary(settings.binary),
+            config_file=self.files.config,
+            pid_file=self.files.pid_file,
+            master_socket=self.files.master_socket,
+            command_timeout=settings.command_timeout,
+            stop_grace=settings.stop_grace,
+        )
+        self.templates = render.template_environment(settings.template_dir)
+        # Jobs and the start-up restore must not interleave their file swaps and reloads.
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ actions
+
+    def restore(self) -> None:
+        with self._lock:
+            desired = self.store.load()
+            running = self.process.is_running()
+            LOG.info("Desired state %s; HAProxy %s", desired.lifecycle.value,
+                     "running" if running else "not running")
+            if desired.lifecycle is Lifecycle.ACTIVE and not running:
+                self._start()
+            elif desired.lifecycle is not Lifecycle.ACTIVE and running:
+                self.process.stop()
+
+    def update(self, device: Device) -> None:
+        with self._lock:
+            desired = self.store.load()
+            previous = self._read_live_config()
+            self._check_new_ports_free(device)
+            self._install(self._render(device))
+            try:
+                if desired.lifecycle is Lifecycle.SUSPENDED:
+                    LOG.info("Suspended: the new configuration is kept for ENABLE")
+                elif self.process.is_running():
+                    self.logs.ensure_running()
+                    self.process.reload()
+                else:
+                    self._start()
+            except WorkerError:
+                self._put_back(previous)
+                raise
+            lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
+            self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
+
+    def suspend(self) -> None:
+        with self._lock:
+            desired = self._configured("suspend")
+            self.process.stop()
+            if desired.lifecycle is not Lifecycle.SUSPENDED:
+                self._save(desired, Lifecycle.SUSPENDED)
+
+    def enable(self) -> None:
+        with self._lock:
+            desired = self._configured("enable")
+            if not self.process.is_running():
+                self._start()
+            if desired.lifecycle is not Lifecycle.ACTIVE:
+                self._save(desired, Lifecycle.ACTIVE)
+
+    def delete(self) -> None:
+        with self._lock:
+            desired = self.store.load()
+            self.process.stop()
+            for path in (self.files.config, self.files.candidate, self.files.rejected,
+                         self.files.stats_socket):
+                path.unlink(missing_ok=True)
+            self.logs.remove_logs()
+            if desired.lifecycle is not Lifecycle.DELETED:
+                self._save(desired, Lifecycle.DELETED, loadbalancers=[])
+
+    def stats(self) -> DeviceStats:
+        desired = self.store.load()
+        if desired.lifecycle is Lifecycle.DELETED:
+            raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
+        if desired.lifecycle is Lifecycle.NEW:
+            raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
+        if not self.process.is_running():
+            raise StatsUnavailable(
+                f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
+                status=desired.lifecycle.value,
+            )
+        proxies = set(render.PROXY_NAMES.values())
+        nodes = tuple(
+            NodeStatus(server.server, "UP" if server.is_up else "DOWN")
+            for server in server_statuses(self.files.stats_socket)
+            if server.backend in proxies
+        )
+        return DeviceStats(state=desired.lifecycle.value, since=desired.since, nodes=nodes)
+
+    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+        return archive.archive_logs(
+            self.logs.log_dir,
+            protocol=request.protocol.value,
+            lb_id=request.lb_id,
+            basepath=request.basepath,
+            endpoint=request.endpoint,
+            token=request.token,
+            timeout=self.settings.archive_timeout,
+        )
+
+    def configured_device(self) -> Device | None:
+        """The definition of the last accepted UPDATE, re-validated from the state file."""
+        desired = self.store.load()
+        if not desired.loadbalancers:
+            return None
+        try:
+            return parse_device({"loadbalancers": desired.loadbalancers})
+        except InvalidMessage as exc:
+            LOG.error("The saved load-balancer definition is no longer valid: %s", exc)
+            return None
+
+    # ------------------------------------------------------------------ steps
+
+    def _render(self, device: Device) -> str:
+        paths = render.RuntimePaths(self.files.stats_socket, self.logs.socket_path)
+        context = render.build_context(
+            device,
+            listen_address=self.settings.bind_address,
+            paths=paths,
+            maxconn=self.settings.maxconn,
+        )
+        return render.render(self.templates, context)
+
+    def _install(self, text: str) -> None:
+        """Write the candidate, prove it with `haproxy -c`, then swap it in atomically."""
+        atomic_write(self.files.candidate, text)
+        try:
+            self.process.check(self.files.candidate)
+        except ConfigCheckFailed:
+            # Kept for the operator to read; the live file is untouched.
+            os.replace(self.files.candidate, self.files.rejected)
+            raise
+        os.replace(self.files.candidate, self.files.config)
+        fsync_directory(self.files.root)
+
+    def _check_new_ports_free(self, device: Device) -> None:
+        """Refuse a port another program holds before reloading onto it.
+
+        A reload that cannot bind makes HAProxy pause the running listeners for about two
+        seconds while it retries, so this is checked first. Ports HAProxy already serves
+        cannot be test-bound, and need not be.
+        """
+        current = self.configured_device() if self.process.is_running() else None
+        serving = {lb.port for lb in current.loadbalancers} if current else set()
+        for lb in device.loadbalancers:
+            if lb.port not in serving and not port_is_free(self.settings.bind_address, lb.port):
+                raise WorkerError(
+                    f"Port {lb.port} on {self.settings.bind_address} is already in use by "
+                    "another program; the load balancer was left unchanged."
+                )
+
+    def _put_back(self, previous: str | None) -> None:
+        """After a failed reload or start: the live file goes back to what HAProxy serves."""
+        if previous is None:
+            self.files.config.unlink(missing_ok=True)
+            return
+        atomic_write(self.files.config, previous)
+        if self.process.is_running():
+            try:
+                # The master is left in its failed-reload state; reloading the old file
+                # gives it a clean worker generation again.
+                self.process.reload()
+            except WorkerError as exc:
+                LOG.error("Reloading the previous configuration failed too: %s", exc)
+
+    def _start(self) -> None:
+        if not self.files.config.exists():
+            raise WorkerError("There is no configuration to start HAProxy with; send an UPDATE.")
+        self.logs.ensure_running()
+        self.process.start()
+
+    def _configured(self, action: str) -> DesiredState:
+        desired = self.store.load()
+        if desired.lifecycle is Lifecycle.DELETED:
+            raise WorkerError(f"Cannot {action}: the load balancer has been deleted.")
+        if desired.lifecycle is Lifecycle.NEW or not self.files.config.exists():
+            raise WorkerError(f"Cannot {action}: no load balancer is configured; send an UPDATE.")
+        return desired
+
+    def _read_live_config(self) -> str | None:
+        try:
+            return self.files.config.read_text("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def _save(self, desired: DesiredState, lifecycle: Lifecycle, **changes: Any) -> None:
+        self.store.save(desired.moved_to(lifecycle, **changes))

@@ -1,0 +1,238 @@
+"""Process control for one HAProxy in master-worker mode, owned through its pidfile.
+
+HAProxy daemonizes itself (`-W -D`), so it outlives the worker: a restarted worker adopts
+it by its pidfile instead of restarting it. Reloads go through the master CLI; the master
+re-executes, starts new workers on the new file and lets the old ones finish their
+connections, so no request is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from libra_worker.drivers.haproxy.sockets import send_command_retrying
+from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
+
+LOG = logging.getLogger(__name__)
+
+_POLL_INTERVAL = 0.05
+# `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
+_MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
+
+
+def find_binary(name: str = "haproxy") -> str:
+    """HAProxy lives in sbin, which an unprivileged user's PATH often lacks."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/sbin"])
+    found = shutil.which(name, path=search)
+    if found is None:
+        raise ReloadFailed(f"The HAProxy binary {name!r} was not found.")
+    return found
+
+
+@dataclass(frozen=True)
+class ProcessTable:
+    """What the master CLI's `show proc` says about the master and its current worker."""
+
+    master_pid: int
+    failed_reloads: int
+    worker_pids: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, answer: str) -> "ProcessTable":
+        master = _MASTER_LINE.search(answer)
+        if master is None:
+            raise ReloadFailed(f"Unexpected answer from HAProxy's master: {answer[:200]!r}.")
+        current = answer.split("# workers", 1)[-1].split("#", 1)[0]
+        workers = tuple(
+            int(line.split()[0]) for line in current.splitlines() if " worker " in f" {line} "
+        )
+        return cls(int(master.group(1)), int(master.group(2)), workers)
+
+
+def process_alive(pid: int) -> bool:
+    """True for a live process; a zombie is dead (init may be slow to reap our master)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def process_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+
+
+class HAProxyProcess:
+    def __init__(
+        self,
+        binary: str,
+        config_file: Path,
+        pid_file: Path,
+        master_socket: Path,
+        command_timeout: float = 30.0,
+        stop_grace: float = 5.0,
+    ) -> None:
+        self.binary = binary
+        self.config_file = config_file
+        self.pid_file = pid_file
+        self.master_socket = master_socket
+        self.command_timeout = command_timeout
+        self.stop_grace = stop_grace
+
+    # ------------------------------------------------------------------ queries
+
+    def our_pids(self) -> list[int]:
+        """Every live HAProxy process started with our pidfile: the master and its workers.
+
+        Matching on the pidfile argument, not the name, leaves any other HAProxy alone.
+        """
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_ours(int(entry.name)):
+                pids.append(int(entry.name))
+        return sorted(pids)
+
+    def _is_ours(self, pid: int) -> bool:
+        arguments = process_cmdline(pid)
+        return (
+            any("haproxy" in Path(arg).name for arg in arguments[:1])
+            and str(self.pid_file) in arguments
+            and process_alive(pid)
+        )
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if self._is_ours(pid) else None
+
+    def is_running(self) -> bool:
+        return self.master_pid() is not None
+
+    def process_table(self) -> ProcessTable:
+        deadline = time.monotonic() + self.command_timeout
+        return ProcessTable.parse(send_command_retrying(self.master_socket, "show proc", deadline))
+
+    # ------------------------------------------------------------------ actions
+
+    def check(self, config_file: Path) -> None:
+        """Prove a configuration with `haproxy -c`; HAProxy's own words on failure."""
+        result = self._run([self.binary, "-c", "-q", "-f", str(config_file)], "haproxy -c")
+        if result.returncode != 0:
+            raise ConfigCheckFailed(
+                "HAProxy rejected the configuration: " + _alerts(result.stderr + result.stdout)
+            )
+
+    def start(self) -> None:
+        """Start the master; it returns once the workers are listening, or fails."""
+        self._kill_strays()
+        command = [
+            self.binary, "-W", "-D",
+            "-p", str(self.pid_file),
+            "-S", f"{self.master_socket},mode,600",
+            "-f", str(self.config_file),
+        ]
+        self.pid_file.unlink(missing_ok=True)
+        result = self._run(command, "HAProxy start")
+        if result.returncode != 0:
+            raise ReloadFailed("HAProxy failed to start: " + _alerts(result.stderr + result.stdout))
+        # The daemonized master writes its pidfile a moment after the command returns.
+        deadline = time.monotonic() + self.command_timeout
+        while not self.is_running():
+            if time.monotonic() >= deadline:
+                raise ReloadFailed("HAProxy started but its master process is not running.")
+            time.sleep(_POLL_INTERVAL)
+        LOG.info("HAProxy started, master pid %s", self.master_pid())
+
+    def reload(self) -> None:
+        """Reload through the master, and prove that a new worker took over.
+
+        The master CLI's `reload` answers nothing in HAProxy 2.6, so success is read from
+        `show proc`: a new current worker means success; the same worker with the failed
+        count raised means the new configuration did not start (the old worker serves on).
+        """
+        before = self.process_table()
+        deadline = time.monotonic() + self.command_timeout
+        send_command_retrying(self.master_socket, "reload", deadline)
+        while time.monotonic() < deadline:
+            after = ProcessTable.parse(send_command_retrying(self.master_socket, "show proc", deadline))
+            if after.worker_pids and set(after.worker_pids).isdisjoint(before.worker_pids):
+                LOG.info("HAProxy reloaded, worker pids %s", list(after.worker_pids))
+                return
+            if after.failed_reloads > before.failed_reloads:
+                raise ReloadFailed(
+                    "HAProxy could not load the new configuration (for example a port is "
+                    "already in use); the previous configuration is still serving."
+                )
+            time.sleep(_POLL_INTERVAL)
+        raise ActionTimeout(f"HAProxy did not finish reloading within {self.command_timeout:g} s.")
+
+    def stop(self) -> None:
+        """Soft stop (listeners close at once, connections finish), then force."""
+        master = self.master_pid()
+        if master is not None:
+            _signal(master, signal.SIGUSR1)
+            if not _wait_until_gone([master], self.stop_grace):
+                LOG.warning("HAProxy did not stop within %g s; terminating it", self.stop_grace)
+                _signal(master, signal.SIGTERM)
+                _wait_until_gone([master], self.stop_grace)
+        self._kill_strays()
+        for leftover in (self.pid_file, self.master_socket):
+            leftover.unlink(missing_ok=True)
+
+    def _kill_strays(self) -> None:
+        """Workers orphaned by a killed master still hold the ports: end them by pid."""
+        strays = self.our_pids()
+        for pid in strays:
+            LOG.warning("Killing leftover HAProxy process %d", pid)
+            _signal(pid, signal.SIGKILL)
+        if strays and not _wait_until_gone(strays, self.stop_grace):
+            raise ReloadFailed(f"HAProxy processes {strays} would not exit.")
+
+    def _run(self, command: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=self.command_timeout,
+                start_new_session=True,  # a Ctrl-C aimed at the worker must not reach HAProxy
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ActionTimeout(f"{what} did not finish within {self.command_timeout:g} s.") from None
+
+
+def _alerts(output: str) -> str:
+    """HAProxy's ALERT lines, without its pid prefixes: the part a human can act on."""
+    lines = [re.sub(r"^\[(ALERT|WARNING)\]\s+\(\d+\)\s*:\s*", "", line) for line in output.splitlines()]
+    alerts = [line.strip() for line in lines if line.strip() and not line.startswith("[NOTICE]")]
+    return " ".join(alerts) or "no error message was given."
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_until_gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL_INTERVAL)
+    return True

@@ -1,0 +1,69 @@
+"""Talk to HAProxy's unix command sockets (the stats socket and the master CLI)."""
+
+from __future__ import annotations
+
+import csv
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from libra_worker.errors import StatsUnavailable
+
+_READ_CHUNK = 65536
+
+
+def send_command(path: Path, command: str, timeout: float = 5.0) -> str:
+    """Send one command and return HAProxy's whole answer.
+
+    The write side is shut down after the command: the master CLI only closes its end
+    once the client has, and reading to EOF is then the end of the answer on both sockets.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(path))
+        connection.sendall(command.encode("ascii") + b"\n")
+        connection.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := connection.recv(_READ_CHUNK):
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def send_command_retrying(path: Path, command: str, deadline: float) -> str:
+    """Like send_command, but ride out the moments a re-executing master refuses connections."""
+    while True:
+        try:
+            return send_command(path, command, timeout=max(0.1, deadline - time.monotonic()))
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    backend: str
+    server: str
+    status: str  # HAProxy's own words: UP, DOWN, MAINT, DRAIN, "UP 1/2", "no check"...
+
+    @property
+    def is_up(self) -> bool:
+        # "UP 1/2" is a server still UP but failing checks; "DOWN 1/2" one recovering.
+        return self.status == "UP" or self.status.startswith("UP ") or self.status == "no check"
+
+
+def server_statuses(stats_socket: Path, timeout: float = 5.0) -> list[ServerStatus]:
+    """Every server's health, from `show stat` on the stats socket."""
+    try:
+        answer = send_command(stats_socket, "show stat", timeout)
+    except OSError as exc:
+        raise StatsUnavailable(f"HAProxy's stats socket does not answer: {exc}.") from None
+    if not answer.startswith("# "):
+        raise StatsUnavailable(f"HAProxy's stats socket gave an unexpected answer: {answer[:200]!r}.")
+    rows = csv.DictReader(answer[2:].splitlines())
+    return [
+        ServerStatus(row["pxname"], row["svname"], row["status"])
+        for row in rows
+        if row.get("svname") not in (None, "FRONTEND", "BACKEND")
+    ]

@@ -1,0 +1,36 @@
+"""The few exceptions the worker raises; the controller turns each into a FAIL reply."""
+
+
+class WorkerError(Exception):
+    """Base class: its message is the human sentence that becomes ``hpcs_error``.
+
+    `reply_fields` are added to the FAIL reply beside it (e.g. STATS's ``status``).
+    """
+
+    def __init__(self, message: str, **reply_fields: object) -> None:
+        super().__init__(message)
+        self.reply_fields = reply_fields
+
+
+class InvalidMessage(WorkerError):
+    """The message is malformed or fails validation; nothing was touched."""
+
+
+class ConfigCheckFailed(WorkerError):
+    """``haproxy -c`` rejected the rendered configuration."""
+
+
+class ReloadFailed(WorkerError):
+    """HAProxy could not be started, reloaded or stopped."""
+
+
+class StatsUnavailable(WorkerError):
+    """HAProxy is not running or its stats socket does not answer."""
+
+
+class ArchiveFailed(WorkerError):
+    """The logs could not be shipped to the object store."""
+
+
+class ActionTimeout(WorkerError):
+    """An action took longer than its configured timeout."""

@@ -1,0 +1,498 @@
+"""HAProxy access-log sink: a small detached process plus the API to drive it.
+
+HAProxy sends one RFC 3164 datagram per request/connection to a unix datagram
+socket (``<state_dir>/logs/haproxy.sock``).  The sink process owns that socket,
+so it keeps collecting while the worker daemon restarts, and HAProxy reloads
+never notice it.  Each access line is appended to ``http.log`` or ``tcp.log``
+depending on its frontend (``lb-http`` / ``lb-tcp``); other HAProxy messages
+(proxy started/stopped, alerts) are not access logs and are ignored.
+
+Files in ``<state_dir>/logs`` (see :class:`LogStore`):
+
+``<proto>.log``
+    Active file, appended to by the sink only.
+``<proto>.pending-<ns>.log``
+    Lines handed to the archiver (``LogStore.rotate``); deleted by the archiver
+    only after a successful upload.
+``<proto>.dropped``
+    Cumulative number of lines dropped because the cap was reached, written by
+    the sink; ``<proto>.dropped.reported`` is the total the archiver has
+    already reported.
+
+Each protocol's stored lines (active + pending) are capped at ``max_bytes``;
+lines beyond the cap are counted, never silently lost.
+
+Hand-over with the archiver: the sink writes each line while holding ``flock``
+on the active file and checks, under that lock, that the path still names the
+file it holds; the archiver renames the active file under the same lock.  So no
+line can land in a file after it became pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from libra_worker.errors import WorkerError
+
+LOG = logging.getLogger(__name__)
+
+PROTOCOL_BY_FRONTEND = {"lb-http": "http", "lb-tcp": "tcp"}
+PROTOCOLS = tuple(PROTOCOL_BY_FRONTEND.values())
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+LOG_DIR_NAME = "logs"
+SOCKET_NAME = "haproxy.sock"
+PIDFILE_NAME = "logsink.pid"
+LOCKFILE_NAME = "logsink.lock"
+SINK_LOG_NAME = "logsink.log"
+SINK_STDERR_NAME = "logsink.stderr"
+MAX_DATAGRAM = 65536
+MAX_SOCKET_PATH = 107  # sizeof(sun_path) - 1
+COUNTER_FLUSH_INTERVAL = 1.0
+STOP_POLL_INTERVAL = 0.1
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+# "<134>Nov 25 20:40:00 haproxy[123]: 127.0.0.1:5555 [25/Nov/2026:...] lb-http ..."
+# The frontend of an access line follows the client address and accept date;
+# a trailing "~" marks an SSL frontend.
+_ACCESS_LINE = re.compile(
+    rb"^(?:<\d{1,3}>)?(?P<text>.*?: \S+ \[[^\]]+\] (?P<frontend>[^ ~]+)~? .*)$",
+    re.DOTALL)
+
+
+def parse_datagram(datagram: bytes) -> tuple[str, bytes] | None:
+    """Return ``(protocol, line)`` for an access-log datagram, else None.
+
+    The line is the message without its ``<PRI>`` prefix, newline-terminated.
+    """
+    match = _ACCESS_LINE.match(datagram.rstrip(b"\r\n\0"))
+    if match is None:
+        return None
+    protocol = PROTOCOL_BY_FRONTEND.get(match["frontend"].decode("ascii", "replace"))
+    if protocol is None:
+        return None
+    return protocol, match["text"] + b"\n"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return int(path.read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class LogStore:
+    """The log files of one state dir, shared by the sink and the archiver."""
+
+    directory: Path
+
+    def active_path(self, protocol: str) -> Path:
+        return self.directory / f"{protocol}.log"
+
+    def pending_paths(self, protocol: str) -> list[Path]:
+        """Pending files, oldest first (their names sort chronologically)."""
+        return sorted(self.directory.glob(f"{protocol}.pending-*.log"))
+
+    def stored_bytes(self, protocol: str) -> int:
+        """Bytes of lines kept on disk for ``protocol`` (active + pending)."""
+        total = 0
+        for path in [self.active_path(protocol), *self.pending_paths(protocol)]:
+            with contextlib.suppress(FileNotFoundError):
+                total += path.stat().st_size
+        return total
+
+    def rotate(self, protocol: str) -> Path | None:
+        """Move the active file aside as a new pending file.
+
+        Holds the sink's write lock while renaming, so the sink finishes its
+        current line first and writes every later line to a fresh active file.
+
+        Returns:
+            The new pending path, or None if there was nothing to rotate.
+        """
+        active = self.active_path(protocol)
+        try:
+            fd = os.open(active, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size == 0:
+                return None
+            pending = self.directory / f"{protocol}.pending-{time.time_ns():020d}.log"
+            os.rename(active, pending)
+            return pending
+        finally:
+            os.close(fd)
+
+    def dropped_path(self, protocol: str) -> Path:
+        return self.directory / f"{protocol}.dropped"
+
+    def dropped_total(self, protocol: str) -> int:
+        """Lines dropped at the cap since the logs were created (sink-owned)."""
+        return _read_int(self.dropped_path(protocol))
+
+    def dropped_unreported(self, protocol: str) -> tuple[int, int]:
+        """Return ``(total, not yet reported)`` dropped-line counts."""
+        total = self.dropped_total(protocol)
+        reported = _read_int(self.directory / f"{protocol}.dropped.reported")
+        # A total below what was reported means the counter was reset.
+        return total, total - reported if total >= reported else total
+
+    def mark_dropped_reported(self, protocol: str, total: int) -> None:
+        write_atomically(self.directory / f"{protocol}.dropped.reported",
+                         b"%d\n" % total)
+
+
+class ProtocolWriter:
+    """Appends one protocol's lines under the cap; counts what it must drop."""
+
+    def __init__(self, store: LogStore, protocol: str, max_bytes: int) -> None:
+        self.store = store
+        self.protocol = protocol
+        self.max_bytes = max_bytes
+        self.path = store.active_path(protocol)
+        self.stored = store.stored_bytes(protocol)
+        self.dropped = store.dropped_total(protocol)
+        self.counter_dirty = False
+        self.dropping = False
+        self._fd: int | None = None
+
+    def write(self, line: bytes) -> None:
+        """Append ``line``, or count it as dropped if it would pass the cap."""
+        if self.stored + len(line) > self.max_bytes:
+            # The archiver may have deleted pending files since the last look.
+            self.stored = self.store.stored_bytes(self.protocol)
+        if self.stored + len(line) > self.max_bytes:
+            self._drop("size cap of %d bytes reached" % self.max_bytes)
+            return
+        try:
+            self._append(line)
+        except OSError as error:
+            self._drop(f"write failed: {error}")
+            return
+        self.stored += len(line)
+        self.dropping = False
+
+    def _drop(self, reason: str) -> None:
+        self.dropped += 1
+        self.counter_dirty = True
+        if not self.dropping:
+            LOG.warning("dropping %s log lines: %s", self.protocol, reason)
+            self.dropping = True
+
+    def _append(self, line: bytes) -> None:
+        while True:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                   0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if self._holds_active_file():
+                    os.write(self._fd, line)
+                    return
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            self.close()
+
+    def _holds_active_file(self) -> bool:
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (held.st_ino, held.st_dev) == (on_disk.st_ino, on_disk.st_dev)
+
+    def flush_counter(self) -> None:
+        if self.counter_dirty:
+            write_atomically(self.store.dropped_path(self.protocol),
+                             b"%d\n" % self.dropped)
+            self.counter_dirty = False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class SinkServer:
+    """The sink's receive loop over a bound unix datagram socket."""
+
+    def __init__(self, store: LogStore, max_bytes: int) -> None:
+        self.writers = {protocol: ProtocolWriter(store, protocol, max_bytes)
+                        for protocol in PROTOCOLS}
+        self.stopping = False
+
+    def handle_datagram(self, datagram: bytes) -> None:
+        parsed = parse_datagram(datagram)
+        if parsed is None:
+            LOG.debug("ignoring non-access message %r", datagram[:200])
+            return
+        protocol, line = parsed
+        self.writers[protocol].write(line)
+
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush_counter()
+
+    def serve(self, sock: socket.socket) -> None:
+        """Receive until :attr:`stopping` is set; flush counters every second."""
+        # Short timeout: a stop request is noticed at the next wake-up.
+        sock.settimeout(STOP_POLL_INTERVAL)
+        last_flush = time.monotonic()
+        try:
+            while not self.stopping:
+                with contextlib.suppress(socket.timeout):
+                    self.handle_datagram(sock.recv(MAX_DATAGRAM))
+                if time.monotonic() - last_flush >= COUNTER_FLUSH_INTERVAL:
+                    self.flush()
+                    last_flush = time.monotonic()
+        finally:
+            self.flush()
+            for writer in self.writers.values():
+                writer.close()
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """Bind a fresh datagram socket at ``path`` (owner-only, 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # A deep receive buffer absorbs bursts while we write; the kernel caps it.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    old_umask = os.umask(0o077)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def try_lock(path: Path) -> int | None:
+    """Take the sink's singleton lock; return its fd, or None if held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            return None
+        raise
+    return fd
+
+
+class LogSink:
+    """Control API for the sink process of one state dir.
+
+    Liveness is the sink's ``flock`` on ``logsink.lock``: unlike a pid it cannot
+    be fooled by pid reuse or a zombie.  The pidfile is only used to signal it.
+    """
+
+    def __init__(self, state_dir: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.state_dir = Path(state_dir)
+        self.max_bytes = max_bytes
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / LOG_DIR_NAME
+
+    @property
+    def socket_path(self) -> Path:
+        """Where HAProxy must send its logs (``log <socket_path> local0``)."""
+        return self.log_dir / SOCKET_NAME
+
+    @property
+    def pidfile(self) -> Path:
+        return self.log_dir / PIDFILE_NAME
+
+    @property
+    def store(self) -> LogStore:
+        return LogStore(self.log_dir)
+
+    def is_running(self) -> bool:
+        if not self.log_dir.is_dir():
+            return False
+        fd = try_lock(self.log_dir / LOCKFILE_NAME)
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
+    def pid(self) -> int | None:
+        """The running sink's pid, or None."""
+        if not self.is_running():
+            return None
+        return _read_int(self.pidfile) or None
+
+    def ensure_running(self, timeout: float = START_TIMEOUT) -> None:
+        """Adopt the running sink, or start a detached one and wait for its socket.
+
+        Raises:
+            WorkerError: the sink did not come up within ``timeout`` seconds.
+        """
+        if self.is_running() and self.socket_path.exists():
+            return
+        if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
+            raise WorkerError(f"The log socket path {self.socket_path} is too long "
+                              f"for a unix socket (max {MAX_SOCKET_PATH} bytes).")
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+        self._launch(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # The sink writes its pidfile only after binding the socket.
+            if self.pidfile.exists() and self.is_running():
+                return
+            time.sleep(0.05)
+        raise WorkerError(
+            f"The HAProxy log sink did not start within {timeout:g} s; "
+            f"see {self.log_dir / SINK_LOG_NAME} and {self.log_dir / SINK_STDERR_NAME}.")
+
+    def _launch(self, timeout: float) -> None:
+        argv = [sys.executable, "-m", "libra_worker.logsink",
+                "--state-dir", str(self.state_dir),
+                "--max-bytes", str(self.max_bytes), "--detach"]
+        # Lets a source checkout run the module as well as an installed package.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [package_root, env.get("PYTHONPATH")]))
+        with open(self.log_dir / SINK_STDERR_NAME, "ab") as stderr:
+            # Returns once the launcher has forked the daemon off and exited.
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=stderr, env=env, check=True, timeout=timeout)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the sink by pid (SIGTERM, then SIGKILL); no-op if not running."""
+        pid = self.pid()
+        if pid is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not self.is_running():
+                    return
+                time.sleep(0.05)
+        raise WorkerError(f"The HAProxy log sink (pid {pid}) did not stop.")
+
+    def remove_logs(self) -> None:
+        """Stop the sink and delete every log, pending file and counter (DELETE)."""
+        self.stop()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _detach(stderr_path: Path) -> None:
+    """Double-fork into a session of our own, so the worker never reaps us."""
+    import daemon  # python-daemon; only the sink process needs it
+
+    # Not closed on purpose: the daemon writes crash output here until it exits.
+    stderr = open(stderr_path, "ab")
+    context = daemon.DaemonContext(
+        detach_process=True, umask=0o077, working_directory="/",
+        stderr=stderr, files_preserve=[stderr], signal_map={})
+    context.open()
+
+
+def _configure_logging(log_dir: Path) -> None:
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / SINK_LOG_NAME, maxBytes=1024 * 1024, backupCount=1)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s logsink[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+@contextlib.contextmanager
+def _pidfile(path: Path) -> Iterator[None]:
+    write_atomically(path, b"%d\n" % os.getpid())
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def run_sink(state_dir: Path, max_bytes: int) -> int:
+    """Run the sink in this process until SIGTERM/SIGINT; 0 if already running."""
+    log_dir = Path(state_dir) / LOG_DIR_NAME
+    log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_fd = try_lock(log_dir / LOCKFILE_NAME)
+    if lock_fd is None:
+        LOG.info("another sink already serves %s", log_dir)
+        return 0
+    server = SinkServer(LogStore(log_dir), max_bytes)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        server.stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    socket_path = log_dir / SOCKET_NAME
+    sock = bind_socket(socket_path)
+    try:
+        with _pidfile(log_dir / PIDFILE_NAME):
+            LOG.info("collecting HAProxy logs on %s (cap %d bytes per protocol)",
+                     socket_path, max_bytes)
+            server.serve(sock)
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        LOG.info("stopped")
+        os.close(lock_fd)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="cap on stored bytes per protocol (active + pending)")
+    parser.add_argument("--detach", action="store_true",
+                        help="fork into the background first")
+    args = parser.parse_args(argv)
+    if args.max_bytes <= 0:
+        parser.error("--max-bytes must be positive")
+    log_dir = args.state_dir.resolve() / LOG_DIR_NAME
+    if args.detach:
+        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _detach(log_dir / SINK_STDERR_NAME)
+        _configure_logging(log_dir)
+    else:
+        logging.basicConfig(level=logging.INFO)
+    return run_sink(args.state_dir.resolve(), args.max_bytes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

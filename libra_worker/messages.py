@@ -1,0 +1,516 @@
+"""The message protocol: parse and validate a job's JSON into typed objects, build replies.
+
+This is the only module that reads raw JSON. Everything past it (controller, drivers,
+templates) works on the frozen dataclasses defined here, so a value that reaches the
+HAProxy configuration has been checked against a whitelist first.
+
+The spec's common rules live here too: field names and enumerated values are
+case-insensitive, extra fields are ignored, numbers may arrive as strings, and every
+reply is the original message plus ``hpcs_response`` (and ``hpcs_error`` on FAIL).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from libra_worker.errors import InvalidMessage
+
+MAX_LOAD_BALANCERS = 2
+MAX_WEIGHT = 256
+MAX_TIMEOUT_MS = 24 * 3600 * 1000
+MAX_MONITOR_SECONDS = 3600
+MAX_RETRIES = 100
+
+# Identifiers become HAProxy server names; this is the set HAProxy accepts in names,
+# less ':' so an id can never be confused with an address.
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# A monitor path is written into `http-check send`: no blanks, quotes, '#', '\\' or '$',
+# which HAProxy's config parser would treat as separators, quoting, comments or variables.
+_PATH_PATTERN = re.compile(r"^/[A-Za-z0-9._~!&*+,;=:@%/()-]{0,255}$")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Action(enum.Enum):
+    UPDATE = "UPDATE"
+    SUSPEND = "SUSPEND"
+    ENABLE = "ENABLE"
+    DELETE = "DELETE"
+    DISCOVER = "DISCOVER"
+    ARCHIVE = "ARCHIVE"
+    STATS = "STATS"
+
+
+class Protocol(enum.Enum):
+    HTTP = "HTTP"
+    TCP = "TCP"
+
+
+class Algorithm(enum.Enum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_CONNECTIONS = "LEAST_CONNECTIONS"
+
+
+class MonitorType(enum.Enum):
+    CONNECT = "CONNECT"
+    HTTP = "HTTP"
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    address: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Monitor:
+    type: MonitorType
+    delay: int
+    timeout: int
+    attempts: int
+    path: str = "/"
+
+
+# When a message names no monitor the nodes are still health-checked, so that STATS can
+# report each node UP or DOWN and a dead node stops receiving traffic.
+DEFAULT_MONITOR = Monitor(type=MonitorType.CONNECT, delay=30, timeout=30, attempts=2)
+
+
+@dataclass(frozen=True)
+class Options:
+    client_timeout_ms: int = 30000
+    server_timeout_ms: int = 30000
+    connect_timeout_ms: int = 30000
+    connect_retries: int = 3
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    protocol: Protocol
+    port: int
+    nodes: tuple[Node, ...]
+    algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    monitor: Monitor = DEFAULT_MONITOR
+    options: Options = field(default_factory=Options)
+    id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Device:
+    """Everything one UPDATE declares: at most one HTTP and one TCP load balancer."""
+
+    loadbalancers: tuple[LoadBalancer, ...]
+
+
+@dataclass(frozen=True)
+class ArchiveRequest:
+    protocol: Protocol
+    lb_id: str
+    basepath: str
+    endpoint: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Message:
+    """A parsed job: the action, its typed payload (if any), and what came on the wire."""
+
+    action: Action
+    original: dict[str, Any]
+    device: Device | None = None
+    archive: ArchiveRequest | None = None
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def decode(payload: bytes | str) -> dict[str, Any]:
+    """Decode a job payload into the JSON object it must be."""
+    try:
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        document = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessage(f"The message is not valid JSON: {exc}.") from None
+    if not isinstance(document, dict):
+        raise InvalidMessage("The message must be a JSON object.")
+    return document
+
+
+def parse(document: dict[str, Any]) -> Message:
+    """Validate a decoded message whole, before anything is touched."""
+    fields = _lower_keys(document)
+    action = _enum(Action, fields.get("hpcs_action"), "hpcs_action", required=True)
+    if action is Action.UPDATE:
+        return Message(action, document, device=parse_device(fields))
+    if action is Action.ARCHIVE:
+        return Message(action, document, archive=_parse_archive(fields))
+    return Message(action, document)
+
+
+def parse_device(fields: Mapping[str, Any]) -> Device:
+    """Validate an UPDATE's load balancers (keys already lower-cased)."""
+    entries = _list(fields.get("loadbalancers"), "loadbalancers", required=True)
+    if not entries:
+        raise InvalidMessage("'loadbalancers' must define at least one load balancer.")
+    if len(entries) > MAX_LOAD_BALANCERS:
+        raise InvalidMessage(
+            f"At most {MAX_LOAD_BALANCERS} load balancers may be defined, got {len(entries)}."
+        )
+    loadbalancers = tuple(
+        _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]")
+        for i, entry in enumerate(entries)
+    )
+    protocols = [lb.protocol for lb in loadbalancers]
+    if len(set(protocols)) != len(protocols):
+        raise InvalidMessage(
+            "Two load balancers must use different protocols (one HTTP and one TCP)."
+        )
+    ports = [lb.port for lb in loadbalancers]
+    if len(set(ports)) != len(ports):
+        raise InvalidMessage("The HTTP and TCP load balancers must listen on different ports.")
+    return Device(loadbalancers)
+
+
+def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
+    protocol = _enum(Protocol, fields.get("protocol"), f"{where}.protocol", required=True)
+    default_port = 80 if protocol is Protocol.HTTP else None
+    port = _int(fields.get("port", default_port), f"{where}.port", 1, 65535, required=True)
+    nodes = tuple(
+        _parse_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]")
+        for i, entry in enumerate(_list(fields.get("nodes"), f"{where}.nodes", required=True))
+    )
+    _reject_duplicates([node.id for node in nodes], f"{where}.nodes", "id")
+    _reject_duplicates(
+        [f"{node.address} port {node.port}" for node in nodes], f"{where}.nodes", "address"
+    )
+    return LoadBalancer(
+        protocol=protocol,
+        port=port,
+        nodes=nodes,
+        algorithm=_enum(Algorithm, fields.get("algorithm"), f"{where}.algorithm")
+        or Algorithm.ROUND_ROBIN,
+        monitor=_parse_monitor(fields.get("monitor"), f"{where}.monitor"),
+        options=_parse_options(fields.get("options"), f"{where}.options"),
+        id=_identifier(fields.get("id"), f"{where}.id"),
+        name=_name(fields.get("name"), f"{where}.name"),
+    )
+
+
+def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
+    address = _address(fields.get("address"), f"{where}.address")
+    port = _int(fields.get("port"), f"{where}.port", 1, 65535, required=True)
+    condition = _text(fields.get("condition"), f"{where}.condition")
+    if condition is not None and condition.upper() not in ("ENABLED", "DISABLED"):
+        raise InvalidMessage(f"{where}.condition must be ENABLED or DISABLED, got {condition!r}.")
+    return Node(
+        # A stable name when the API gives none, so STATS and reloads keep matching it.
+        id=_identifier(fields.get("id"), f"{where}.id") or derived_node_id(address, port),
+        address=address,
+        port=port,
+        weight=_int(fields.get("weight", 1), f"{where}.weight", 1, MAX_WEIGHT),
+        backup=_bool(fields.get("backup", False), f"{where}.backup"),
+        enabled=condition is None or condition.upper() == "ENABLED",
+    )
+
+
+def derived_node_id(address: str, port: int) -> str:
+    """The server name used for a node that came without an id."""
+    return f"{address.replace(':', '_')}_{port}"
+
+
+def _parse_monitor(value: Any, where: str) -> Monitor:
+    if value is None:
+        return DEFAULT_MONITOR
+    fields = _object(value, where)
+    monitor_type = _enum(MonitorType, fields.get("type"), f"{where}.type", required=True)
+    delay = _int(fields.get("delay"), f"{where}.delay", 1, MAX_MONITOR_SECONDS, required=True)
+    timeout = _int(
+        fields.get("timeout"), f"{where}.timeout", 1, MAX_MONITOR_SECONDS, required=True
+    )
+    attempts = _int(fields.get("attempts"), f"{where}.attempts", 1, 10, required=True)
+    if timeout > delay:
+        raise InvalidMessage(
+            f"{where}.timeout ({timeout}) must not be greater than {where}.delay ({delay})."
+        )
+    path = _text(fields.get("path"), f"{where}.path") or "/"
+    if not _PATH_PATTERN.match(path):
+        raise InvalidMessage(
+            f"{where}.path must be a plain URL path starting with '/' "
+            f"(letters, digits and - . _ ~ ! & * + , ; = : @ % / ( ) only), got {path!r}."
+        )
+    return Monitor(monitor_type, delay, timeout, attempts, path)
+
+
+def _parse_options(value: Any, where: str) -> Options:
+    if value is None:
+        return Options()
+    fields = _object(value, where)
+    defaults = Options()
+    return Options(
+        client_timeout_ms=_int(
+            fields.get("client_timeout", defaults.client_timeout_ms),
+            f"{where}.client_timeout", 1, MAX_TIMEOUT_MS,
+        ),
+        server_timeout_ms=_int(
+            fields.get("server_timeout", defaults.server_timeout_ms),
+            f"{where}.server_timeout", 1, MAX_TIMEOUT_MS,
+        ),
+        connect_timeout_ms=_int(
+            fields.get("connect_timeout", defaults.connect_timeout_ms),
+            f"{where}.connect_timeout", 1, MAX_TIMEOUT_MS,
+        ),
+        connect_retries=_int(
+            fields.get("connect_retries", defaults.connect_retries),
+            f"{where}.connect_retries", 0, MAX_RETRIES,
+        ),
+    )
+
+
+def _parse_archive(fields: Mapping[str, Any]) -> ArchiveRequest:
+    store_type = _text(fields.get("hpcs_object_store_type"), "hpcs_object_store_type", True)
+    if store_type.lower() != "swift":
+        raise InvalidMessage(
+            f"hpcs_object_store_type {store_type!r} is not supported; supported types: swift."
+        )
+    basepath = _text(fields.get("hpcs_object_store_basepath"), "hpcs_object_store_basepath", True)
+    if "/" in basepath or _CONTROL_CHARS.search(basepath) or len(basepath) > 256:
+        raise InvalidMessage(
+            "hpcs_object_store_basepath must be a Swift container name "
+            "(no '/', no control characters, at most 256 characters)."
+        )
+    endpoint = _text(fields.get("hpcs_object_store_endpoint"), "hpcs_object_store_endpoint", True)
+    if not re.match(r"^https?://[^\s]+$", endpoint):
+        raise InvalidMessage("hpcs_object_store_endpoint must be an http(s) storage URL.")
+    token = _text(fields.get("hpcs_object_store_token"), "hpcs_object_store_token", True)
+    if _CONTROL_CHARS.search(token):
+        raise InvalidMessage("hpcs_object_store_token must not contain control characters.")
+    entries = _list(fields.get("loadbalancers"), "loadbalancers", required=True)
+    if not entries:
+        raise InvalidMessage("'loadbalancers' must name the load balancer to archive.")
+    first = _object(entries[0], "loadbalancers[0]")
+    lb_id = _identifier(first.get("id"), "loadbalancers[0].id")
+    if lb_id is None:
+        raise InvalidMessage("Required field 'loadbalancers[0].id' is missing.")
+    return ArchiveRequest(
+        protocol=_enum(Protocol, first.get("protocol"), "loadbalancers[0].protocol", True),
+        lb_id=lb_id,
+        basepath=basepath,
+        endpoint=endpoint,
+        token=token,
+    )
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _lower_keys(value: Any) -> Any:
+    """A copy with every object key lower-cased, so field names are case-insensitive."""
+    if isinstance(value, dict):
+        return {str(key).lower(): _lower_keys(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_lower_keys(item) for item in value]
+    return value
+
+
+def _missing(where: str) -> InvalidMessage:
+    return InvalidMessage(f"Required field '{where}' is missing.")
+
+
+def _object(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"{where} must be a JSON object.")
+    return value
+
+
+def _list(value: Any, where: str, required: bool = False) -> list[Any]:
+    if value is None:
+        if required:
+            raise _missing(where)
+        return []
+    if not isinstance(value, list):
+        raise InvalidMessage(f"{where} must be a JSON list.")
+    return value
+
+
+def _text(value: Any, where: str, required: bool = False) -> Any:
+    if value is None:
+        if required:
+            raise _missing(where)
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        # Name the type, not the value: this field may be the object store token.
+        raise InvalidMessage(f"{where} must be a string, got {_json_type(value)}.")
+    text = str(value).strip()
+    if required and not text:
+        raise InvalidMessage(f"{where} must not be empty.")
+    return text
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "a list", float: "a number"}.get(type(value), "null")
+
+
+def _enum(kind: type[enum.Enum], value: Any, where: str, required: bool = False) -> Any:
+    text = _text(value, where, required)
+    if text is None:
+        return None
+    try:
+        return kind(text.upper())
+    except ValueError:
+        choices = ", ".join(member.value for member in kind)
+        raise InvalidMessage(f"{where} {text!r} is not supported; use one of: {choices}.") from None
+
+
+def _int(value: Any, where: str, low: int, high: int, required: bool = False) -> int:
+    if value is None:
+        if required:
+            raise _missing(where)
+        raise InvalidMessage(f"{where} must be a whole number, got null.")
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value):
+        number = int(value)
+    if number is None:
+        raise InvalidMessage(f"{where} must be a whole number, got {json.dumps(value)}.")
+    if not low <= number <= high:
+        raise InvalidMessage(f"{where} must be between {low} and {high}, got {number}.")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().upper() in ("TRUE", "FALSE"):
+        return value.strip().upper() == "TRUE"
+    raise InvalidMessage(f"{where} must be true or false, got {json.dumps(value)}.")
+
+
+def _address(value: Any, where: str) -> str:
+    text = _text(value, where, required=True)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise InvalidMessage(f"{where} {text!r} is not an IPv4 or IPv6 address.") from None
+
+
+def _identifier(value: Any, where: str) -> str | None:
+    text = _text(value, where)
+    if text is None:
+        return None
+    if not _ID_PATTERN.match(text):
+        raise InvalidMessage(
+            f"{where} {text!r} may only contain letters, digits, '-', '_' and '.' "
+            "(at most 64 characters)."
+        )
+    return text
+
+
+def _name(value: Any, where: str) -> str | None:
+    text = _text(value, where)
+    if text is not None and (_CONTROL_CHARS.search(text) or len(text) > 128):
+        raise InvalidMessage(
+            f"{where} must be at most 128 characters without control characters."
+        )
+    return text
+
+
+def _reject_duplicates(values: list[str], where: str, what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise InvalidMessage(f"{where} has two nodes with the same {what} ({value}).")
+        seen.add(value)
+
+
+# --------------------------------------------------------------------------- replies
+
+PASS = "PASS"
+FAIL = "FAIL"
+_REPLY_FIELDS = ("hpcs_response", "hpcs_error", "badrequest")
+
+
+def reply(original: Mapping[str, Any], error: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The original message, as received, plus the outcome.
+
+    Any reply field the sender already put in the message (in whatever casing) is
+    replaced, so the reply never carries two contradictory outcomes.
+    """
+    added = {key.lower() for key in extra} | set(_REPLY_FIELDS)
+    answer = {key: value for key, value in original.items() if key.lower() not in added}
+    answer.update(extra)
+    answer["hpcs_response"] = FAIL if error else PASS
+    if error:
+        answer["hpcs_error"] = error
+    return answer
+
+
+def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """A FAIL reply for a validation error, in the shape deployed Libra API servers read first."""
+    return reply(
+        original,
+        error,
+        badRequest={
+            "code": "400",
+            "message": "Validation fault",
+            "details": "The object is not valid",
+            "validationErrors": {"message": error},
+        },
+    )
+
+
+def device_document(device: Device) -> dict[str, Any]:
+    """A Device written back in message form; `parse_device` reads it back unchanged.
+
+    The desired-state file stores this, so a restored definition passes the same
+    validation as one that came over the wire.
+    """
+    return {
+        "loadbalancers": [
+            {
+                "protocol": lb.protocol.value,
+                "port": lb.port,
+                "algorithm": lb.algorithm.value,
+                "id": lb.id,
+                "name": lb.name,
+                "monitor": {
+                    "type": lb.monitor.type.value,
+                    "delay": lb.monitor.delay,
+                    "timeout": lb.monitor.timeout,
+                    "attempts": lb.monitor.attempts,
+                    "path": lb.monitor.path,
+                },
+                "options": {
+                    "client_timeout": lb.options.client_timeout_ms,
+                    "server_timeout": lb.options.server_timeout_ms,
+                    "connect_timeout": lb.options.connect_timeout_ms,
+                    "connect_retries": lb.options.connect_retries,
+                },
+                "nodes": [
+                    {
+                        "id": node.id,
+                        "address": node.address,
+                        "port": node.port,
+                        "weight": node.weight,
+                        "backup": node.backup,
+                        "condition": "ENABLED" if node.enabled else "DISABLED",
+                    }
+                    for node in lb.nodes
+                ],
+            }
+            for lb in device.loadbalancers
+        ]
+    }

@@ -1,0 +1,67 @@
+"""The device's desired state, persisted so a restarted worker can put it back.
+
+The state file is small JSON, replaced atomically. It holds the lifecycle (ACTIVE,
+SUSPENDED, DELETED), when it last changed, and the validated load-balancer definition of
+the last accepted UPDATE (in message form, so it is re-validated when read back).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from libra_worker.fileutil import atomic_write
+
+LOG = logging.getLogger(__name__)
+
+
+class Lifecycle(enum.Enum):
+    NEW = "NEW"  # no UPDATE has been accepted yet
+    ACTIVE = "ACTIVE"
+    SUSPENDED = "SUSPENDED"
+    DELETED = "DELETED"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    lifecycle: Lifecycle = Lifecycle.NEW
+    since: str = field(default_factory=utc_now)
+    loadbalancers: list[dict[str, Any]] = field(default_factory=list)
+
+    def moved_to(self, lifecycle: Lifecycle, **changes: Any) -> "DesiredState":
+        return replace(self, lifecycle=lifecycle, since=utc_now(), **changes)
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> DesiredState:
+        try:
+            raw = json.loads(self.path.read_text("utf-8"))
+            return DesiredState(
+                lifecycle=Lifecycle(raw["lifecycle"]),
+                since=raw["since"],
+                loadbalancers=raw.get("loadbalancers", []),
+            )
+        except FileNotFoundError:
+            return DesiredState()
+        except (ValueError, KeyError, TypeError) as exc:
+            # A corrupt file cannot come from atomic_write; say so loudly and start clean
+            # rather than refuse to run the worker at all.
+            LOG.error("Ignoring unreadable state file %s: %s", self.path, exc)
+            return DesiredState()
+
+    def save(self, state: DesiredState) -> None:
+        document = asdict(state)
+        document["lifecycle"] = state.lifecycle.value
+        atomic_write(self.path, json.dumps(document, indent=2, sort_keys=True) + "\n")

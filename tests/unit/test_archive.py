@@ -1,0 +1,272 @@
+"""Unit tests for libra_worker.archive against a fake swiftclient Connection."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import random
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from swiftclient.exceptions import ClientException
+
+from libra_worker import archive
+from libra_worker.errors import ArchiveFailed
+from libra_worker.logsink import LogStore
+
+TOKEN = "AUTH_tk0123456789abcdef0123456789abcdef"
+ENDPOINT = "http://127.0.0.1:20001/v1/AUTH_test"
+OBJECT_NAME = re.compile(r"^lbaaslogs/15/haproxy-\d{8}-\d{6}\.log\.gz$")
+
+
+class FakeSwift:
+    """Stands in for Swift: stores objects; ``failures`` are raised in order."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.containers: set[str] = set()
+        self.failures: list[Exception] = []
+        self.connections = 0
+        self.returned_etag: str | None = None
+
+    def connection(self, **kwargs) -> "FakeConnection":
+        assert kwargs["preauthtoken"] == TOKEN and kwargs["retries"] == 0
+        assert 0 < kwargs["timeout"] <= 15
+        self.connections += 1
+        return FakeConnection(self)
+
+
+class FakeConnection:
+    def __init__(self, swift: FakeSwift) -> None:
+        self.swift = swift
+
+    def put_object(self, container, name, contents, content_length, etag,
+                   content_type, headers, response_dict):
+        if self.swift.failures:
+            raise self.swift.failures.pop(0)
+        if container not in self.swift.containers:
+            raise ClientException("not found", http_status=404)
+        if (container, name) in self.swift.objects:
+            raise ClientException("exists", http_status=412)
+        body = contents.read()
+        assert len(body) == content_length
+        assert hashlib.md5(body).hexdigest() == etag
+        self.swift.objects[(container, name)] = body
+        response_dict["status"] = 201
+        return self.swift.returned_etag or etag
+
+    def put_container(self, container):
+        self.swift.containers.add(container)
+
+    def head_object(self, container, name):
+        body = self.swift.objects[(container, name)]
+        return {"etag": self.swift.returned_etag or hashlib.md5(body).hexdigest()}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def swift(monkeypatch: pytest.MonkeyPatch) -> FakeSwift:
+    fake = FakeSwift()
+    monkeypatch.setattr(archive.swiftclient.client, "Connection", fake.connection)
+    monkeypatch.setattr(archive, "FIRST_BACKOFF", 0.01)
+    return fake
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LogStore:
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    return LogStore(directory)
+
+
+def run(store: LogStore, protocol: str = "HTTP", token: str = TOKEN) -> dict:
+    return archive.archive_logs(store.directory.parent, protocol=protocol, lb_id="15",
+                                basepath="lbaaslogs", endpoint=ENDPOINT, token=token)
+
+
+def shipped(swift: FakeSwift, result: dict) -> bytes:
+    container, name = result["object"].split("/", 1)
+    return gzip.decompress(swift.objects[(container, name)])
+
+
+def leftovers(store: LogStore) -> list[str]:
+    return sorted(path.name for path in store.directory.iterdir()
+                  if path.name.startswith(".") or path.suffix == ".tmp")
+
+
+def test_ships_pending_then_active_lines_once(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\nb\n")
+    store.rotate("http")
+    store.active_path("http").write_bytes(b"c\n")
+    store.active_path("tcp").write_bytes(b"tcp\n")
+    result = run(store)
+    assert OBJECT_NAME.match(result["object"])
+    assert shipped(swift, result) == b"a\nb\nc\n"
+    assert (result["lines"], result["bytes"], result["dropped"]) == (3, 6, 0)
+    assert store.pending_paths("http") == []
+    assert not store.active_path("http").exists()
+    assert store.active_path("tcp").read_bytes() == b"tcp\n"
+    assert leftovers(store) == []
+
+
+def test_nothing_to_archive(swift: FakeSwift, store: LogStore) -> None:
+    with pytest.raises(ArchiveFailed, match="no new TCP log lines"):
+        run(store, protocol="tcp")
+    assert swift.connections == 0
+
+
+def test_streams_in_chunks(swift: FakeSwift, store: LogStore,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(archive, "CHUNK_SIZE", 7)
+    lines = b"".join(b"line %d\n" % n for n in range(1000))
+    store.active_path("http").write_bytes(lines)
+    result = run(store)
+    assert shipped(swift, result) == lines
+    assert result["lines"] == 1000
+
+
+def test_unauthorized_keeps_everything(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.failures = [ClientException("Unauthorized", http_status=401)]
+    with pytest.raises(ArchiveFailed, match="authorization token") as failure:
+        run(store)
+    assert TOKEN not in str(failure.value)
+    assert swift.connections == 1
+    store.active_path("http").write_bytes(b"b\n")
+    assert shipped(swift, run(store)) == b"a\nb\n"
+
+
+def test_unreachable_retries_with_fresh_connections_then_fails(
+        swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.failures = [requests.exceptions.ConnectionError("refused")] * 3
+    with pytest.raises(ArchiveFailed, match="Could not reach"):
+        run(store)
+    assert swift.connections == archive.MAX_ATTEMPTS
+    assert [p.read_bytes() for p in store.pending_paths("http")] == [b"a\n"]
+    assert leftovers(store) == []
+
+
+def bind_in_test_range(sock: socket.socket) -> None:
+    for port in range(random.randint(20000, 31000), 32000):
+        try:
+            sock.bind(("127.0.0.1", port))
+            return
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
+
+
+def test_hung_endpoint_fails_within_the_timeout(store: LogStore) -> None:
+    """Real swiftclient against a loopback socket that never answers."""
+    store.active_path("http").write_bytes(b"a\n")
+    with socket.socket() as silent:
+        bind_in_test_range(silent)
+        silent.listen(8)
+        endpoint = "http://127.0.0.1:%d/v1/AUTH_test" % silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ArchiveFailed, match="Could not reach"):
+            archive.archive_logs(store.directory, protocol="HTTP", lb_id="15",
+                                 basepath="c", endpoint=endpoint, token=TOKEN,
+                                 timeout=1.0)
+        assert time.monotonic() - started < 1.0
+    assert store.stored_bytes("http") == 2
+
+
+def test_server_error_then_success(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.failures = [ClientException("boom", http_status=503, http_reason="Unavailable")]
+    assert shipped(swift, run(store)) == b"a\n"
+    assert swift.connections == 2
+
+
+def test_persistent_server_error_is_reported(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.failures = [ClientException("boom", http_status=500)] * 3
+    with pytest.raises(ArchiveFailed, match="HTTP 500"):
+        run(store)
+    assert store.stored_bytes("http") == 2
+
+
+def test_etag_mismatch_is_a_failure(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.returned_etag = "0" * 32
+    with pytest.raises(ArchiveFailed, match="etag"):
+        run(store)
+    assert store.stored_bytes("http") == 2
+
+
+def test_swift_422_is_an_etag_mismatch(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    swift.failures = [ClientException("Unprocessable", http_status=422)] * 3
+    with pytest.raises(ArchiveFailed, match="etag"):
+        run(store)
+
+
+def test_same_second_collision_never_overwrites(swift: FakeSwift, store: LogStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    swift.containers.add("lbaaslogs")
+    store.active_path("http").write_bytes(b"first\n")
+    first = run(store)
+    store.active_path("http").write_bytes(b"second\n")
+    second = run(store)
+    assert first["object"] != second["object"]
+    assert shipped(swift, first) == b"first\n"
+    assert shipped(swift, second) == b"second\n"
+
+
+def test_reports_dropped_lines_once(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("http").write_bytes(b"a\n")
+    store.dropped_path("http").write_text("4\n")
+    assert run(store)["dropped"] == 4
+    store.active_path("http").write_bytes(b"b\n")
+    assert run(store)["dropped"] == 0
+
+
+def test_token_never_logged(swift: FakeSwift, store: LogStore,
+                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    store.active_path("http").write_bytes(b"a\n")
+
+    def leaky_put(*args, **kwargs):
+        logging.getLogger("swiftclient").debug("REQ: -H 'X-Auth-Token: %s'", TOKEN)
+        raise ClientException("Unauthorized", http_status=401)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(FakeConnection, "put_object", leaky_put)
+    try:
+        with pytest.raises(ArchiveFailed):
+            run(store)
+    finally:
+        monkeypatch.undo()
+    assert "X-Auth-Token: <token>" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"protocol": "UDP"}, "protocol"),
+    ({"lb_id": "a/b"}, "load balancer id"),
+    ({"basepath": "/"}, "base path"),
+    ({"endpoint": "ftp://x"}, "endpoint"),
+    ({"token": ""}, "token is empty"),
+])
+def test_rejects_bad_arguments(store: LogStore, kwargs: dict, message: str) -> None:
+    arguments = {"protocol": "HTTP", "lb_id": "15", "basepath": "lbaaslogs",
+                 "endpoint": ENDPOINT, "token": TOKEN, **kwargs}
+    with pytest.raises(ArchiveFailed, match=message):
+        archive.archive_logs(store.directory, **arguments)
+
+
+def test_basepath_may_carry_a_prefix(swift: FakeSwift, store: LogStore) -> None:
+    store.active_path("tcp").write_bytes(b"t\n")
+    result = archive.archive_logs(store.directory, protocol="TCP", lb_id="9",
+                                  basepath="/logs/device-1/", endpoint=ENDPOINT,
+                                  token=TOKEN)
+    assert re.match(r"^logs/device-1/9/haproxy-\d{8}-\d{6}\.log\.gz$", result["object"])
