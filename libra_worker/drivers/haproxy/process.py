@@ -205,6 +205,9 @@ class HAProxyProcess:
         try:
             return subprocess.run(
                 command,
+                # Measured: a master started with the /dev/null that python-daemon leaves on
+                # fd 0 dies of SIGSEGV right after forking; a /dev/null of its own is fine.
+                stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
                 timeout=self.command_timeout,

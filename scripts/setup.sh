@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything libra-worker needs on a fresh Debian 12 machine: system packages and a
+# virtualenv (.venv) with the worker installed. Safe to run again: it skips what is there.
+#   scripts/setup.sh           the worker and its runtime (haproxy, gearmand)
+#   scripts/setup.sh --test    also what the test suite runs (Swift, memcached, pytest)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runtime_packages=(haproxy gearman-job-server gearman-tools python3-venv python3-pip)
+test_packages=(swift swift-proxy swift-account swift-container swift-object memcached wrk)
+
+packages=("${runtime_packages[@]}")
+extras=""
+if [[ "${1:-}" == "--test" ]]; then
+    packages+=("${test_packages[@]}")
+    extras="[test]"
+fi
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$package")
+done
+if (( ${#missing[@]} )); then
+    echo "setup: installing ${missing[*]}"
+    sudo_cmd=()
+    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    # The packages' own services are not wanted: the worker and the tests start their own.
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq \
+        --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check ".${extras}"
+echo "setup: ready ($(.venv/bin/libra-worker --version), $(haproxy -v 2>/dev/null | head -1 || /usr/sbin/haproxy -v | head -1))"

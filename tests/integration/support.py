@@ -1,0 +1,618 @@
+"""Real components for the worker's integration tests, and the helpers that drive them.
+
+Everything here listens on 127.0.0.1 only, on ports picked in 20000-32000 (below the
+kernel's ephemeral range), and every process is started, tracked and stopped by pid:
+gearmand runs in the foreground as our child; the worker is our child; HAProxy and the
+log sink daemonize themselves, so they are found through the worker's state dir
+(`haproxy.pid`, `HAProxyProcess.our_pids()`, `LogSink.pid()`) and stopped by pid too.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import http.client
+import http.server
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+from libra_worker import client
+from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary, process_alive
+from libra_worker.logsink import LogSink
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GEARMAND = "/usr/sbin/gearmand"
+PORT_RANGE = (20000, 32000)
+LOOPBACK = "127.0.0.1"
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+_taken_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- ports, polls
+
+
+def free_port() -> int:
+    """A loopback TCP port below the ephemeral range, free now and not handed out before."""
+    with _ports_lock:
+        for _ in range(500):
+            port = random.randint(*PORT_RANGE)
+            if port in _taken_ports:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+            _taken_ports.add(port)
+            return port
+    raise RuntimeError("no free port in %d-%d" % PORT_RANGE)
+
+
+def make_temp_dir() -> Path:
+    """Short on purpose: unix socket paths inside it must stay under 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="lw-"))
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_accepts(port: int, host: str = LOOPBACK) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def connection_refused(port: int, host: str = LOOPBACK) -> bool:
+    """True only for an explicit refusal (RST), not for a timeout or other error."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+# --------------------------------------------------------------------------- gearmand
+
+
+class Gearmand:
+    """One gearmand in the foreground, our child, stopped by pid."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> "Gearmand":
+        self.starts += 1
+        tag = f"{self.port}-{self.starts}"
+        config = self.root / f"gearmand-{self.port}.conf"
+        config.touch()  # gearmand refuses to start if its config file is missing
+        command = [
+            GEARMAND, "--listen", LOOPBACK, "--port", str(self.port),
+            "--threads", "1", "--queue-type", "builtin",
+            "--log-file", str(self.root / f"gearmand-{tag}.log"),
+            "--pid-file", str(self.root / f"gearmand-{tag}.pid"),
+            "--config-file", str(config),
+        ]
+        output = open(self.root / f"gearmand-{tag}.out", "ab")
+        with output:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                            stdout=output, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: self.process.poll() is not None or port_accepts(self.port),
+                       START_TIMEOUT, f"gearmand on port {self.port}")
+            assert self.process.poll() is None, (
+                f"gearmand exited with {self.process.returncode}: "
+                + (self.root / f"gearmand-{tag}.out").read_text(errors="replace"))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        stop_child(self.process)
+
+    def admin(self, command: str) -> str:
+        """A text-protocol admin command ("status", "workers"); the answer ends with '.'."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=5) as conn:
+            conn.sendall(command.encode() + b"\n")
+            data = b""
+            while not data.endswith(b".\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode()
+
+    def function_status(self, function: str) -> tuple[int, int, int]:
+        """(queued, running, available workers) for `function`, zeros if unknown."""
+        for line in self.admin("status").splitlines():
+            parts = line.split("\t")
+            if len(parts) == 4 and parts[0] == function:
+                return int(parts[1]), int(parts[2]), int(parts[3])
+        return 0, 0, 0
+
+
+def stop_child(process: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int | None:
+    """Signal a child by pid, wait, force it if needed; its exit status."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        try:
+            process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+    return process.returncode
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class _NamedHTTPHandler(http.server.BaseHTTPRequestHandler):
+    server: "_NamedHTTPServer"
+
+    def do_GET(self) -> None:  # the name http.server dispatches to
+        backend = self.server.backend
+        if self.path.split("?")[0] == backend.health_path:
+            backend.health_checks += 1
+            status, body = backend.health_status, f"{backend.name} health\n".encode()
+        else:
+            backend.record(self.path)
+            status, body = 200, backend.name.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _NamedHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    backend: "HTTPBackend"
+
+
+@dataclass
+class HTTPBackend:
+    """An HTTP node answering its own name; `health_status` is what /health answers."""
+
+    name: str
+    port: int = 0
+    health_path: str = "/health"
+    health_status: int = 200
+    health_checks: int = 0
+    paths: list[str] = field(default_factory=list)
+    _server: _NamedHTTPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> "HTTPBackend":
+        self.port = self.port or free_port()
+        self._server = _NamedHTTPServer((LOOPBACK, self.port), _NamedHTTPHandler)
+        self._server.backend = self
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                         name=f"http-{self.name}", daemon=True).start()
+        return self
+
+    def record(self, path: str) -> None:
+        with self._lock:
+            self.paths.append(path)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def node(self, **extra: Any) -> dict[str, Any]:
+        return {"id": self.name, "address": LOOPBACK, "port": self.port, **extra}
+
+
+class _NamedTCPHandler(socketserver.BaseRequestHandler):
+    server: "_NamedTCPServer"
+
+    def handle(self) -> None:
+        backend = self.server.backend
+        self.request.settimeout(5)
+        try:
+            data = self.request.recv(4096)
+            if not data:
+                return  # a CONNECT health check: connect, then close
+            backend.record(data.decode(errors="replace").strip())
+            self.request.sendall(backend.name.encode())
+        except OSError:
+            pass
+
+
+class _NamedTCPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    backend: "TCPBackend"
+
+
+@dataclass
+class TCPBackend:
+    """A TCP node: reads one line, answers its own name, closes."""
+
+    name: str
+    port: int = 0
+    lines: list[str] = field(default_factory=list)
+    _server: _NamedTCPServer | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> "TCPBackend":
+        self.port = self.port or free_port()
+        self._server = _NamedTCPServer((LOOPBACK, self.port), _NamedTCPHandler)
+        self._server.backend = self
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+                         name=f"tcp-{self.name}", daemon=True).start()
+        return self
+
+    def record(self, line: str) -> None:
+        with self._lock:
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def node(self, **extra: Any) -> dict[str, Any]:
+        return {"id": self.name, "address": LOOPBACK, "port": self.port, **extra}
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def request_once(url: str, timeout: float = 5.0) -> str:
+    """One request on a fresh connection; the name of the node that answered.
+
+    `http://127.0.0.1:P/path` sends a GET (which must answer 200);
+    `tcp://127.0.0.1:P/tag` sends the line "tag" and reads to EOF.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or LOOPBACK, parts.port
+    if parts.scheme == "http":
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            connection.request("GET", parts.path or "/", headers={"Connection": "close"})
+            response = connection.getresponse()
+            body = response.read().decode(errors="replace")
+            if response.status != 200:
+                raise OSError(f"HTTP {response.status}: {body[:80]!r}")
+            return body
+        finally:
+            connection.close()
+    if parts.scheme == "tcp":
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            conn.sendall((parts.path.lstrip("/") or "hello").encode() + b"\n")
+            chunks = []
+            while chunk := conn.recv(4096):
+                chunks.append(chunk)
+        answer = b"".join(chunks).decode(errors="replace")
+        if not answer:
+            raise OSError("the connection closed without an answer")
+        return answer
+    raise ValueError(f"unsupported URL {url!r}")
+
+
+def traffic(url: str, n: int) -> tuple[collections.Counter[str], int]:
+    """`n` requests; a Counter of the node names that answered, and the number of failures."""
+    answered: collections.Counter[str] = collections.Counter()
+    failures = 0
+    for _ in range(n):
+        try:
+            answered[request_once(url)] += 1
+        except (OSError, http.client.HTTPException):
+            failures += 1
+    return answered, failures
+
+
+class TrafficLoop:
+    """Requests back to back in a thread until stopped: proves there is no gap."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.answered: collections.Counter[str] = collections.Counter()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic-loop", daemon=True)
+
+    @property
+    def total(self) -> int:
+        return sum(self.answered.values()) + len(self.errors)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.answered[request_once(self.url)] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors.append(f"{time.monotonic():.3f} {type(exc).__name__}: {exc}")
+            time.sleep(0.005)
+
+    def __enter__(self) -> "TrafficLoop":
+        self._thread.start()
+        # At least one answer before the caller acts, so the loop proves continuity.
+        wait_until(lambda: self.total > 0, 10, "the first request of the traffic loop")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def lb(protocol: str, port: int, nodes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"protocol": protocol, "port": port, "nodes": nodes, **extra}
+
+
+def update(*loadbalancers: dict[str, Any]) -> dict[str, Any]:
+    return {"hpcs_action": "UPDATE", "loadbalancers": list(loadbalancers)}
+
+
+def http_monitor(path: str = "/health", delay: int = 1, timeout: int = 1, attempts: int = 2) -> dict[str, Any]:
+    return {"type": "HTTP", "delay": delay, "timeout": timeout, "attempts": attempts, "path": path}
+
+
+def node_statuses(reply: dict[str, Any]) -> dict[str, str]:
+    assert reply.get("hpcs_response") == "PASS", reply
+    return {node["id"]: node["status"] for node in reply["nodes"]}
+
+
+class Worker:
+    """The real worker process (`python -m libra_worker.cli --foreground`) on one state dir.
+
+    It can be stopped, killed and started again on the same state dir; `cleanup` stops
+    everything it led to (worker, HAProxy, log sink) by pid.
+    """
+
+    def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
+                 poll_timeout: float = 0.3, archive_timeout: float | None = None,
+                 log_level: str = "INFO") -> None:
+        self.root = root
+        self.servers = list(servers)
+        self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
+        self.state_dir = root / "state"
+        self.config_path = root / "worker.ini"
+        self.log_file = root / "worker.log"
+        self.output_file = root / "worker.out"
+        self.poll_timeout = poll_timeout
+        self.archive_timeout = archive_timeout
+        self.log_level = log_level
+        self.process: subprocess.Popen[bytes] | None = None
+        self.write_config()
+
+    # ------------------------------------------------------------------ config
+
+    def write_config(self) -> None:
+        lines = [
+            "[gearman]",
+            f"servers = {', '.join(self.servers)}",
+            f"function = {self.function}",
+            f"poll_timeout = {self.poll_timeout}",
+            "reconnect_delay_max = 1.0",
+            "",
+            "[worker]",
+            f"state_dir = {self.state_dir}",
+            f"log_file = {self.log_file}",
+            f"log_level = {self.log_level}",
+            "",
+            "[haproxy]",
+            f"bind_address = {LOOPBACK}",
+            "command_timeout = 15",
+            "stop_grace = 3",
+        ]
+        if self.archive_timeout is not None:
+            lines += ["", "[archive]", f"timeout = {self.archive_timeout}"]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------------ process
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        """Start the worker process without waiting for it to serve."""
+        assert self.process is None or self.process.poll() is not None, "already running"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        with open(self.output_file, "ab") as output:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "libra_worker.cli", "--config", str(self.config_path),
+                 "--foreground"],
+                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        return self.process
+
+    def start(self, ready_timeout: float = START_TIMEOUT) -> "Worker":
+        """Start the worker and wait until it answers DISCOVER through the job server."""
+        self.spawn()
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            assert self.is_running(), f"the worker exited with {self.process.returncode}:\n{self.output()}"
+            try:
+                answer = self.submit("DISCOVER", timeout=2)
+            except client.TransportError:
+                answer = None
+            if answer is not None:
+                assert answer["hpcs_response"] == "PASS", answer
+                return self
+            assert time.monotonic() < deadline, f"the worker never answered:\n{self.output()}"
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM: the warm shutdown (finish the job in hand, then exit)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; the exit status."""
+        return stop_child(self.process)
+
+    def kill(self) -> None:
+        stop_child(self.process, signal.SIGKILL)
+
+    def restart(self) -> "Worker":
+        code = self.stop()
+        assert code == 0, f"the worker exited with {code}:\n{self.output()}"
+        return self.start()
+
+    def output(self) -> str:
+        parts = []
+        for path in (self.output_file, self.log_file):
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-6000:])
+        return "\n".join(parts)
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, message: str | dict[str, Any], timeout: float = 30.0,
+               servers: list[str] | None = None) -> dict[str, Any]:
+        """Send an action name, a dict, or raw text through the job server; the reply."""
+        if isinstance(message, dict):
+            text = json.dumps(message)
+        elif message.upper() in client.Action.__members__:
+            text = json.dumps({"hpcs_action": message.upper()})
+        else:
+            text = message
+        return client.submit(",".join(servers or self.servers), self.function, text, timeout)
+
+    # ------------------------------------------------------------------ what it runs
+
+    @property
+    def haproxy(self) -> HAProxyProcess:
+        return HAProxyProcess(
+            binary=find_binary(),
+            config_file=self.state_dir / "haproxy.cfg",
+            pid_file=self.state_dir / "haproxy.pid",
+            master_socket=self.state_dir / "haproxy-master.sock",
+            command_timeout=10,
+            stop_grace=3,
+        )
+
+    @property
+    def logsink(self) -> LogSink:
+        return LogSink(self.state_dir)
+
+    def haproxy_config(self) -> str:
+        return (self.state_dir / "haproxy.cfg").read_text()
+
+    def kill_haproxy(self) -> list[int]:
+        """SIGKILL every HAProxy process of this state dir, by pid; the pids killed."""
+        pids = self.haproxy.our_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not any(process_alive(pid) for pid in pids), STOP_TIMEOUT,
+                   f"HAProxy pids {pids} to die")
+        return pids
+
+    def cleanup(self) -> None:
+        """Stop the worker, then HAProxy and the log sink it started, all by pid."""
+        try:
+            stop_child(self.process)  # tests that care assert the exit status themselves
+        finally:
+            with contextlib.suppress(Exception):
+                self.haproxy.stop()
+            with contextlib.suppress(Exception):
+                self.kill_haproxy()
+            with contextlib.suppress(Exception):
+                self.logsink.stop()
+
+
+class WorkerFactory:
+    """Makes workers on fresh temp dirs and cleans all of them up afterwards."""
+
+    def __init__(self, servers: list[str]) -> None:
+        self.servers = servers
+        self.workers: list[Worker] = []
+        self.roots: list[Path] = []
+
+    def __call__(self, *, start: bool = True, servers: list[str] | None = None,
+                 **options: Any) -> Worker:
+        root = make_temp_dir()
+        self.roots.append(root)
+        worker = Worker(root, servers or self.servers, **options)
+        self.workers.append(worker)
+        return worker.start() if start else worker
+
+    def cleanup(self) -> None:
+        for worker in self.workers:
+            worker.cleanup()
+        for root in self.roots:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def gearmand_server(port: int | None = None) -> Iterator[Gearmand]:
+    root = make_temp_dir()
+    server = Gearmand(root, port)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def backends(*items: HTTPBackend | TCPBackend) -> Iterator[tuple[HTTPBackend | TCPBackend, ...]]:
+    started = []
+    try:
+        for item in items:
+            started.append(item.start())
+        yield tuple(started)
+    finally:
+        for item in started:
+            item.stop()
