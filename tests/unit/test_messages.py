@@ -763,7 +763,7 @@ def devices(draw):
     return Device(tuple(loadbalancers))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(devices())
 def test_device_document_round_trips_through_parse(device):
     document = device_document(device)
