@@ -26,22 +26,31 @@ from types import FrameType
 import daemon
 import daemon.pidfile
 
-from libra_worker import __version__, transport
+from libra_worker import __version__, ctl, transport
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.controller import LBaaSController
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
 from libra_worker.errors import WorkerError
+from libra_worker.jobs import JobRunner
+from libra_worker.journal import JOURNAL_NAME, Journal
 
 LOG = logging.getLogger("libra_worker")
 _PIDFILE_TIMEOUT = 5
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="libra-worker", description=__doc__.splitlines()[0])
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["ctl"]:
+        return ctl.main(arguments[1:])
+    parser = argparse.ArgumentParser(
+        prog="libra-worker",
+        description=__doc__.splitlines()[0],
+        epilog="Operators: `libra-worker ctl --config FILE status|restart|logs|jobs`.",
+    )
     parser.add_argument("--config", required=True, type=Path, help="the worker's INI file")
     parser.add_argument("--foreground", action="store_true", help="do not daemonize")
     parser.add_argument("--version", action="version", version=f"libra-worker {__version__}")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         config = load(args.config)
         config.worker.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -84,8 +93,13 @@ def run(config: Config, log_to_stderr: bool) -> int:
         except WorkerError as exc:
             # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
             LOG.error("Could not restore the desired state: %s", exc)
-        controller = LBaaSController(driver)
-        transport.serve(config.gearman, controller.handle, stopping)
+        runner = JobRunner(
+            LBaaSController(driver),
+            Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),
+            config.timeouts.per_action,
+            config.timeouts.default,
+        )
+        transport.serve(config.gearman, runner.run, stopping)
     except Exception:
         LOG.exception("libra-worker stopped on an unexpected error")
         return 1

@@ -9,8 +9,10 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from libra_worker.messages import Action
 
 
 DEFAULT_GEARMAN_PORT = 4730
@@ -54,6 +56,16 @@ class WorkerSettings:
     user: str | None
     group: str | None
     umask: int
+    journal_entries: int = 1000
+    reconcile_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class TimeoutSettings:
+    """Seconds each action may take before its job is answered FAIL (TIMEOUT)."""
+
+    default: float = 120.0
+    per_action: dict[Action, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class Config:
     gearman: GearmanSettings
     worker: WorkerSettings
     haproxy: HAProxySettings
+    timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
 
 
 def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
@@ -118,6 +131,8 @@ def _build(parser: configparser.ConfigParser) -> Config:
         user=parser.get("worker", "user", fallback="").strip() or None,
         group=parser.get("worker", "group", fallback="").strip() or None,
         umask=int(parser.get("worker", "umask", fallback="022"), 8),
+        journal_entries=parser.getint("worker", "journal_entries", fallback=1000),
+        reconcile_interval=parser.getfloat("worker", "reconcile_interval", fallback=1.0),
     )
     defaults = HAProxySettings(state_dir=state_dir)
     haproxy = HAProxySettings(
@@ -132,7 +147,20 @@ def _build(parser: configparser.ConfigParser) -> Config:
         archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout),
     )
     _check_bind_address(haproxy.bind_address)
-    return Config(gearman=gearman, worker=worker, haproxy=haproxy)
+    return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser))
+
+
+def _timeouts(parser: configparser.ConfigParser) -> TimeoutSettings:
+    default = parser.getfloat("timeouts", "default", fallback=TimeoutSettings.default)
+    per_action = {}
+    for action in Action:
+        value = parser.getfloat("timeouts", action.value.lower(), fallback=None)
+        if value is not None:
+            per_action[action] = value
+    for value in [default, *per_action.values()]:
+        if value <= 0:
+            raise ConfigError("[timeouts] values must be positive numbers of seconds.")
+    return TimeoutSettings(default=default, per_action=per_action)
 
 
 def _path(text: str) -> Path | None:

@@ -34,15 +34,26 @@ class LBaaSController:
         }
 
     def handle(self, payload: bytes | str) -> dict[str, Any]:
+        """Validate and execute one job; always a reply, never an exception."""
+        prepared = self.prepare(payload)
+        if isinstance(prepared, Message):
+            return self.execute(prepared)
+        return prepared
+
+    def prepare(self, payload: bytes | str) -> Message | dict[str, Any]:
+        """The validated message, or the FAIL reply saying why it is not valid."""
         try:
             document = decode(payload)
         except InvalidMessage as exc:
             return bad_request({}, str(exc))
         try:
-            message = parse(document)
+            return parse(document)
         except InvalidMessage as exc:
             LOG.info("Rejected message: %s", exc)
             return bad_request(document, str(exc))
+
+    def execute(self, message: Message) -> dict[str, Any]:
+        document = message.original
         try:
             extra = self._actions[message.action](message)
         except WorkerError as exc:

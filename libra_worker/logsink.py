@@ -4,8 +4,9 @@ HAProxy sends one RFC 3164 datagram per request/connection to a unix datagram
 socket (``<state_dir>/logs/haproxy.sock``).  The sink process owns that socket,
 so it keeps collecting while the worker daemon restarts, and HAProxy reloads
 never notice it.  Each access line is appended to ``http.log`` or ``tcp.log``
-depending on its frontend (``lb-http`` / ``lb-tcp``); other HAProxy messages
-(proxy started/stopped, alerts) are not access logs and are ignored.
+depending on its frontend (``lb-http`` / ``lb-tcp``); HAProxy's other messages
+(proxy started/stopped, servers going UP or DOWN, alerts) go to ``haproxy-events.log``,
+a small rotating file that ``libra-worker ctl logs`` shows.
 
 Files in ``<state_dir>/logs`` (see :class:`LogStore`):
 
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Iterator
 
 from libra_worker.errors import WorkerError
+from libra_worker.fileutil import atomic_write
 
 LOG = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ PIDFILE_NAME = "logsink.pid"
 LOCKFILE_NAME = "logsink.lock"
 SINK_LOG_NAME = "logsink.log"
 SINK_STDERR_NAME = "logsink.stderr"
+EVENTS_LOG_NAME = "haproxy-events.log"
+EVENTS_LOG_MAX_BYTES = 1024 * 1024
 MAX_DATAGRAM = 65536
 MAX_SOCKET_PATH = 107  # sizeof(sun_path) - 1
 COUNTER_FLUSH_INTERVAL = 1.0
@@ -88,18 +92,6 @@ def parse_datagram(datagram: bytes) -> tuple[str, bytes] | None:
     if protocol is None:
         return None
     return protocol, match["text"] + b"\n"
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same dir, fsync, rename."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
 
 
 def _read_int(path: Path) -> int:
@@ -169,7 +161,7 @@ class LogStore:
         return total, total - reported if total >= reported else total
 
     def mark_dropped_reported(self, protocol: str, total: int) -> None:
-        write_atomically(self.directory / f"{protocol}.dropped.reported",
+        atomic_write(self.directory / f"{protocol}.dropped.reported",
                          b"%d\n" % total)
 
 
@@ -234,7 +226,7 @@ class ProtocolWriter:
 
     def flush_counter(self) -> None:
         if self.counter_dirty:
-            write_atomically(self.store.dropped_path(self.protocol),
+            atomic_write(self.store.dropped_path(self.protocol),
                              b"%d\n" % self.dropped)
             self.counter_dirty = False
 
@@ -250,12 +242,13 @@ class SinkServer:
     def __init__(self, store: LogStore, max_bytes: int) -> None:
         self.writers = {protocol: ProtocolWriter(store, protocol, max_bytes)
                         for protocol in PROTOCOLS}
+        self.events = _events_logger(store.directory)
         self.stopping = False
 
     def handle_datagram(self, datagram: bytes) -> None:
         parsed = parse_datagram(datagram)
         if parsed is None:
-            LOG.debug("ignoring non-access message %r", datagram[:200])
+            self.events.info(_PRIORITY.sub(b"", datagram.rstrip(b"\r\n\0")).decode("utf-8", "replace"))
             return
         protocol, line = parsed
         self.writers[protocol].write(line)
@@ -280,6 +273,22 @@ class SinkServer:
             self.flush()
             for writer in self.writers.values():
                 writer.close()
+            for handler in self.events.handlers:
+                handler.close()
+
+
+_PRIORITY = re.compile(rb"^<\d{1,3}>")
+
+
+def _events_logger(log_dir: Path) -> logging.Logger:
+    """HAProxy's own messages, kept apart from the access logs and bounded in size."""
+    # A logger of this sink's own, outside logging's registry: one per log directory.
+    events = logging.Logger("haproxy-events", logging.INFO)
+    handler = logging.handlers.RotatingFileHandler(
+        log_dir / EVENTS_LOG_NAME, maxBytes=EVENTS_LOG_MAX_BYTES, backupCount=1)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    events.addHandler(handler)
+    return events
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -435,7 +444,7 @@ def _configure_logging(log_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _pidfile(path: Path) -> Iterator[None]:
-    write_atomically(path, b"%d\n" % os.getpid())
+    atomic_write(path, b"%d\n" % os.getpid())
     try:
         yield
     finally:

@@ -402,9 +402,13 @@ def _bool(value: Any, where: str) -> bool:
 def _address(value: Any, where: str) -> str:
     text = _text(value, where, required=True)
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise InvalidMessage(f"{where} {text!r} is not an IPv4 or IPv6 address.") from None
+    # ipaddress accepts any text after '%' as an IPv6 zone; none belongs in a server line.
+    if getattr(address, "scope_id", None) is not None:
+        raise InvalidMessage(f"{where} {text!r} must not carry an IPv6 zone ('%...').")
+    return str(address)
 
 
 def _identifier(value: Any, where: str) -> str | None:

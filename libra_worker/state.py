@@ -1,8 +1,9 @@
 """The device's desired state, persisted so a restarted worker can put it back.
 
 The state file is small JSON, replaced atomically. It holds the lifecycle (ACTIVE,
-SUSPENDED, DELETED), when it last changed, and the validated load-balancer definition of
-the last accepted UPDATE (in message form, so it is re-validated when read back).
+SUSPENDED, DELETED), when it last changed, the validated load-balancer definition of the
+last accepted UPDATE (in message form, so it is re-validated when read back), and what the
+reconciler has had to repair (restarts, last error).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class DesiredState:
     lifecycle: Lifecycle = Lifecycle.NEW
     since: str = field(default_factory=utc_now)
     loadbalancers: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0  # HAProxy restarts done by the reconciler
+    last_error: str | None = None  # the last crash or failure sentence
 
     def moved_to(self, lifecycle: Lifecycle, **changes: Any) -> "DesiredState":
         return replace(self, lifecycle=lifecycle, since=utc_now(), **changes)
@@ -52,6 +55,8 @@ class StateStore:
                 lifecycle=Lifecycle(raw["lifecycle"]),
                 since=raw["since"],
                 loadbalancers=raw.get("loadbalancers", []),
+                restarts=int(raw.get("restarts", 0)),
+                last_error=raw.get("last_error"),
             )
         except FileNotFoundError:
             return DesiredState()

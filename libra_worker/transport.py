@@ -21,7 +21,8 @@ from libra_worker.config import GearmanSettings
 
 LOG = logging.getLogger(__name__)
 
-Handler = Callable[[bytes], dict[str, Any]]
+# (job handle, payload) -> reply
+Handler = Callable[[str, bytes], dict[str, Any]]
 _INITIAL_RECONNECT_DELAY = 0.2
 
 
@@ -45,14 +46,14 @@ class JobServerWorker(gearman.GearmanWorker):
     def _execute(self, _worker: gearman.GearmanWorker, job: Any) -> bytes:
         started = time.monotonic()
         try:
-            answer = self.handler(job.data)
+            answer = self.handler(_text(job.handle), job.data)
         except Exception:  # noqa: BLE001 - the controller already catches; this is the last net
-            LOG.exception("Job %s: the handler raised", job.handle)
+            LOG.exception("Job %s: the handler raised", _text(job.handle))
             answer = internal_error_reply()
         self.jobs_done += 1
         LOG.info(
             "Job %s answered %s in %.1f ms",
-            job.handle, answer.get("hpcs_response"), (time.monotonic() - started) * 1000,
+            _text(job.handle), answer.get("hpcs_response"), (time.monotonic() - started) * 1000,
         )
         return json.dumps(answer).encode("utf-8")
 
@@ -81,6 +82,10 @@ def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event
     finally:
         worker.shutdown()
         LOG.info("Stopped serving after %d jobs", worker.jobs_done)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _describe(settings: GearmanSettings) -> str:

@@ -129,7 +129,7 @@ class HAProxyProcess:
 
     def check(self, config_file: Path) -> None:
         """Prove a configuration with `haproxy -c`; HAProxy's own words on failure."""
-        result = self._run([self.binary, "-c", "-q", "-f", str(config_file)], "haproxy -c")
+        result = self._run([self.binary, "-c", "-f", str(config_file)], "haproxy -c")
         if result.returncode != 0:
             raise ConfigCheckFailed(
                 "HAProxy rejected the configuration: " + _alerts(result.stderr + result.stdout)

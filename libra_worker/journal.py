@@ -1,0 +1,114 @@
+"""A bounded journal of jobs under state_dir, for operators (`libra-worker ctl jobs`).
+
+Each job is written twice, as JSON lines: once RUNNING when it starts, once with its final
+state (COMPLETE, FAIL or TIMEOUT). A worker killed mid-job therefore leaves a RUNNING entry
+behind, which is what an operator needs to see. The file is compacted to the newest
+`max_entries` jobs when it grows past twice that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from libra_worker.fileutil import atomic_write
+from libra_worker.state import utc_now
+
+LOG = logging.getLogger(__name__)
+
+JOURNAL_NAME = "jobs.journal"
+RUNNING, COMPLETE, FAIL, TIMEOUT = "RUNNING", "COMPLETE", "FAIL", "TIMEOUT"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    handle: str
+    action: str
+    state: str
+    started: str
+    finished: str | None = None
+    duration_ms: float | None = None
+    hpcs_error: str | None = None
+
+
+class Journal:
+    def __init__(self, path: Path, max_entries: int = 1000) -> None:
+        self.path = path
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._lines = self._count_lines()
+
+    def started(self, handle: str, action: str) -> "JobTicket":
+        record = JobRecord(handle=handle, action=action, state=RUNNING, started=utc_now())
+        self._append(record)
+        return JobTicket(self, record, time.monotonic())
+
+    def recent(self, count: int) -> list[JobRecord]:
+        """The newest `count` jobs, oldest first, each in its latest state."""
+        latest: dict[str, JobRecord] = {}
+        for record in self._read():
+            latest.pop(record.handle, None)  # re-insert so order follows the last update
+            latest[record.handle] = record
+        return list(latest.values())[-count:]
+
+    def _append(self, record: JobRecord) -> None:
+        line = json.dumps(asdict(record), sort_keys=True) + "\n"
+        with self._lock:
+            try:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(line)
+                self._lines += 1
+                if self._lines > 2 * self.max_entries:
+                    self._compact()
+            except OSError as exc:
+                # The journal is for operators; a full disk must not fail the job itself.
+                LOG.error("Cannot write the job journal %s: %s", self.path, exc)
+
+    def _compact(self) -> None:
+        keep = self.recent(self.max_entries)
+        atomic_write(self.path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in keep), 0o640)
+        self._lines = len(keep)
+
+    def _read(self) -> list[JobRecord]:
+        try:
+            text = self.path.read_text("utf-8")
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in text.splitlines():
+            try:
+                records.append(JobRecord(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue  # a line torn by a crash mid-write
+        return records
+
+    def _count_lines(self) -> int:
+        try:
+            with open(self.path, "rb") as handle:
+                return sum(1 for _ in handle)
+        except FileNotFoundError:
+            return 0
+
+
+class JobTicket:
+    """One running job's entry; `finish` records its outcome."""
+
+    def __init__(self, journal: Journal, record: JobRecord, started: float) -> None:
+        self.journal = journal
+        self.record = record
+        self.started = started
+
+    def finish(self, state: str, error: str | None = None) -> None:
+        self.journal._append(
+            replace(
+                self.record,
+                state=state,
+                finished=utc_now(),
+                duration_ms=round((time.monotonic() - self.started) * 1000, 1),
+                hpcs_error=error,
+            )
+        )
