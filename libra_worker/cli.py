@@ -25,17 +25,20 @@ from types import FrameType
 
 import daemon
 import daemon.pidfile
+import lockfile
 
 from libra_worker import __version__, ctl, transport
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.controller import LBaaSController
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
+from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.errors import WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import JOURNAL_NAME, Journal
+from libra_worker.reconciler import Reconciler
 
 LOG = logging.getLogger("libra_worker")
-_PIDFILE_TIMEOUT = 5
+_PIDFILE_TIMEOUT = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,18 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         print(f"libra-worker: {exc}", file=sys.stderr)
         return 2
-    if args.foreground:
-        return run(config, log_to_stderr=True)
-    with daemon_context(config):
-        return run(config, log_to_stderr=False)
+    pidfile = worker_pidfile(config.worker.pid_file)
+    try:
+        if args.foreground:
+            with pidfile:
+                return run(config, log_to_stderr=True)
+        with daemon_context(config, pidfile):
+            return run(config, log_to_stderr=False)
+    except lockfile.LockTimeout:
+        print(f"libra-worker: another worker holds {config.worker.pid_file} "
+              f"(pid {pidfile.read_pid()}); one worker per state_dir.", file=sys.stderr)
+        return 2
 
 
-def daemon_context(config: Config) -> daemon.DaemonContext:
+def worker_pidfile(path: Path) -> daemon.pidfile.TimeoutPIDLockFile:
+    """The worker's pidfile lock; a file left by a killed worker is cleared first."""
+    pidfile = daemon.pidfile.TimeoutPIDLockFile(str(path), _PIDFILE_TIMEOUT)
+    pid = pidfile.read_pid()
+    if pid is not None and not process_alive(pid):
+        pidfile.break_lock()
+    return pidfile
+
+
+def daemon_context(config: Config, pidfile: daemon.pidfile.TimeoutPIDLockFile) -> daemon.DaemonContext:
     settings = config.worker
     context = daemon.DaemonContext(
         working_directory=str(settings.state_dir),
         umask=settings.umask,
-        pidfile=daemon.pidfile.TimeoutPIDLockFile(str(settings.pid_file), _PIDFILE_TIMEOUT),
+        pidfile=pidfile,
         # Our own handlers are installed in run(); python-daemon's would exit at once.
         signal_map={signal.SIGTERM: None, signal.SIGINT: None},
     )
@@ -93,6 +112,7 @@ def run(config: Config, log_to_stderr: bool) -> int:
         except WorkerError as exc:
             # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
             LOG.error("Could not restore the desired state: %s", exc)
+        Reconciler(driver.reconcile, config.worker.reconcile_interval, stopping).start()
         runner = JobRunner(
             LBaaSController(driver),
             Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),

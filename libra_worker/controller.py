@@ -101,5 +101,7 @@ class LBaaSController:
         return {
             "status": stats.state,
             "since": stats.since,
+            "restarts": stats.restarts,
+            "last_error": stats.last_error,
             "nodes": [{"id": node.id, "status": node.status} for node in stats.nodes],
         }

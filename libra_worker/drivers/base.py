@@ -20,6 +20,8 @@ class DeviceStats:
     state: str
     since: str
     nodes: tuple[NodeStatus, ...]
+    restarts: int = 0
+    last_error: str | None = None
 
 
 class LoadBalancerDriver(abc.ABC):

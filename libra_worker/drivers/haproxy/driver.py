@@ -7,27 +7,45 @@ the previous file is put back and HAProxy keeps serving it.
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import fcntl
 import ipaddress
 import logging
 import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, Iterator
 
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
 from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatus
-from libra_worker.drivers.haproxy import render
+from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import server_statuses
 from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
 from libra_worker.fileutil import atomic_write, fsync_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, device_document, parse_device
-from libra_worker.state import DesiredState, Lifecycle, StateStore
+from libra_worker.reconciler import Repair, decide
+from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
 LOG = logging.getLogger(__name__)
+
+# How long servers removed at runtime may keep connections before the UPDATE reloads
+# instead (the old worker then finishes them); capped by `command_timeout`.
+DRAIN_TIMEOUT = 5.0
+
+
+class UpdatePath(enum.Enum):
+    """How the last UPDATE reached HAProxy (`HAProxyDriver.last_update`)."""
+
+    RUNTIME = "applied at runtime"
+    RELOADED = "reloaded"
+    STARTED = "started"
+    KEPT = "kept for ENABLE"
 
 
 def port_is_free(address: str, port: int) -> bool:
@@ -71,36 +89,69 @@ class HAProxyDriver(LoadBalancerDriver):
             stop_grace=settings.stop_grace,
         )
         self.templates = render.template_environment(settings.template_dir)
-        # Jobs and the start-up restore must not interleave their file swaps and reloads.
+        # Jobs, the reconciler and `ctl restart` (another process) must not interleave
+        # their file swaps and reloads.
         self._lock = threading.RLock()
+        self._lock_file = settings.state_dir / "driver.lock"
+        self._lock_depth = 0
+        self._lock_fd = -1
 
     # ------------------------------------------------------------------ actions
 
     def restore(self) -> None:
-        with self._lock:
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Repair any difference between the desired state and what runs."""
+        with self._exclusive():
             desired = self.store.load()
             running = self.process.is_running()
-            LOG.info("Desired state %s; HAProxy %s", desired.lifecycle.value,
-                     "running" if running else "not running")
-            if desired.lifecycle is Lifecycle.ACTIVE and not running:
-                self._start()
-            elif desired.lifecycle is not Lifecycle.ACTIVE and running:
+            repair = decide(desired.lifecycle, running, self.files.config.exists())
+            if repair is Repair.NONE:
+                return
+            LOG.warning("Desired state %s but HAProxy is %s: %sing it", desired.lifecycle.value,
+                        "running" if running else "not running", repair.value)
+            if repair is Repair.STOP:
                 self.process.stop()
+                return
+            try:
+                self._start()
+            except WorkerError as exc:
+                self.store.save(replace(desired, last_error=f"HAProxy could not be restarted: {exc}"))
+                raise
+            self.store.save(replace(
+                desired,
+                restarts=desired.restarts + 1,
+                last_error=f"HAProxy was not running at {utc_now()}; restarted it.",
+            ))
+
+    def restart(self) -> None:
+        """The operator's restart: a hitless reload when running, a start when not."""
+        with self._exclusive():
+            self._configured("restart")
+            if self.process.is_running():
+                self.process.reload()
+            else:
+                self._start()
 
     def update(self, device: Device) -> None:
-        with self._lock:
+        with self._exclusive():
             desired = self.store.load()
             previous = self._read_live_config()
+            accepted = self.configured_device()
             self._check_new_ports_free(device)
+            # Always: a later start or reload must come up exactly as this UPDATE says.
             self._install(self._render(device))
             try:
                 if desired.lifecycle is Lifecycle.SUSPENDED:
+                    self.last_update = UpdatePath.KEPT
                     LOG.info("Suspended: the new configuration is kept for ENABLE")
                 elif self.process.is_running():
                     self.logs.ensure_running()
-                    self.process.reload()
+                    self._apply_to_running(desired, accepted, previous, device)
                 else:
                     self._start()
+                    self.last_update = UpdatePath.STARTED
             except WorkerError:
                 self._put_back(previous)
                 raise
@@ -108,14 +159,14 @@ class HAProxyDriver(LoadBalancerDriver):
             self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
 
     def suspend(self) -> None:
-        with self._lock:
+        with self._exclusive():
             desired = self._configured("suspend")
             self.process.stop()
             if desired.lifecycle is not Lifecycle.SUSPENDED:
                 self._save(desired, Lifecycle.SUSPENDED)
 
     def enable(self) -> None:
-        with self._lock:
+        with self._exclusive():
             desired = self._configured("enable")
             if not self.process.is_running():
                 self._start()
@@ -123,7 +174,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 self._save(desired, Lifecycle.ACTIVE)
 
     def delete(self) -> None:
-        with self._lock:
+        with self._exclusive():
             desired = self.store.load()
             self.process.stop()
             for path in (self.files.config, self.files.candidate, self.files.rejected,
@@ -150,7 +201,13 @@ class HAProxyDriver(LoadBalancerDriver):
             for server in server_statuses(self.files.stats_socket)
             if server.backend in proxies
         )
-        return DeviceStats(state=desired.lifecycle.value, since=desired.since, nodes=nodes)
+        return DeviceStats(
+            state=desired.lifecycle.value,
+            since=desired.since,
+            nodes=nodes,
+            restarts=desired.restarts,
+            last_error=desired.last_error,
+        )
 
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:
         return archive.archive_logs(
@@ -175,6 +232,62 @@ class HAProxyDriver(LoadBalancerDriver):
             return None
 
     # ------------------------------------------------------------------ steps
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """This thread alone, and this process alone, may change the device (re-entrant)."""
+        with self._lock:
+            if self._lock_depth == 0:
+                self._lock_fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0:
+                    os.close(self._lock_fd)  # closing releases the flock
+
+    def _apply_to_running(self, desired: DesiredState, accepted: Device | None,
+                          previous: str | None, device: Device) -> None:
+        """Apply a node-only change through the Runtime API; reload for anything else.
+
+        The new file is already installed; a reload is also the way back from a runtime
+        change that HAProxy refused or that did not verify.
+        """
+        plan, reason = self._runtime_plan(desired, accepted, previous, device)
+        if plan is not None:
+            try:
+                runtime.apply_plan(
+                    plan,
+                    self.files.stats_socket,
+                    timeout=self.settings.command_timeout,
+                    drain_timeout=min(DRAIN_TIMEOUT, self.settings.command_timeout),
+                )
+            except runtime.RuntimeChangeFailed as exc:
+                reason = f"the runtime change failed: {exc}"
+            else:
+                self.last_update = UpdatePath.RUNTIME
+                LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
+                return
+        self.process.reload()
+        self.last_update = UpdatePath.RELOADED
+        LOG.info("UPDATE reloaded HAProxy: %s", reason)
+
+    def _runtime_plan(self, desired: DesiredState, accepted: Device | None,
+                      previous: str | None,
+                      device: Device) -> tuple[runtime.RuntimePlan | None, str]:
+        """The runtime plan, or None and why the UPDATE needs a reload."""
+        if desired.lifecycle is not Lifecycle.ACTIVE or accepted is None or previous is None:
+            return None, "there is no accepted configuration to change at runtime"
+        # The running HAProxy serves the live file; a change to the template (or a hand
+        # edit) since then would not be carried by node commands alone.
+        if self._render(accepted) != previous:
+            return None, "the live file differs from the last UPDATE's rendering"
+        plan = runtime.plan_node_changes(accepted, device)
+        if plan is None:
+            return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
+        return plan, ""
 
     def _render(self, device: Device) -> str:
         paths = render.RuntimePaths(self.files.stats_socket, self.logs.socket_path)

@@ -59,11 +59,25 @@ def server_statuses(stats_socket: Path, timeout: float = 5.0) -> list[ServerStat
         answer = send_command(stats_socket, "show stat", timeout)
     except OSError as exc:
         raise StatsUnavailable(f"HAProxy's stats socket does not answer: {exc}.") from None
-    if not answer.startswith("# "):
-        raise StatsUnavailable(f"HAProxy's stats socket gave an unexpected answer: {answer[:200]!r}.")
-    rows = csv.DictReader(answer[2:].splitlines())
+    try:
+        rows = parse_stat_csv(answer)
+    except ValueError:
+        raise StatsUnavailable(
+            f"HAProxy's stats socket gave an unexpected answer: {answer[:200]!r}."
+        ) from None
     return [
         ServerStatus(row["pxname"], row["svname"], row["status"])
         for row in rows
         if row.get("svname") not in (None, "FRONTEND", "BACKEND")
     ]
+
+
+def parse_stat_csv(answer: str) -> list[dict[str, str]]:
+    """The rows of a `show stat` answer, keyed by the names in its "# " header line.
+
+    Raises:
+        ValueError: the answer is not `show stat` CSV (an error message, for instance).
+    """
+    if not answer.startswith("# "):
+        raise ValueError(f"unexpected answer to 'show stat': {answer[:200]!r}")
+    return list(csv.DictReader(answer[2:].splitlines()))

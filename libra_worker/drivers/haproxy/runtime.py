@@ -1,0 +1,379 @@
+"""Apply an UPDATE that only changes nodes through HAProxy's Runtime API, without a reload.
+
+Three small parts, in the order the driver uses them:
+
+* `plan_node_changes(old, new)` is pure: it diffs the last accepted `Device` against the
+  new one and returns the stats-socket commands that turn one into the other, or None
+  when anything but nodes differs (the caller reloads then).
+* `apply_plan(plan, stats_socket)` sends those commands, each answer checked against the
+  exact text HAProxy 2.6 gives on success, deletes removed servers once they are drained,
+  then verifies the running servers against the desired ones.
+* `parse_servers_state`, `running_servers` and `mismatches` read and compare that state;
+  they are pure too, so the verification is unit-tested without HAProxy.
+
+What the Runtime API does not express is left to the reload, on purpose:
+
+* a node whose address, port or backup flag changed (same id). HAProxy has no command
+  for the backup flag, and `set server addr` would move a server that is already UP to
+  an address nobody has checked. Re-creating it under the same name means deleting it
+  first, which takes it out of rotation until its connections drain: for a sole node
+  that is a window of 503s, where a reload has none.
+* any difference beyond the node lists: protocols, ports, algorithm, monitor, options,
+  ids or names, and the order of the load balancers.
+
+New servers are added with the same option words as their configuration line (dynamic
+servers inherit nothing from `default-server`), health checks enabled before the server
+leaves maintenance, so they are checked like a freshly loaded configuration's servers.
+Removed servers go to maintenance first, so no new request reaches them, and are
+deleted once HAProxy accepts it; if one still has connections after `drain_timeout` the
+plan fails and the caller reloads: the old worker then finishes those connections, where
+`shutdown sessions` would cut them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from libra_worker.drivers.haproxy import render
+from libra_worker.drivers.haproxy.sockets import parse_stat_csv, send_command
+from libra_worker.messages import Device, LoadBalancer, Node
+
+LOG = logging.getLogger(__name__)
+
+# HAProxy 2.6's whole answer (whitespace stripped) to each command that succeeded.
+ADDED = "New server registered."
+DELETED = "Server deleted."
+DONE = ""
+STILL_CONNECTED = "Server still has connections attached to it, cannot remove it."
+
+# `show servers state` flags (HAProxy's include/haproxy/server-t.h and check-t.h).
+ADMIN_FORCED_MAINT = 0x01
+ADMIN_ANY_MAINT = 0x23  # forced, inherited (track) or DNS-resolution maintenance
+ADMIN_ANY_DRAIN = 0x18  # forced or inherited drain
+CHECK_CONFIGURED = 0x02
+CHECK_ENABLED = 0x04
+
+_POLL_INTERVAL = 0.05
+
+
+class RuntimeChangeFailed(Exception):
+    """The Runtime API refused a command, or the result differs from the plan.
+
+    It never leaves the driver: it means "reload instead", and its message says why.
+    """
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Command:
+    """One stats-socket command and the answer HAProxy gives when it succeeded."""
+
+    text: str
+    expect: str = DONE
+
+
+@dataclass(frozen=True)
+class DesiredServer:
+    """What one server must look like once the plan is applied."""
+
+    backend: str
+    name: str
+    address: str
+    port: int
+    weight: int
+    backup: bool
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """The commands for one node-only change, and the servers to expect afterwards.
+
+    `commands` add new servers, change kept ones and put removed ones in maintenance,
+    in that order, so capacity is added before any is taken away. `removals` are the
+    servers ("backend/name") to delete once drained. `desired` covers every server of
+    `backends`, changed or not, so verification also catches drift.
+    """
+
+    commands: tuple[Command, ...]
+    removals: tuple[str, ...]
+    desired: tuple[DesiredServer, ...]
+    backends: tuple[str, ...]
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        return (f"{len(self.added)} node(s) added, {len(self.removals)} removed, "
+                f"{len(self.changed)} changed")
+
+
+def plan_node_changes(old: Device, new: Device) -> RuntimePlan | None:
+    """The Runtime API commands that turn `old` into `new`, or None if it takes a reload."""
+    if len(old.loadbalancers) != len(new.loadbalancers):
+        return None
+    commands: list[Command] = []
+    removals: list[str] = []
+    desired: list[DesiredServer] = []
+    added: list[str] = []
+    changed: list[str] = []
+    for before, after in zip(old.loadbalancers, new.loadbalancers):
+        if _without_nodes(before) != _without_nodes(after):
+            return None
+        backend = render.PROXY_NAMES[after.protocol]
+        previous = {node.id: node for node in before.nodes}
+        current = {node.id for node in after.nodes}
+        new_nodes = [node for node in after.nodes if node.id not in previous]
+        kept = [(previous[node.id], node) for node in after.nodes
+                if node.id in previous and previous[node.id] != node]
+        if any(_identity(old_node) != _identity(node) for old_node, node in kept):
+            return None
+        gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
+        for node in new_nodes:
+            commands += _add_server(backend, node, after)
+        for old_node, node in kept:
+            commands += _change_server(backend, old_node, node)
+        commands += [Command(f"set server {server} state maint") for server in gone]
+        added += [f"{backend}/{node.id}" for node in new_nodes]
+        changed += [f"{backend}/{node.id}" for _, node in kept]
+        removals += gone
+        desired += [_desired_server(backend, node) for node in after.nodes]
+    backends = tuple(render.PROXY_NAMES[lb.protocol] for lb in new.loadbalancers)
+    return RuntimePlan(tuple(commands), tuple(removals), tuple(desired), backends,
+                       tuple(added), tuple(changed))
+
+
+def _without_nodes(lb: LoadBalancer) -> LoadBalancer:
+    return replace(lb, nodes=())
+
+
+def _identity(node: Node) -> tuple[str, int, bool]:
+    """What a server cannot change at runtime without being re-created."""
+    return node.address, node.port, node.backup
+
+
+def _add_server(backend: str, node: Node, lb: LoadBalancer) -> list[Command]:
+    server = f"{backend}/{node.id}"
+    # The option words of the configuration line, `disabled` included: HAProxy 2.6
+    # accepts it, and the new server then stays in maintenance like the file's.
+    address = render.host_port(node.address, node.port)
+    commands = [
+        Command(f"add server {server} {address} {render.server_options(node, lb)}", ADDED),
+        # Health checks first: a server enabled before them would run unchecked.
+        Command(f"enable health {server}"),
+    ]
+    if node.enabled:
+        commands.append(Command(f"enable server {server}"))
+    return commands
+
+
+def _change_server(backend: str, before: Node, after: Node) -> list[Command]:
+    server = f"{backend}/{after.id}"
+    commands = []
+    if before.weight != after.weight:
+        commands.append(Command(f"set server {server} weight {after.weight}"))
+    if before.enabled != after.enabled:
+        state = "ready" if after.enabled else "maint"
+        commands.append(Command(f"set server {server} state {state}"))
+    return commands
+
+
+def _desired_server(backend: str, node: Node) -> DesiredServer:
+    return DesiredServer(backend, node.id, node.address, node.port, node.weight, node.backup,
+                         node.enabled)
+
+
+# --------------------------------------------------------------------------- applying
+
+
+def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float,
+               drain_timeout: float) -> None:
+    """Send the plan's commands, delete drained servers, then prove the result.
+
+    Args:
+        plan: from `plan_node_changes`.
+        stats_socket: HAProxy's admin-level stats socket.
+        timeout: for each single command.
+        drain_timeout: how long removed servers may keep connections before giving up.
+
+    Raises:
+        RuntimeChangeFailed: a command was refused, a server did not drain, or the running
+            servers differ from `plan.desired`. Part of the plan may have been applied.
+    """
+    for command in plan.commands:
+        _run(stats_socket, command, timeout)
+    deadline = time.monotonic() + drain_timeout
+    for server in plan.removals:
+        _delete_when_drained(stats_socket, server, deadline, timeout)
+    problems = mismatches(plan.desired, read_running_servers(stats_socket, timeout),
+                          plan.backends)
+    if problems:
+        raise RuntimeChangeFailed("the running servers differ from the UPDATE: " + "; ".join(problems))
+
+
+def _run(stats_socket: Path, command: Command, timeout: float) -> str:
+    answer = _send(stats_socket, command.text, timeout).strip()
+    if answer != command.expect:
+        raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command.text!r}")
+    return answer
+
+
+def _delete_when_drained(stats_socket: Path, server: str, deadline: float, timeout: float) -> None:
+    """`del server`, retried while the server still has connections, until `deadline`."""
+    command = Command(f"del server {server}", DELETED)
+    while True:
+        answer = _send(stats_socket, command.text, timeout).strip()
+        if answer == DELETED:
+            return
+        if answer != STILL_CONNECTED:
+            raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command.text!r}")
+        if time.monotonic() >= deadline:
+            raise RuntimeChangeFailed(f"{server} still had connections when the drain time ran out")
+        time.sleep(_POLL_INTERVAL)
+
+
+def _send(stats_socket: Path, text: str, timeout: float) -> str:
+    try:
+        return send_command(stats_socket, text, timeout)
+    except OSError as exc:
+        raise RuntimeChangeFailed(f"the stats socket failed during {text!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """One server as the running HAProxy reports it."""
+
+    backend: str
+    name: str
+    address: str
+    port: int
+    weight: int
+    admin_state: int
+    check_state: int
+    backup: bool
+
+    @property
+    def enabled(self) -> bool:
+        return not self.admin_state & (ADMIN_ANY_MAINT | ADMIN_ANY_DRAIN)
+
+    @property
+    def disabled(self) -> bool:
+        return bool(self.admin_state & ADMIN_ANY_MAINT)
+
+    @property
+    def checked(self) -> bool:
+        wanted = CHECK_CONFIGURED | CHECK_ENABLED
+        return self.check_state & wanted == wanted
+
+
+def read_running_servers(stats_socket: Path, timeout: float) -> list[RunningServer]:
+    """Every server of every backend, from `show servers state` and `show stat`."""
+    state = _send(stats_socket, "show servers state", timeout)
+    stat = _send(stats_socket, "show stat", timeout)
+    try:
+        return running_servers(parse_servers_state(state), parse_stat_csv(stat))
+    except ValueError as exc:
+        raise RuntimeChangeFailed(str(exc)) from None
+
+
+def parse_servers_state(answer: str) -> list[dict[str, str]]:
+    """The rows of a `show servers state` answer (format version 1), keyed by its header.
+
+    Raises:
+        ValueError: the answer is not that format.
+    """
+    lines = answer.strip().splitlines()
+    if len(lines) < 2 or lines[0].strip() != "1" or not lines[1].startswith("# "):
+        raise ValueError(f"unexpected answer to 'show servers state': {answer[:200]!r}")
+    header = lines[1][2:].split()
+    rows = []
+    for line in lines[2:]:
+        values = line.split()
+        if len(values) != len(header):
+            raise ValueError(f"unexpected 'show servers state' line: {line[:200]!r}")
+        rows.append(dict(zip(header, values)))
+    return rows
+
+
+def running_servers(state_rows: Iterable[Mapping[str, str]],
+                    stat_rows: Iterable[Mapping[str, str]]) -> list[RunningServer]:
+    """Join both answers by (backend, server): the backup flag is only in `show stat`.
+
+    Raises:
+        ValueError: a field is missing or not a number, or a server is in one answer only.
+    """
+    backup = {
+        (row["pxname"], row["svname"]): row.get("bck") == "1"
+        for row in stat_rows
+        if row.get("svname") not in (None, "FRONTEND", "BACKEND")
+    }
+    servers = []
+    try:
+        for row in state_rows:
+            key = (row["be_name"], row["srv_name"])
+            if key not in backup:
+                raise ValueError(f"{key[0]}/{key[1]} is missing from 'show stat'")
+            servers.append(RunningServer(
+                backend=key[0],
+                name=key[1],
+                address=row["srv_addr"],
+                port=int(row["srv_port"]),
+                weight=int(row["srv_uweight"]),
+                admin_state=int(row["srv_admin_state"]),
+                check_state=int(row["srv_check_state"]),
+                backup=backup[key],
+            ))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"'show servers state' lacks a field: {exc}") from None
+    return servers
+
+
+def mismatches(desired: Iterable[DesiredServer], running: Iterable[RunningServer],
+               backends: Iterable[str]) -> list[str]:
+    """Every way `running` differs from `desired` in `backends`, in words; [] when equal."""
+    selected = set(backends)
+    wanted = {(server.backend, server.name): server for server in desired}
+    actual = {(server.backend, server.name): server for server in running
+              if server.backend in selected}
+    problems = [f"{backend}/{name} is not running" for backend, name in wanted
+                if (backend, name) not in actual]
+    problems += [f"{backend}/{name} should not be running" for backend, name in actual
+                 if (backend, name) not in wanted]
+    for key in wanted.keys() & actual.keys():
+        problems += _server_differences(wanted[key], actual[key])
+    return sorted(problems)
+
+
+def _server_differences(want: DesiredServer, have: RunningServer) -> list[str]:
+    server = f"{want.backend}/{want.name}"
+    problems = []
+    if not _same_address(want.address, have.address) or want.port != have.port:
+        problems.append(f"{server} is at {have.address} port {have.port}, "
+                        f"not {want.address} port {want.port}")
+    if want.weight != have.weight:
+        problems.append(f"{server} has weight {have.weight}, not {want.weight}")
+    if want.backup != have.backup:
+        problems.append(f"{server} is {'' if have.backup else 'not '}a backup server")
+    if want.enabled and not have.enabled:
+        problems.append(f"{server} is in maintenance or draining (admin state {have.admin_state:#x})")
+    if not want.enabled and not have.disabled:
+        problems.append(f"{server} should be in maintenance (admin state {have.admin_state:#x})")
+    if not have.checked:
+        problems.append(f"{server} has no health check (check state {have.check_state:#x})")
+    return problems
+
+
+def _same_address(first: str, second: str) -> bool:
+    try:
+        return ipaddress.ip_address(first) == ipaddress.ip_address(second)
+    except ValueError:
+        return False
