@@ -33,6 +33,8 @@ class HAProxySettings:
     maxconn: int = 4096
     command_timeout: float = 30.0
     stop_grace: float = 5.0
+    reload_attempts: int = 3
+    reload_retry_wait: float = 1.0
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
@@ -77,12 +79,18 @@ class Config:
 
 
 def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
+    """`host:port, ...`; IPv6 as `[::1]:4730`, or bare `::1` for the default port."""
     servers = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
             continue
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_GEARMAN_PORT))
-        host = host.strip("[]")
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else (rest or str(DEFAULT_GEARMAN_PORT))
+        elif item.count(":") == 1:
+            host, port = item.split(":")
+        else:  # a host name, an IPv4 address, or a bare IPv6 address: no port given
+            host, port = item, str(DEFAULT_GEARMAN_PORT)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"[gearman] servers: {item!r} is not host:port.")
         servers.append((host, int(port)))
@@ -142,6 +150,10 @@ def _build(parser: configparser.ConfigParser) -> Config:
         maxconn=parser.getint("haproxy", "maxconn", fallback=defaults.maxconn),
         command_timeout=parser.getfloat("haproxy", "command_timeout", fallback=defaults.command_timeout),
         stop_grace=parser.getfloat("haproxy", "stop_grace", fallback=defaults.stop_grace),
+        reload_attempts=parser.getint("haproxy", "reload_attempts", fallback=defaults.reload_attempts),
+        reload_retry_wait=parser.getfloat(
+            "haproxy", "reload_retry_wait", fallback=defaults.reload_retry_wait
+        ),
         template_dir=_path(parser.get("haproxy", "template_dir", fallback="")),
         log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes),
         archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout),
@@ -170,6 +182,8 @@ def _path(text: str) -> Path | None:
 
 def _check_bind_address(address: str) -> None:
     try:
-        ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         raise ConfigError(f"[haproxy] bind_address {address!r} is not an IP address.") from None
+    if getattr(parsed, "scope_id", None) is not None:
+        raise ConfigError(f"[haproxy] bind_address {address!r} must not carry an IPv6 zone.")

@@ -59,6 +59,15 @@ class LBaaSController:
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc)
             return reply(document, str(exc), **exc.reply_fields)
+        except OSError as exc:
+            # A full or read-only state_dir, mostly: the sentence must say which file.
+            LOG.error("%s failed: %s", message.action.value, exc)
+            where = f" ({exc.filename})" if exc.filename else ""
+            return reply(
+                document,
+                f"{message.action.value} failed: {exc.strerror or exc}{where}; "
+                "the running load balancer was left unchanged.",
+            )
         except Exception:  # noqa: BLE001 - the one catch-all: a job never ends without a reply
             LOG.exception("%s failed unexpectedly", message.action.value)
             return reply(

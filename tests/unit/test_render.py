@@ -288,22 +288,12 @@ def _message(field: str, value: str) -> dict:
 
 
 FIELDS = ["node.id", "node.address", "lb.id", "lb.name", "monitor.path"]
-# A scoped IPv6 address (fe80::1%<zone>) passes ipaddress.ip_address with ANY zone text.
-SCOPED_IPV6_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="messages._address accepts an IPv6 zone id of any text (ipaddress allows "
-    "'fe80::1%<anything>'), so a newline reaches the server line",
-)
-
-
 def _injection_cases():
     for field in FIELDS:
         for value in MALICIOUS:
             yield pytest.param(field, value, id=f"{field}-{value!r}")
-    yield pytest.param("node.address", "fe80::1%eth0 evil", id="scoped-ipv6-space",
-                       marks=SCOPED_IPV6_BUG)
-    yield pytest.param("node.address", "fe80::1%x\n    server evil 127.0.0.9:80",
-                       id="scoped-ipv6-newline", marks=SCOPED_IPV6_BUG)
+    yield pytest.param("node.address", "fe80::1%eth0 evil", id="scoped-ipv6-space")
+    yield pytest.param("node.address", "fe80::1%x\n    server evil 127.0.0.9:80", id="scoped-ipv6-newline")
 
 
 @pytest.mark.parametrize("field, value", list(_injection_cases()))

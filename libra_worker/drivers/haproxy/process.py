@@ -82,6 +82,8 @@ class HAProxyProcess:
         master_socket: Path,
         command_timeout: float = 30.0,
         stop_grace: float = 5.0,
+        reload_attempts: int = 3,
+        reload_retry_wait: float = 1.0,
     ) -> None:
         self.binary = binary
         self.config_file = config_file
@@ -89,6 +91,8 @@ class HAProxyProcess:
         self.master_socket = master_socket
         self.command_timeout = command_timeout
         self.stop_grace = stop_grace
+        self.reload_attempts = reload_attempts
+        self.reload_retry_wait = reload_retry_wait
 
     # ------------------------------------------------------------------ queries
 
@@ -163,6 +167,22 @@ class HAProxyProcess:
         `show proc`: a new current worker means success; the same worker with the failed
         count raised means the new configuration did not start (the old worker serves on).
         """
+        for attempt in range(1, self.reload_attempts + 1):
+            try:
+                return self._reload_once()
+            except (OSError, ActionTimeout) as exc:
+                # The master CLI did not answer or the reload did not settle: transient.
+                # HAProxy's own verdict on the configuration (ReloadFailed) is not retried.
+                if attempt == self.reload_attempts:
+                    raise ReloadFailed(
+                        f"HAProxy's master did not complete the reload after {attempt} "
+                        f"attempts: {exc}"
+                    ) from None
+                LOG.warning("Reload attempt %d failed (%s); retrying in %g s",
+                            attempt, exc, self.reload_retry_wait)
+                time.sleep(self.reload_retry_wait)
+
+    def _reload_once(self) -> None:
         before = self.process_table()
         deadline = time.monotonic() + self.command_timeout
         send_command_retrying(self.master_socket, "reload", deadline)

@@ -1,0 +1,296 @@
+"""Unit tests for libra_worker.controller with an in-memory fake driver."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from libra_worker import __version__
+from libra_worker.controller import RELEASE, LBaaSController
+from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatus
+from libra_worker.errors import (
+    ActionTimeout,
+    ArchiveFailed,
+    ConfigCheckFailed,
+    ReloadFailed,
+    StatsUnavailable,
+)
+from libra_worker.messages import Action, ArchiveRequest, Device, Message, Protocol, bad_request
+
+UPDATE = {
+    "hpcs_action": "UPDATE",
+    "loadbalancers": [
+        {"name": "a-new-loadbalancer", "protocol": "http",
+         "nodes": [{"address": "10.0.0.1", "port": "80", "weight": "1"}]}
+    ],
+}
+ARCHIVE = {
+    "hpcs_action": "ARCHIVE",
+    "hpcs_object_store_basepath": "lbaaslogs",
+    "hpcs_object_store_endpoint": "https://example.com/v1/100",
+    "hpcs_object_store_token": "MY_AUTH_TOKEN",
+    "hpcs_object_store_type": "swift",
+    "loadbalancers": [{"id": "15", "name": "lb #1", "protocol": "HTTP"}],
+}
+STATS = DeviceStats(
+    state="ACTIVE",
+    since="2024-01-02T03:04:05Z",
+    nodes=(NodeStatus("10.0.0.1_80", "UP"), NodeStatus("web2", "DOWN")),
+    restarts=2,
+    last_error="HAProxy exited unexpectedly; restarted.",
+)
+
+
+class FakeDriver(LoadBalancerDriver):
+    """Records every call; `failures[method]` is raised instead of doing the call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.failures: dict[str, BaseException] = {}
+        self.archive_result: dict[str, Any] = {"object": "lbaaslogs/15/x.log.gz"}
+
+    def _record(self, method: str, argument: Any = None) -> None:
+        self.calls.append((method, argument))
+        if method in self.failures:
+            raise self.failures[method]
+
+    def restore(self) -> None:
+        self._record("restore")
+
+    def update(self, device: Device) -> None:
+        self._record("update", device)
+
+    def suspend(self) -> None:
+        self._record("suspend")
+
+    def enable(self) -> None:
+        self._record("enable")
+
+    def delete(self) -> None:
+        self._record("delete")
+
+    def stats(self) -> DeviceStats:
+        self._record("stats")
+        return STATS
+
+    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+        self._record("archive", request)
+        return self.archive_result
+
+
+@pytest.fixture
+def driver() -> FakeDriver:
+    return FakeDriver()
+
+
+@pytest.fixture
+def controller(driver) -> LBaaSController:
+    return LBaaSController(driver)
+
+
+def handle(controller, document) -> dict[str, Any]:
+    """Send `document` as the JSON bytes a job carries; the reply must be JSON-serialisable."""
+    answer = controller.handle(json.dumps(document).encode("utf-8"))
+    assert json.loads(json.dumps(answer)) == answer
+    return answer
+
+
+# ---------------------------------------------------------------------- dispatch
+
+
+def test_update_passes_parsed_device(controller, driver):
+    answer = handle(controller, UPDATE)
+    assert answer == {**UPDATE, "hpcs_response": "PASS"}
+    [(method, device)] = driver.calls
+    assert method == "update"
+    assert isinstance(device, Device)
+    assert device.loadbalancers[0].protocol is Protocol.HTTP
+    assert device.loadbalancers[0].nodes[0].address == "10.0.0.1"
+
+
+@pytest.mark.parametrize("action, method", [
+    ("SUSPEND", "suspend"), ("suspend", "suspend"), ("ENABLE", "enable"), ("Delete", "delete"),
+])
+def test_simple_actions_dispatch(controller, driver, action, method):
+    answer = handle(controller, {"hpcs_action": action})
+    assert answer == {"hpcs_action": action, "hpcs_response": "PASS"}
+    assert driver.calls == [(method, None)]
+
+
+def test_discover_reports_version_without_driver(controller, driver):
+    answer = handle(controller, {"hpcs_action": "DISCOVER"})
+    assert answer == {
+        "hpcs_action": "DISCOVER",
+        "version": __version__,
+        "release": RELEASE,
+        "hpcs_response": "PASS",
+    }
+    assert RELEASE == f"libra-worker {__version__}"
+    assert driver.calls == []
+
+
+def test_stats_reply_shape(controller, driver):
+    answer = handle(controller, {"hpcs_action": "STATS"})
+    assert answer == {
+        "hpcs_action": "STATS",
+        "status": "ACTIVE",
+        "since": "2024-01-02T03:04:05Z",
+        "restarts": 2,
+        "last_error": "HAProxy exited unexpectedly; restarted.",
+        "nodes": [{"id": "10.0.0.1_80", "status": "UP"}, {"id": "web2", "status": "DOWN"}],
+        "hpcs_response": "PASS",
+    }
+    assert driver.calls == [("stats", None)]
+
+
+def test_stats_error_carries_reply_fields(controller, driver):
+    driver.failures["stats"] = StatsUnavailable("The load balancer was deleted.", status="DELETED")
+    answer = handle(controller, {"hpcs_action": "STATS"})
+    assert answer == {
+        "hpcs_action": "STATS",
+        "status": "DELETED",
+        "hpcs_response": "FAIL",
+        "hpcs_error": "The load balancer was deleted.",
+    }
+
+
+def test_archive_passes_request_and_result(controller, driver):
+    answer = handle(controller, ARCHIVE)
+    assert answer == {**ARCHIVE, "archive": {"object": "lbaaslogs/15/x.log.gz"}, "hpcs_response": "PASS"}
+    [(method, request)] = driver.calls
+    assert method == "archive"
+    assert request == ArchiveRequest(Protocol.HTTP, "15", "lbaaslogs",
+                                     "https://example.com/v1/100", "MY_AUTH_TOKEN")
+
+
+def test_archive_failure(controller, driver):
+    driver.failures["archive"] = ArchiveFailed("Swift answered 401 Unauthorized.")
+    answer = handle(controller, ARCHIVE)
+    assert answer["hpcs_response"] == "FAIL"
+    assert answer["hpcs_error"] == "Swift answered 401 Unauthorized."
+    assert answer["hpcs_object_store_basepath"] == "lbaaslogs"
+    assert "archive" not in answer
+
+
+# ---------------------------------------------------------------------- driver failures
+
+
+@pytest.mark.parametrize("error", [
+    ConfigCheckFailed("HAProxy rejected the configuration: bad server."),
+    ReloadFailed("HAProxy failed to start: port in use."),
+    ActionTimeout("haproxy -c did not finish within 30 s."),
+])
+def test_driver_worker_error_becomes_fail(controller, driver, error):
+    driver.failures["update"] = error
+    answer = handle(controller, UPDATE)
+    assert answer == {**UPDATE, "hpcs_response": "FAIL", "hpcs_error": str(error)}
+    assert "badRequest" not in answer
+
+
+@pytest.mark.parametrize("action, method", [("UPDATE", "update"), ("SUSPEND", "suspend"),
+                                            ("ENABLE", "enable"), ("DELETE", "delete"),
+                                            ("STATS", "stats"), ("ARCHIVE", "archive")])
+def test_unexpected_exception_becomes_generic_fail(controller, driver, action, method, caplog):
+    driver.failures[method] = RuntimeError("secret internals /etc/shadow")
+    document = {"UPDATE": UPDATE, "ARCHIVE": ARCHIVE}.get(action, {"hpcs_action": action})
+    with caplog.at_level(logging.ERROR, logger="libra_worker.controller"):
+        answer = handle(controller, document)
+    assert answer["hpcs_response"] == "FAIL"
+    assert answer["hpcs_error"] == (
+        f"The worker hit an internal error during {action}; see the worker's log for details."
+    )
+    assert "secret internals" not in json.dumps(answer)
+    # The traceback went to the log instead.
+    assert any(record.exc_info and "secret internals" in str(record.exc_info[1])
+               for record in caplog.records)
+
+
+def test_worker_keeps_working_after_a_failure(controller, driver):
+    driver.failures["suspend"] = RuntimeError("boom")
+    assert handle(controller, {"hpcs_action": "SUSPEND"})["hpcs_response"] == "FAIL"
+    del driver.failures["suspend"]
+    assert handle(controller, {"hpcs_action": "SUSPEND"})["hpcs_response"] == "PASS"
+
+
+# ---------------------------------------------------------------------- invalid messages
+
+
+@pytest.mark.parametrize("payload", [
+    b"{not json", b"", b"\xff\xfe\xfa", b'{"hpcs_action": "STATS"', "[1, 2]".encode(),
+    b'[{"hpcs_action": "STATS"}]', b'"STATS"',
+])
+def test_undecodable_payloads_fail_without_driver(controller, driver, payload):
+    answer = controller.handle(payload)
+    assert answer["hpcs_response"] == "FAIL"
+    assert answer["hpcs_error"]
+    assert answer["badRequest"]["validationErrors"]["message"] == answer["hpcs_error"]
+    assert driver.calls == []
+
+
+def test_non_utf8_bytes(controller, driver):
+    answer = controller.handle(b'{"hpcs_action": "\xff"}')
+    assert answer["hpcs_error"].startswith("The message is not valid JSON")
+    assert driver.calls == []
+
+
+def test_json_array(controller, driver):
+    answer = controller.handle(b"[]")
+    assert answer["hpcs_error"] == "The message must be a JSON object."
+    assert driver.calls == []
+
+
+def test_missing_action(controller, driver):
+    answer = handle(controller, {"loadbalancers": UPDATE["loadbalancers"]})
+    assert answer["hpcs_error"] == "Required field 'hpcs_action' is missing."
+    assert answer["loadbalancers"] == UPDATE["loadbalancers"]
+    assert driver.calls == []
+
+
+def test_unknown_action(controller, driver):
+    answer = handle(controller, {"hpcs_action": "REBOOT"})
+    assert answer["hpcs_action"] == "REBOOT"
+    assert answer["hpcs_response"] == "FAIL"
+    assert answer["hpcs_error"].startswith("hpcs_action 'REBOOT' is not supported")
+    assert answer["badRequest"]["code"] == "400"
+    assert driver.calls == []
+
+
+def test_invalid_update_never_reaches_driver(controller, driver):
+    bad = {**UPDATE, "loadbalancers": [{"protocol": "TCP", "nodes": []}]}
+    answer = handle(controller, bad)
+    assert answer["hpcs_error"] == "Required field 'loadbalancers[0].port' is missing."
+    assert answer["badRequest"]["validationErrors"] == {"message": answer["hpcs_error"]}
+    assert driver.calls == []
+
+
+def test_invalid_archive_never_reaches_driver(controller, driver):
+    answer = handle(controller, {**ARCHIVE, "hpcs_object_store_type": "s3"})
+    assert answer["hpcs_response"] == "FAIL"
+    assert "MY_AUTH_TOKEN" not in answer["hpcs_error"]
+    assert driver.calls == []
+
+
+def test_text_payload_accepted(controller, driver):
+    assert controller.handle('{"hpcs_action": "enable"}')["hpcs_response"] == "PASS"
+    assert driver.calls == [("enable", None)]
+
+
+# ---------------------------------------------------------------------- prepare / execute
+
+
+def test_prepare_returns_message_without_touching_driver(controller, driver):
+    prepared = controller.prepare(json.dumps(UPDATE).encode())
+    assert isinstance(prepared, Message)
+    assert prepared.action is Action.UPDATE and prepared.original == UPDATE
+    assert driver.calls == []
+    assert controller.execute(prepared) == {**UPDATE, "hpcs_response": "PASS"}
+    assert [method for method, _ in driver.calls] == ["update"]
+
+
+def test_prepare_returns_fail_reply_for_invalid(controller, driver):
+    prepared = controller.prepare(b'{"hpcs_action": "UPDATE"}')
+    assert prepared == bad_request({"hpcs_action": "UPDATE"}, "Required field 'loadbalancers' is missing.")
+    assert driver.calls == []

@@ -1,0 +1,387 @@
+"""Parsing HAProxy's answers (master CLI `show proc`, stats `show stat`, `-c` output),
+plus the small file helpers they rely on (fileutil.atomic_write, state.StateStore)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from libra_worker import fileutil
+from libra_worker.drivers.haproxy.process import HAProxyProcess, ProcessTable, _alerts, find_binary
+from libra_worker.drivers.haproxy.sockets import ServerStatus, server_statuses
+from libra_worker.errors import ConfigCheckFailed, ReloadFailed, StatsUnavailable
+from libra_worker.fileutil import atomic_write
+from libra_worker.state import DesiredState, Lifecycle, StateStore
+
+# ---------------------------------------------------------------------- show proc (HAProxy 2.6.12)
+
+SHOW_PROC_FRESH = """\
+#<PID>          <type>          <reloads>       <uptime>        <version>
+6099            master          0 [failed: 0]   0d00h00m16s     2.6.12-1+deb12u4
+# workers
+6100            worker          0               0d00h00m16s     2.6.12-1+deb12u4
+# programs
+
+"""
+
+SHOW_PROC_AFTER_RELOADS = """\
+6099            master          3 [failed: 0]   0d00h00m26s     2.6.12-1+deb12u4
+# workers
+6726            worker          0               0d00h00m01s     2.6.12-1+deb12u4
+# old workers
+6397            worker          1               0d00h00m05s     2.6.12-1+deb12u4
+"""
+
+SHOW_PROC_FAILED_RELOAD = """\
+#<PID>          <type>          <reloads>       <uptime>        <version>
+6099            master          4 [failed: 1]   0d00h00m31s     2.6.12-1+deb12u4
+# workers
+6726            worker          0               0d00h00m06s     2.6.12-1+deb12u4
+# old workers
+6397            worker          1               0d00h00m10s     2.6.12-1+deb12u4
+# programs
+"""
+
+
+def test_show_proc_fresh_master():
+    assert ProcessTable.parse(SHOW_PROC_FRESH) == ProcessTable(6099, 0, (6100,))
+
+
+def test_show_proc_without_header_ignores_old_workers():
+    table = ProcessTable.parse(SHOW_PROC_AFTER_RELOADS)
+    assert table == ProcessTable(master_pid=6099, failed_reloads=0, worker_pids=(6726,))
+    assert 6397 not in table.worker_pids
+
+
+def test_show_proc_failed_reload():
+    table = ProcessTable.parse(SHOW_PROC_FAILED_RELOAD)
+    assert table == ProcessTable(6099, 1, (6726,))
+    before = ProcessTable.parse(SHOW_PROC_AFTER_RELOADS)
+    # What reload() compares: same worker, failed count raised.
+    assert table.worker_pids == before.worker_pids
+    assert table.failed_reloads > before.failed_reloads
+
+
+def test_show_proc_several_current_workers():
+    answer = SHOW_PROC_FRESH.replace(
+        "# workers\n", "# workers\n7001            worker          0               0d00h00m01s     2.6.12\n"
+    )
+    assert ProcessTable.parse(answer).worker_pids == (7001, 6100)
+
+
+def test_show_proc_master_without_workers():
+    answer = "6099            master          1 [failed: 1]   0d00h00m26s     2.6.12\n# workers\n# programs\n"
+    assert ProcessTable.parse(answer) == ProcessTable(6099, 1, ())
+
+
+@pytest.mark.parametrize("answer", [
+    "",
+    "Unknown command.\n",
+    "garbage\n# workers\n6100 worker 0 0d 2.6\n",
+    "6099 master 0 0d00h00m16s 2.6.12\n",  # no [failed: n]
+    "master 0 [failed: 0]\n",
+])
+def test_show_proc_garbage(answer):
+    with pytest.raises(ReloadFailed, match="Unexpected answer from HAProxy's master"):
+        ProcessTable.parse(answer)
+
+
+def test_show_proc_garbage_is_truncated_in_the_error():
+    with pytest.raises(ReloadFailed) as caught:
+        ProcessTable.parse("x" * 5000)
+    assert len(str(caught.value)) < 300
+
+
+# ---------------------------------------------------------------------- haproxy -c output
+
+CHECK_OUTPUT = """\
+[NOTICE]   (30915) : haproxy version is 2.6.12-1+deb12u4
+[NOTICE]   (30915) : path to executable is /usr/sbin/haproxy
+[ALERT]    (30915) : config : parsing [/tmp/x.cfg:2] : unknown keyword 'foo' in 'global' section
+[ALERT]    (30915) : config : Error(s) found in configuration file : /tmp/x.cfg
+[WARNING]  (30915) : config : missing timeouts for frontend 'x'.
+"""
+
+
+def test_alerts_strip_notices_and_pid_prefixes():
+    assert _alerts(CHECK_OUTPUT) == (
+        "config : parsing [/tmp/x.cfg:2] : unknown keyword 'foo' in 'global' section "
+        "config : Error(s) found in configuration file : /tmp/x.cfg "
+        "config : missing timeouts for frontend 'x'."
+    )
+
+
+def test_alerts_without_any():
+    assert _alerts("") == "no error message was given."
+    assert _alerts("[NOTICE]   (1) : haproxy version is 2.6.12\n\n") == "no error message was given."
+
+
+def test_alerts_keeps_unprefixed_lines():
+    assert _alerts("  Configuration file is valid  \n") == "Configuration file is valid"
+
+
+@pytest.fixture
+def haproxy_process(tmp_path) -> HAProxyProcess:
+    return HAProxyProcess(
+        binary=find_binary(),
+        config_file=tmp_path / "haproxy.cfg",
+        pid_file=tmp_path / "haproxy.pid",
+        master_socket=tmp_path / "master.sock",
+        command_timeout=20,
+    )
+
+
+def test_check_accepts_a_valid_config(haproxy_process, tmp_path):
+    config = tmp_path / "ok.cfg"
+    config.write_text(
+        "defaults\n    mode tcp\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n"
+        "listen x\n    bind 127.0.0.1:18080\n    server a 127.0.0.2:80\n"
+    )
+    haproxy_process.check(config)  # does not raise
+
+
+def test_check_failure_reports_haproxys_words(haproxy_process, tmp_path):
+    config = tmp_path / "bad.cfg"
+    config.write_text("global\n    foo bar\n")
+    with pytest.raises(ConfigCheckFailed) as caught:
+        haproxy_process.check(config)
+    assert "unknown keyword 'foo' in 'global' section" in str(caught.value)
+
+
+def test_check_failure_is_config_check_failed(haproxy_process, tmp_path):
+    config = tmp_path / "bad.cfg"
+    config.write_text("global\n    foo bar\n")
+    with pytest.raises(ConfigCheckFailed, match="^HAProxy rejected the configuration: "):
+        haproxy_process.check(config)
+
+
+def test_find_binary():
+    assert os.access(find_binary(), os.X_OK)
+    with pytest.raises(ReloadFailed, match="'no-such-haproxy-binary' was not found"):
+        find_binary("no-such-haproxy-binary")
+
+
+# ---------------------------------------------------------------------- show stat over a socket
+
+SHOW_STAT = """\
+# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,act,bck
+lb-http,FRONTEND,,,0,0,9985,0,0,0,0,0,0,,,,,OPEN,,,
+lb-http,web1,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,0
+lb-http,web2,0,0,0,0,,0,0,0,,0,,0,0,0,0,DOWN,1,1,0
+lb-http,web3,0,0,0,0,,0,0,0,,0,,0,0,0,0,MAINT,1,1,0
+lb-http,web4,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP 1/3,1,1,0
+lb-http,web5,0,0,0,0,,0,0,0,,0,,0,0,0,0,no check,1,1,0
+lb-http,web6,0,0,0,0,,0,0,0,,0,,0,0,0,0,DOWN 1/2,1,1,0
+lb-http,BACKEND,0,0,0,0,999,0,0,0,0,0,,0,0,0,0,UP,5,4,0
+lb-tcp,FRONTEND,,,0,0,9985,0,0,0,0,0,0,,,,,OPEN,,,
+lb-tcp,db1,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,0
+lb-tcp,BACKEND,0,0,0,0,999,0,0,0,0,0,,0,0,0,0,UP,1,1,0
+
+"""
+
+
+class FakeStatsSocket:
+    """A unix stream socket answering each connection with a fixed text, like HAProxy's."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self.commands: list[str] = []
+        self.directory = tempfile.mkdtemp(prefix="lw-")
+        self.path = Path(self.directory) / "stats.sock"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(self.path))
+        self.server.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                received = b""
+                while not received.endswith(b"\n"):
+                    chunk = connection.recv(1024)
+                    if not chunk:
+                        break
+                    received += chunk
+                self.commands.append(received.decode())
+                connection.sendall(self.answer.encode())
+
+    def close(self) -> None:
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self.server.close()
+        self.thread.join(timeout=2)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def stats_socket():
+    servers: list[FakeStatsSocket] = []
+
+    def _start(answer: str) -> FakeStatsSocket:
+        servers.append(FakeStatsSocket(answer))
+        return servers[-1]
+
+    yield _start
+    for server in servers:
+        server.close()
+
+
+def test_server_statuses(stats_socket):
+    fake = stats_socket(SHOW_STAT)
+    statuses = server_statuses(fake.path, timeout=2)
+    assert fake.commands == ["show stat\n"]
+    assert statuses == [
+        ServerStatus("lb-http", "web1", "UP"),
+        ServerStatus("lb-http", "web2", "DOWN"),
+        ServerStatus("lb-http", "web3", "MAINT"),
+        ServerStatus("lb-http", "web4", "UP 1/3"),
+        ServerStatus("lb-http", "web5", "no check"),
+        ServerStatus("lb-http", "web6", "DOWN 1/2"),
+        ServerStatus("lb-tcp", "db1", "UP"),
+    ]
+    assert [status.is_up for status in statuses] == [True, False, False, True, True, False, True]
+
+
+def test_server_statuses_unexpected_answer(stats_socket):
+    fake = stats_socket("Unknown command. Please enter one of the following commands only :\n")
+    with pytest.raises(StatsUnavailable, match="unexpected answer"):
+        server_statuses(fake.path, timeout=2)
+
+
+def test_server_statuses_no_socket():
+    directory = tempfile.mkdtemp(prefix="lw-")
+    try:
+        with pytest.raises(StatsUnavailable, match="does not answer"):
+            server_statuses(Path(directory) / "absent.sock", timeout=1)
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_server_statuses_header_only(stats_socket):
+    fake = stats_socket("# pxname,svname,status\n\n")
+    assert server_statuses(fake.path, timeout=2) == []
+
+
+# ---------------------------------------------------------------------- fileutil.atomic_write
+
+
+def test_atomic_write_creates_with_mode_0600(tmp_path):
+    target = tmp_path / "haproxy.cfg"
+    atomic_write(target, "global\n")
+    assert target.read_text() == "global\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["haproxy.cfg"]
+
+
+def test_atomic_write_replaces_content_and_mode(tmp_path):
+    target = tmp_path / "state.json"
+    target.write_text("old content that is longer than the new one")
+    target.chmod(0o644)
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path) == ["state.json"]
+
+
+def test_atomic_write_other_mode(tmp_path):
+    target = tmp_path / "x"
+    atomic_write(target, "x", mode=0o640)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+def test_atomic_write_failed_rename_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "occupied"
+    target.mkdir()  # os.replace(file, directory) fails
+    (target / "keep").write_text("x")
+    with pytest.raises(OSError):
+        atomic_write(target, "data")
+    assert sorted(os.listdir(tmp_path)) == ["occupied"]
+    assert (target / "keep").read_text() == "x"
+
+
+def test_atomic_write_failed_write_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "haproxy.cfg"
+    target.write_text("previous")
+
+    def failing_fsync(descriptor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileutil.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(target, "next")
+    monkeypatch.undo()
+    assert target.read_text() == "previous"
+    assert os.listdir(tmp_path) == ["haproxy.cfg"]
+
+
+def test_atomic_write_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic_write(tmp_path / "absent" / "file", "x")
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- state.StateStore
+
+
+def test_state_round_trip(tmp_path):
+    store = StateStore(tmp_path / "state.json")
+    state = DesiredState(
+        lifecycle=Lifecycle.SUSPENDED,
+        since="2024-05-06T07:08:09Z",
+        loadbalancers=[{"protocol": "HTTP", "port": 80, "nodes": [{"address": "::1", "port": 8080}]}],
+    )
+    store.save(state)
+    assert store.load() == state
+    assert json.loads(store.path.read_text())["lifecycle"] == "SUSPENDED"
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_state_moved_to_changes_lifecycle_and_time(tmp_path):
+    store = StateStore(tmp_path / "state.json")
+    old = DesiredState(Lifecycle.ACTIVE, "2000-01-01T00:00:00Z", [{"protocol": "TCP"}])
+    new = old.moved_to(Lifecycle.DELETED, loadbalancers=[])
+    store.save(new)
+    loaded = store.load()
+    assert loaded.lifecycle is Lifecycle.DELETED
+    assert loaded.loadbalancers == []
+    assert loaded.since != "2000-01-01T00:00:00Z"
+
+
+def test_state_missing_file_is_new(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        state = StateStore(tmp_path / "absent.json").load()
+    assert state.lifecycle is Lifecycle.NEW
+    assert state.loadbalancers == []
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"", b"[]", b'"ACTIVE"', b'{"lifecycle": "BOGUS", "since": "x"}',
+    b'{"since": "x"}', b'{"lifecycle": "ACTIVE"}', b"\xff\xfe",
+])
+def test_state_corrupt_file_is_new_and_logged(tmp_path, caplog, content):
+    path = tmp_path / "state.json"
+    path.write_bytes(content)
+    with caplog.at_level(logging.ERROR, logger="libra_worker.state"):
+        state = StateStore(path).load()
+    assert state.lifecycle is Lifecycle.NEW
+    assert state.loadbalancers == []
+    errors = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert str(path) in errors[0].getMessage()
