@@ -23,7 +23,7 @@ setup(
         "python-swiftclient>=4.0",
         "python-daemon>=3.0",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={
         "console_scripts": [
             "libra-worker = libra_worker.cli:main",
