@@ -45,10 +45,28 @@ class DesiredState:
 
 
 class StateStore:
+    """Reads and writes the state file; an unchanged file is not parsed again."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._cached: tuple[tuple[int, int, int], DesiredState] | None = None
 
     def load(self) -> DesiredState:
+        try:
+            version = self._version()
+        except FileNotFoundError:
+            return DesiredState()
+        if self._cached is not None and self._cached[0] == version:
+            return self._cached[1]
+        state = self._read()
+        self._cached = (version, state)
+        return state
+
+    def _version(self) -> tuple[int, int, int]:
+        status = self.path.stat()
+        return status.st_ino, status.st_mtime_ns, status.st_size
+
+    def _read(self) -> DesiredState:
         try:
             raw = json.loads(self.path.read_text("utf-8"))
             return DesiredState(
@@ -69,4 +87,5 @@ class StateStore:
     def save(self, state: DesiredState) -> None:
         document = asdict(state)
         document["lifecycle"] = state.lifecycle.value
-        atomic_write(self.path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+        atomic_write(self.path, json.dumps(document) + "\n")
+        self._cached = (self._version(), state)

@@ -1,8 +1,10 @@
 """The HAProxy driver: each action as a short list of named steps.
 
 Applying a configuration is always: render -> write candidate -> `haproxy -c` -> swap the
-live file atomically -> reload (or start) -> record the desired state. If any step fails,
-the previous file is put back and HAProxy keeps serving it.
+live file atomically -> bring the running HAProxy to it -> record the desired state. A
+change of nodes only is brought through the Runtime API (see `runtime`); anything else,
+or a runtime change that did not verify, by a master-worker reload (or a start). If any
+step fails, the previous file is put back and HAProxy keeps serving it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from dataclasses import replace
 from typing import Any, Iterator
@@ -33,11 +36,6 @@ from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
 LOG = logging.getLogger(__name__)
-
-# How long servers removed at runtime may keep connections before the UPDATE reloads
-# instead (the old worker then finishes them); capped by `command_timeout`.
-DRAIN_TIMEOUT = 5.0
-
 
 class UpdatePath(enum.Enum):
     """How the last UPDATE reached HAProxy (`HAProxyDriver.last_update`)."""
@@ -87,6 +85,8 @@ class HAProxyDriver(LoadBalancerDriver):
             master_socket=self.files.master_socket,
             command_timeout=settings.command_timeout,
             stop_grace=settings.stop_grace,
+            reload_attempts=settings.reload_attempts,
+            reload_retry_wait=settings.reload_retry_wait,
         )
         self.templates = render.template_environment(settings.template_dir)
         # Jobs, the reconciler and `ctl restart` (another process) must not interleave
@@ -95,11 +95,18 @@ class HAProxyDriver(LoadBalancerDriver):
         self._lock_file = settings.state_dir / "driver.lock"
         self._lock_depth = 0
         self._lock_fd = -1
+        # Servers removed at runtime that still had connections (see runtime.py).
+        self._retired: set[str] = set()
+        # The last accepted Device, parsed once per state-file version.
+        self._accepted: tuple[DesiredState, Device | None] | None = None
 
     # ------------------------------------------------------------------ actions
 
     def restore(self) -> None:
-        self.reconcile()
+        """At start-up: finish what a killed worker left, then reconcile."""
+        with self._exclusive():
+            self._undo_interrupted_update()
+            self.reconcile()
 
     def reconcile(self) -> None:
         """Repair any difference between the desired state and what runs."""
@@ -108,6 +115,8 @@ class HAProxyDriver(LoadBalancerDriver):
             running = self.process.is_running()
             repair = decide(desired.lifecycle, running, self.files.config.exists())
             if repair is Repair.NONE:
+                if running and self._retired:
+                    self._delete_retired()
                 return
             LOG.warning("Desired state %s but HAProxy is %s: %sing it", desired.lifecycle.value,
                         "running" if running else "not running", repair.value)
@@ -130,12 +139,13 @@ class HAProxyDriver(LoadBalancerDriver):
         with self._exclusive():
             self._configured("restart")
             if self.process.is_running():
-                self.process.reload()
+                self._reload()
             else:
                 self._start()
 
     def update(self, device: Device) -> None:
         with self._exclusive():
+            self.last_update = None
             desired = self.store.load()
             previous = self._read_live_config()
             accepted = self.configured_device()
@@ -195,11 +205,17 @@ class HAProxyDriver(LoadBalancerDriver):
                 f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
                 status=desired.lifecycle.value,
             )
-        proxies = set(render.PROXY_NAMES.values())
+        accepted = self.configured_device()
+        # Only the nodes of the last UPDATE: not servers retired in maintenance.
+        wanted = {
+            (render.PROXY_NAMES[lb.protocol], node.id)
+            for lb in (accepted.loadbalancers if accepted else ())
+            for node in lb.nodes
+        }
         nodes = tuple(
             NodeStatus(server.server, "UP" if server.is_up else "DOWN")
             for server in server_statuses(self.files.stats_socket)
-            if server.backend in proxies
+            if (server.backend, server.server) in wanted
         )
         return DeviceStats(
             state=desired.lifecycle.value,
@@ -223,6 +239,12 @@ class HAProxyDriver(LoadBalancerDriver):
     def configured_device(self) -> Device | None:
         """The definition of the last accepted UPDATE, re-validated from the state file."""
         desired = self.store.load()
+        if self._accepted is None or self._accepted[0] is not desired:
+            self._accepted = (desired, self._parse_accepted(desired))
+        return self._accepted[1]
+
+    @staticmethod
+    def _parse_accepted(desired: DesiredState) -> Device | None:
         if not desired.loadbalancers:
             return None
         try:
@@ -258,19 +280,17 @@ class HAProxyDriver(LoadBalancerDriver):
         plan, reason = self._runtime_plan(desired, accepted, previous, device)
         if plan is not None:
             try:
-                runtime.apply_plan(
-                    plan,
-                    self.files.stats_socket,
-                    timeout=self.settings.command_timeout,
-                    drain_timeout=min(DRAIN_TIMEOUT, self.settings.command_timeout),
+                retired = runtime.apply_plan(
+                    plan, self.files.stats_socket, timeout=self.settings.command_timeout
                 )
             except runtime.RuntimeChangeFailed as exc:
                 reason = f"the runtime change failed: {exc}"
             else:
+                self._retired.update(retired)
                 self.last_update = UpdatePath.RUNTIME
                 LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
                 return
-        self.process.reload()
+        self._reload()
         self.last_update = UpdatePath.RELOADED
         LOG.info("UPDATE reloaded HAProxy: %s", reason)
 
@@ -337,7 +357,7 @@ class HAProxyDriver(LoadBalancerDriver):
             try:
                 # The master is left in its failed-reload state; reloading the old file
                 # gives it a clean worker generation again.
-                self.process.reload()
+                self._reload()
             except WorkerError as exc:
                 LOG.error("Reloading the previous configuration failed too: %s", exc)
 
@@ -346,6 +366,33 @@ class HAProxyDriver(LoadBalancerDriver):
             raise WorkerError("There is no configuration to start HAProxy with; send an UPDATE.")
         self.logs.ensure_running()
         self.process.start()
+        self._retired.clear()
+
+    def _reload(self) -> None:
+        self.process.reload()
+        self._retired.clear()  # the new worker generation reads only the file
+
+    def _delete_retired(self) -> None:
+        deadline = time.monotonic() + self.settings.command_timeout
+        try:
+            self._retired = set(runtime.delete_retired(sorted(self._retired), self.files.stats_socket, deadline))
+        except runtime.RuntimeChangeFailed as exc:
+            LOG.warning("Deleting servers retired at runtime failed: %s", exc)
+
+    def _undo_interrupted_update(self) -> None:
+        """Put back the configuration of the last accepted UPDATE if a killed worker left
+        another one live (it died between swapping the file and recording the UPDATE)."""
+        accepted = self.configured_device()
+        live = self._read_live_config()
+        if accepted is None or live is None:
+            return
+        expected = self._render(accepted)
+        if live == expected:
+            return
+        LOG.warning("The live configuration is not the last accepted UPDATE's: putting it back")
+        self._install(expected)
+        if self.process.is_running():
+            self._reload()
 
     def _configured(self, action: str) -> DesiredState:
         desired = self.store.load()

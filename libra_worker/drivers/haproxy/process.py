@@ -23,7 +23,7 @@ from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
 
 LOG = logging.getLogger(__name__)
 
-_POLL_INTERVAL = 0.05
+_POLL_INTERVAL = 0.01
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
 

@@ -22,18 +22,23 @@ What the Runtime API does not express is left to the reload, on purpose:
   ids or names, and the order of the load balancers.
 
 New servers are added with the same option words as their configuration line (dynamic
-servers inherit nothing from `default-server`), health checks enabled before the server
-leaves maintenance, so they are checked like a freshly loaded configuration's servers.
-Removed servers go to maintenance first, so no new request reaches them, and are
-deleted once HAProxy accepts it; if one still has connections after `drain_timeout` the
-plan fails and the caller reloads: the old worker then finishes those connections, where
-`shutdown sessions` would cut them.
+servers inherit nothing from `default-server`), and their health checks are enabled
+before they leave maintenance; enabled the other way round they would run unchecked.
+Measured on 2.6.12: such a server is UP at once and goes DOWN at its first failed check,
+exactly like a server of a freshly loaded file, so a reload would serve it no sooner.
+Removed servers go to maintenance first, so no new request reaches them, then `del
+server` is tried once. A server still holding connections cannot be deleted yet: with
+keep-alive clients, HAProxy keeps a server-side connection attached to each client
+session, so that can last as long as the clients stay. Waiting for them would hold the
+UPDATE for that long, `shutdown sessions` would cut requests in flight, and a reload would
+give up the whole runtime path. So such a server is *retired*: it stays in maintenance,
+takes no traffic, is not reported by STATS, and the caller deletes it later
+(`delete_retired`); the next reload drops it anyway.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,23 +48,18 @@ from libra_worker.drivers.haproxy import render
 from libra_worker.drivers.haproxy.sockets import parse_stat_csv, send_command
 from libra_worker.messages import Device, LoadBalancer, Node
 
-LOG = logging.getLogger(__name__)
-
 # HAProxy 2.6's whole answer (whitespace stripped) to each command that succeeded.
 ADDED = "New server registered."
 DELETED = "Server deleted."
 DONE = ""
 STILL_CONNECTED = "Server still has connections attached to it, cannot remove it."
+NO_SUCH_SERVER = "No such server."  # gone already, e.g. a reload came in between
 
 # `show servers state` flags (HAProxy's include/haproxy/server-t.h and check-t.h).
-ADMIN_FORCED_MAINT = 0x01
 ADMIN_ANY_MAINT = 0x23  # forced, inherited (track) or DNS-resolution maintenance
 ADMIN_ANY_DRAIN = 0x18  # forced or inherited drain
 CHECK_CONFIGURED = 0x02
 CHECK_ENABLED = 0x04
-
-_POLL_INTERVAL = 0.05
-
 
 class RuntimeChangeFailed(Exception):
     """The Runtime API refused a command, or the result differs from the plan.
@@ -130,18 +130,18 @@ def plan_node_changes(old: Device, new: Device) -> RuntimePlan | None:
         previous = {node.id: node for node in before.nodes}
         current = {node.id for node in after.nodes}
         new_nodes = [node for node in after.nodes if node.id not in previous]
-        kept = [(previous[node.id], node) for node in after.nodes
+        modified = [(previous[node.id], node) for node in after.nodes
                 if node.id in previous and previous[node.id] != node]
-        if any(_identity(old_node) != _identity(node) for old_node, node in kept):
+        if any(_identity(old_node) != _identity(node) for old_node, node in modified):
             return None
         gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
         for node in new_nodes:
             commands += _add_server(backend, node, after)
-        for old_node, node in kept:
+        for old_node, node in modified:
             commands += _change_server(backend, old_node, node)
         commands += [Command(f"set server {server} state maint") for server in gone]
         added += [f"{backend}/{node.id}" for node in new_nodes]
-        changed += [f"{backend}/{node.id}" for _, node in kept]
+        changed += [f"{backend}/{node.id}" for _, node in modified]
         removals += gone
         desired += [_desired_server(backend, node) for node in after.nodes]
     backends = tuple(render.PROXY_NAMES[lb.protocol] for lb in new.loadbalancers)
@@ -192,55 +192,59 @@ def _desired_server(backend: str, node: Node) -> DesiredServer:
 # --------------------------------------------------------------------------- applying
 
 
-def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float,
-               drain_timeout: float) -> None:
-    """Send the plan's commands, delete drained servers, then prove the result.
+def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float) -> tuple[str, ...]:
+    """Send the plan's commands, delete removed servers, then prove the result.
 
     Args:
         plan: from `plan_node_changes`.
         stats_socket: HAProxy's admin-level stats socket.
-        timeout: for each single command.
-        drain_timeout: how long removed servers may keep connections before giving up.
+        timeout: for the whole of it, commands and verification together.
+
+    Returns:
+        The removed servers ("backend/name") still holding connections: retired, in
+        maintenance, for `delete_retired` to delete later.
 
     Raises:
-        RuntimeChangeFailed: a command was refused, a server did not drain, or the running
-            servers differ from `plan.desired`. Part of the plan may have been applied.
+        RuntimeChangeFailed: a command was refused, time ran out, or the running servers
+            differ from `plan.desired`. Part of the plan may have been applied: the caller
+            reloads.
     """
+    deadline = time.monotonic() + timeout
     for command in plan.commands:
-        _run(stats_socket, command, timeout)
-    deadline = time.monotonic() + drain_timeout
-    for server in plan.removals:
-        _delete_when_drained(stats_socket, server, deadline, timeout)
-    problems = mismatches(plan.desired, read_running_servers(stats_socket, timeout),
+        _run(stats_socket, command, deadline)
+    retired = delete_retired(plan.removals, stats_socket, deadline)
+    problems = mismatches(plan.desired, read_running_servers(stats_socket, deadline),
                           plan.backends)
     if problems:
         raise RuntimeChangeFailed("the running servers differ from the UPDATE: " + "; ".join(problems))
+    return retired
 
 
-def _run(stats_socket: Path, command: Command, timeout: float) -> str:
-    answer = _send(stats_socket, command.text, timeout).strip()
+def _run(stats_socket: Path, command: Command, deadline: float) -> None:
+    answer = _send(stats_socket, command.text, deadline).strip()
     if answer != command.expect:
         raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command.text!r}")
-    return answer
 
 
-def _delete_when_drained(stats_socket: Path, server: str, deadline: float, timeout: float) -> None:
-    """`del server`, retried while the server still has connections, until `deadline`."""
-    command = Command(f"del server {server}", DELETED)
-    while True:
-        answer = _send(stats_socket, command.text, timeout).strip()
-        if answer == DELETED:
-            return
-        if answer != STILL_CONNECTED:
-            raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command.text!r}")
-        if time.monotonic() >= deadline:
-            raise RuntimeChangeFailed(f"{server} still had connections when the drain time ran out")
-        time.sleep(_POLL_INTERVAL)
+def delete_retired(servers: Iterable[str], stats_socket: Path, deadline: float) -> tuple[str, ...]:
+    """Try `del server` once for each server (in maintenance); the ones still connected."""
+    still_connected = []
+    for server in servers:
+        command = f"del server {server}"
+        answer = _send(stats_socket, command, deadline).strip()
+        if answer == STILL_CONNECTED:
+            still_connected.append(server)
+        elif answer not in (DELETED, NO_SUCH_SERVER):
+            raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command!r}")
+    return tuple(still_connected)
 
 
-def _send(stats_socket: Path, text: str, timeout: float) -> str:
+def _send(stats_socket: Path, text: str, deadline: float) -> str:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RuntimeChangeFailed(f"time ran out before {text!r}")
     try:
-        return send_command(stats_socket, text, timeout)
+        return send_command(stats_socket, text, remaining)
     except OSError as exc:
         raise RuntimeChangeFailed(f"the stats socket failed during {text!r}: {exc}") from None
 
@@ -275,10 +279,14 @@ class RunningServer:
         return self.check_state & wanted == wanted
 
 
-def read_running_servers(stats_socket: Path, timeout: float) -> list[RunningServer]:
-    """Every server of every backend, from `show servers state` and `show stat`."""
-    state = _send(stats_socket, "show servers state", timeout)
-    stat = _send(stats_socket, "show stat", timeout)
+def read_running_servers(stats_socket: Path, deadline: float) -> list[RunningServer]:
+    """Every server of every backend, from `show servers state` and `show stat`.
+
+    Raises:
+        RuntimeChangeFailed: the socket failed or answered something else.
+    """
+    state = _send(stats_socket, "show servers state", deadline)
+    stat = _send(stats_socket, "show stat", deadline)
     try:
         return running_servers(parse_servers_state(state), parse_stat_csv(stat))
     except ValueError as exc:
@@ -346,8 +354,9 @@ def mismatches(desired: Iterable[DesiredServer], running: Iterable[RunningServer
               if server.backend in selected}
     problems = [f"{backend}/{name} is not running" for backend, name in wanted
                 if (backend, name) not in actual]
+    # A server the UPDATE removed may stay, retired in maintenance, until it is deleted.
     problems += [f"{backend}/{name} should not be running" for backend, name in actual
-                 if (backend, name) not in wanted]
+                 if (backend, name) not in wanted and not actual[backend, name].disabled]
     for key in wanted.keys() & actual.keys():
         problems += _server_differences(wanted[key], actual[key])
     return sorted(problems)

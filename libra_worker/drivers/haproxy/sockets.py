@@ -38,7 +38,7 @@ def send_command_retrying(path: Path, command: str, deadline: float) -> str:
         except OSError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.01)
 
 
 @dataclass(frozen=True)
