@@ -8,6 +8,7 @@ generic sentence (with the traceback in the worker's log). Nothing raises out of
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from libra_worker import __version__
@@ -18,6 +19,14 @@ from libra_worker.messages import Action, Message, bad_request, decode, parse, r
 LOG = logging.getLogger(__name__)
 
 RELEASE = "libra-worker " + __version__
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A job's reply, and the error behind it if it failed."""
+
+    reply: dict[str, Any]
+    error: Exception | None = None
 
 
 class LBaaSController:
@@ -37,7 +46,7 @@ class LBaaSController:
         """Validate and execute one job; always a reply, never an exception."""
         prepared = self.prepare(payload)
         if isinstance(prepared, Message):
-            return self.execute(prepared)
+            return self.execute(prepared).reply
         return prepared
 
     def prepare(self, payload: bytes | str) -> Message | dict[str, Any]:
@@ -52,31 +61,27 @@ class LBaaSController:
             LOG.info("Rejected message: %s", exc)
             return bad_request(document, str(exc))
 
-    def execute(self, message: Message) -> dict[str, Any]:
+    def execute(self, message: Message) -> Outcome:
         document = message.original
         try:
             extra = self._actions[message.action](message)
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc)
-            return reply(document, str(exc), **exc.reply_fields)
+            return Outcome(reply(document, str(exc), **exc.reply_fields), exc)
         except OSError as exc:
             # A full or read-only state_dir, mostly: the sentence must say which file.
             LOG.error("%s failed: %s", message.action.value, exc)
             where = f" ({exc.filename})" if exc.filename else ""
-            return reply(
-                document,
-                f"{message.action.value} failed: {exc.strerror or exc}{where}; "
-                "the running load balancer was left unchanged.",
-            )
-        except Exception:  # noqa: BLE001 - the one catch-all: a job never ends without a reply
+            sentence = (f"{message.action.value} failed: {exc.strerror or exc}{where}; "
+                        "the running load balancer was left unchanged.")
+            return Outcome(reply(document, sentence), exc)
+        except Exception as exc:  # noqa: BLE001 - the one catch-all: every job gets a reply
             LOG.exception("%s failed unexpectedly", message.action.value)
-            return reply(
-                document,
-                f"The worker hit an internal error during {message.action.value}; "
-                "see the worker's log for details.",
-            )
-        LOG.info("%s passed", message.action.value)
-        return reply(document, **extra)
+            sentence = (f"The worker hit an internal error during {message.action.value}; "
+                        "see the worker's log for details.")
+            return Outcome(reply(document, sentence), exc)
+        LOG.debug("%s passed", message.action.value)
+        return Outcome(reply(document, **extra))
 
     # ------------------------------------------------------------------ actions
 

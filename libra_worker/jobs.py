@@ -1,24 +1,49 @@
 """Run one job: validate, execute under its action's timeout, journal it, mask the token.
 
-Like a job runner's worker loop, a job that outlives its timeout is abandoned: the reply
-is FAIL naming the timeout, the journal says TIMEOUT, and the worker takes the next job.
-The abandoned thread still ends on its own, because every HAProxy command and Swift
-upload below it has a timeout of its own; until it does, it keeps the driver's lock, so a
-following job that needs the driver waits for it.
+Like rq's death penalty, the timeout is an alarm (SIGALRM) around the job, which runs on
+the worker's main thread: when it fires, `ActionTimeout` is raised wherever the job is.
+The driver treats it as any other failure of a step (the previous configuration is put
+back, subprocesses are killed by `subprocess.run`, locks and files are released on the
+way out), the reply is FAIL naming the timeout, the journal says TIMEOUT, and the worker
+takes the next job. Nothing of a timed-out job keeps running behind the reply.
 """
 
 from __future__ import annotations
 
-import threading
+import signal
+from types import FrameType, TracebackType
 from typing import Any, Mapping
 
 from libra_worker import journal
 from libra_worker.controller import LBaaSController
+from libra_worker.errors import ActionTimeout
 from libra_worker.journal import Journal
-from libra_worker.messages import Action, Message, reply
+from libra_worker.messages import Action, Message
 
-TOKEN_FIELD = "hpcs_object_store_token"
 DEFAULT_TIMEOUT = 120.0
+
+
+class JobTimeout:
+    """Raise `ActionTimeout` in this (main) thread after `seconds`; always disarmed on exit."""
+
+    def __init__(self, seconds: float, action: str) -> None:
+        self.seconds = seconds
+        self.action = action
+        self._previous: Any = None
+
+    def __enter__(self) -> "JobTimeout":
+        self._previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> bool:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous)
+        return False  # never swallow what the job raised
+
+    def _expired(self, _signum: int, _frame: FrameType | None) -> None:
+        raise ActionTimeout(f"{self.action} did not finish within its {self.seconds:g} s timeout.")
 
 
 class JobRunner:
@@ -41,36 +66,16 @@ class JobRunner:
             return prepared
         ticket = self.journal.started(handle, prepared.action.value)
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
-        answer = _call_with_timeout(lambda: self.controller.execute(prepared), timeout)
-        if answer is _UNFINISHED:
-            error = (
-                f"{prepared.action.value} did not finish within its {timeout:g} s timeout; "
-                "the worker stopped waiting, and the change may still take effect."
-            )
-            ticket.finish(journal.TIMEOUT, error)
-            return reply(prepared.original, error)
-        error = answer.get("hpcs_error")
-        ticket.finish(journal.FAIL if error else journal.COMPLETE, _masked(error, prepared))
-        return answer
+        with JobTimeout(timeout, prepared.action.value):
+            outcome = self.controller.execute(prepared)
+        if outcome.error is None:
+            ticket.finish(journal.COMPLETE)
+        else:
+            state = journal.TIMEOUT if isinstance(outcome.error, ActionTimeout) else journal.FAIL
+            ticket.finish(state, _masked(outcome.reply["hpcs_error"], prepared))
+        return outcome.reply
 
 
-_UNFINISHED: dict[str, Any] = {}
-
-
-def _call_with_timeout(call: Any, timeout: float) -> dict[str, Any]:
-    """`call()`'s result, or _UNFINISHED if it has not returned within `timeout` seconds."""
-    result: list[dict[str, Any]] = []
-    thread = threading.Thread(target=lambda: result.append(call()), name="job", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return _UNFINISHED
-    # execute() catches every Exception; only a BaseException could leave no result.
-    return result[0] if result else {"hpcs_response": "FAIL", "hpcs_error": "The job was interrupted."}
-
-
-def _masked(error: str | None, message: Message) -> str | None:
+def _masked(error: str, message: Message) -> str:
     token = message.archive.token if message.archive else None
-    if error and token:
-        return error.replace(token, "***")
-    return error
+    return error.replace(token, "***") if token else error

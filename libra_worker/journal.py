@@ -2,20 +2,22 @@
 
 Each job is written twice, as JSON lines: once RUNNING when it starts, once with its final
 state (COMPLETE, FAIL or TIMEOUT). A worker killed mid-job therefore leaves a RUNNING entry
-behind, which is what an operator needs to see. The file is compacted to the newest
-`max_entries` jobs when it grows past twice that.
+behind, which is what an operator needs to see. When the file holds `max_entries` jobs it
+becomes `<name>.1` (replacing the older one) and a new file starts, so between
+`max_entries` and twice that many jobs are kept, and no job pays for a rewrite.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TextIO
 
-from libra_worker.fileutil import atomic_write
 from libra_worker.state import utc_now
 
 LOG = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Journal:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self._lines = self._count_lines()
+        self._file: TextIO | None = None
 
     def started(self, handle: str, action: str) -> "JobTicket":
         record = JobRecord(handle=handle, action=action, state=RUNNING, started=utc_now())
@@ -59,31 +62,40 @@ class Journal:
         line = json.dumps(asdict(record), sort_keys=True) + "\n"
         with self._lock:
             try:
-                with open(self.path, "a", encoding="utf-8") as handle:
-                    handle.write(line)
+                if self._file is None:
+                    self._file = open(self.path, "a", encoding="utf-8")
+                self._file.write(line)
+                self._file.flush()  # readable by `ctl jobs` at once; no fsync: not state
                 self._lines += 1
-                if self._lines > 2 * self.max_entries:
-                    self._compact()
+                if self._lines >= 2 * self.max_entries:  # two lines a job
+                    self._rotate()
             except OSError as exc:
                 # The journal is for operators; a full disk must not fail the job itself.
                 LOG.error("Cannot write the job journal %s: %s", self.path, exc)
 
-    def _compact(self) -> None:
-        keep = self.recent(self.max_entries)
-        atomic_write(self.path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in keep), 0o640)
-        self._lines = len(keep)
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        os.replace(self.path, self._older)
+        self._lines = 0
+
+    @property
+    def _older(self) -> Path:
+        return self.path.with_name(self.path.name + ".1")
 
     def _read(self) -> list[JobRecord]:
-        try:
-            text = self.path.read_text("utf-8")
-        except FileNotFoundError:
-            return []
         records = []
-        for line in text.splitlines():
+        for path in (self._older, self.path):
             try:
-                records.append(JobRecord(**json.loads(line)))
-            except (ValueError, TypeError):
-                continue  # a line torn by a crash mid-write
+                text = path.read_text("utf-8")
+            except FileNotFoundError:
+                continue
+            for line in text.splitlines():
+                try:
+                    records.append(JobRecord(**json.loads(line)))
+                except (ValueError, TypeError):
+                    continue  # a line torn by a crash mid-write
         return records
 
     def _count_lines(self) -> int:

@@ -286,7 +286,9 @@ def test_prepare_returns_message_without_touching_driver(controller, driver):
     assert isinstance(prepared, Message)
     assert prepared.action is Action.UPDATE and prepared.original == UPDATE
     assert driver.calls == []
-    assert controller.execute(prepared) == {**UPDATE, "hpcs_response": "PASS"}
+    outcome = controller.execute(prepared)
+    assert outcome.reply == {**UPDATE, "hpcs_response": "PASS"}
+    assert outcome.error is None
     assert [method for method, _ in driver.calls] == ["update"]
 
 

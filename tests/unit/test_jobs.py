@@ -1,0 +1,107 @@
+"""JobRunner: timeouts (a real SIGALRM), the journal entry of each outcome, token masking."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libra_worker.controller import LBaaSController
+from libra_worker.errors import ActionTimeout, WorkerError
+from libra_worker.jobs import JobRunner, JobTimeout
+from libra_worker.journal import Journal
+from libra_worker.messages import Action
+
+
+class SlowDriver:
+    """Only what these tests call: STATS sleeps, ARCHIVE fails naming the token."""
+
+    def __init__(self, stats_seconds: float = 0.0) -> None:
+        self.stats_seconds = stats_seconds
+        self.finished_stats = 0
+
+    def stats(self) -> Any:
+        time.sleep(self.stats_seconds)
+        self.finished_stats += 1
+        raise WorkerError("HAProxy is not running.")
+
+    def archive(self, request: Any) -> dict[str, Any]:
+        raise WorkerError(f"Swift refused token {request.token}.")
+
+
+ARCHIVE = {
+    "hpcs_action": "ARCHIVE",
+    "hpcs_object_store_type": "swift",
+    "hpcs_object_store_basepath": "logs",
+    "hpcs_object_store_endpoint": "http://127.0.0.1:1/v1/AUTH_x",
+    "hpcs_object_store_token": "SECRET-TOKEN-1234",
+    "loadbalancers": [{"id": "15", "protocol": "HTTP"}],
+}
+
+
+def runner(tmp_path: Path, driver: Any, **timeouts: float) -> JobRunner:
+    return JobRunner(
+        LBaaSController(driver),
+        Journal(tmp_path / "jobs.journal"),
+        {Action[name.upper()]: seconds for name, seconds in timeouts.items()},
+    )
+
+
+def test_a_job_past_its_timeout_is_answered_fail_and_journaled_timeout(tmp_path):
+    driver = SlowDriver(stats_seconds=5)
+    jobs = runner(tmp_path, driver, stats=0.2)
+
+    started = time.monotonic()
+    reply = jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+
+    assert time.monotonic() - started < 4  # interrupted, not waited out
+    assert reply["hpcs_response"] == "FAIL"
+    assert reply["hpcs_error"] == "STATS did not finish within its 0.2 s timeout."
+    assert driver.finished_stats == 0  # nothing of it kept running
+    [record] = Journal(tmp_path / "jobs.journal").recent(5)
+    assert (record.action, record.state, record.hpcs_error) == (
+        "STATS", "TIMEOUT", "STATS did not finish within its 0.2 s timeout.")
+
+
+def test_the_alarm_is_disarmed_after_a_job(tmp_path):
+    jobs = runner(tmp_path, SlowDriver(), stats=0.2)
+    jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+
+    time.sleep(0.4)  # an armed alarm would fire here and raise out of the test
+
+
+def test_each_outcome_is_journaled(tmp_path):
+    jobs = runner(tmp_path, SlowDriver())
+    jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
+    jobs.run("H:2", b'{"hpcs_action": "STATS"}')
+    jobs.run("H:3", b"not json")
+
+    records = Journal(tmp_path / "jobs.journal").recent(10)
+    assert [(r.handle, r.action, r.state) for r in records] == [
+        ("H:1", "DISCOVER", "COMPLETE"), ("H:2", "STATS", "FAIL"), ("H:3", "INVALID", "FAIL")]
+    assert records[1].hpcs_error == "HAProxy is not running."
+    assert all(r.finished and r.duration_ms is not None for r in records)
+
+
+def test_the_token_is_masked_in_the_journal_but_echoed_in_the_reply(tmp_path):
+    reply = runner(tmp_path, SlowDriver()).run("H:1", json.dumps(ARCHIVE).encode())
+
+    assert reply["hpcs_object_store_token"] == "SECRET-TOKEN-1234"
+    journal_text = (tmp_path / "jobs.journal").read_text()
+    assert "SECRET-TOKEN-1234" not in journal_text
+    assert "Swift refused token ***." in journal_text
+
+
+def test_job_timeout_never_swallows_the_jobs_own_error():
+    with pytest.raises(KeyError):
+        with JobTimeout(5, "UPDATE"):
+            raise KeyError("mine")
+
+
+def test_job_timeout_raises_action_timeout_in_the_job():
+    with pytest.raises(ActionTimeout, match="UPDATE did not finish within its 0.05 s timeout"):
+        with JobTimeout(0.05, "UPDATE"):
+            time.sleep(2)
