@@ -529,6 +529,18 @@ class Worker:
             text = message
         return client.submit(",".join(servers or self.servers), self.function, text, timeout)
 
+    def submit_bytes(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
+        """Send raw bytes (not necessarily UTF-8) as the job payload; the decoded reply."""
+        import gearman
+
+        job_client = gearman.GearmanClient(self.servers)
+        try:
+            request = job_client.submit_job(self.function.encode(), payload, poll_timeout=timeout)
+        finally:
+            job_client.shutdown()
+        assert request.complete and not request.timed_out, f"no reply (state {request.state})"
+        return json.loads(request.result)
+
     # ------------------------------------------------------------------ what it runs
 
     @property

@@ -6,7 +6,10 @@ accepts connections, and what STATS reports from HAProxy's own stats socket.
 
 from __future__ import annotations
 
+import socket
+
 from tests.integration.support import (
+    TrafficLoop,
     connection_refused,
     http_monitor,
     lb,
@@ -260,3 +263,110 @@ def test_stats_before_any_update_fails_with_status_new(worker):
 
     assert reply["hpcs_response"] == "FAIL"
     assert reply["status"] == "NEW" and reply["hpcs_error"]
+
+
+def test_updates_under_load_drop_no_request(worker, http_backend, tcp_backend, free_port):
+    webs = [http_backend("load-a"), http_backend("load-b")]
+    raws = [tcp_backend("load-t1"), tcp_backend("load-t2")]
+    http_port, tcp_port = free_port(), free_port()
+
+    def device(index: int) -> dict:
+        return update(lb("HTTP", http_port, [webs[index].node()]), lb("TCP", tcp_port, [raws[index].node()]))
+
+    assert worker.submit(device(0))["hpcs_response"] == "PASS"
+    with TrafficLoop(url(http_port)) as web_loop, TrafficLoop(f"tcp://127.0.0.1:{tcp_port}/x") as raw_loop:
+        for index in (1, 0, 1):
+            reply = worker.submit(device(index))
+            assert reply["hpcs_response"] == "PASS", reply
+            done = web_loop.total, raw_loop.total
+            wait_until(lambda: web_loop.total > done[0] + 3 and raw_loop.total > done[1] + 3, 10,
+                       "traffic after the reload")
+
+    assert web_loop.errors == [] and raw_loop.errors == []
+    assert set(web_loop.answered) == {"load-a", "load-b"}
+    assert set(raw_loop.answered) == {"load-t1", "load-t2"}
+    assert traffic(url(http_port), 3) == ({"load-b": 3}, 0)
+
+
+def test_http_and_tcp_can_swap_ports(worker, http_backend, tcp_backend, free_port):
+    web, raw = http_backend("swap-web"), tcp_backend("swap-raw")
+    first, second = free_port(), free_port()
+    assert worker.submit(update(lb("HTTP", first, [web.node()]),
+                                lb("TCP", second, [raw.node()])))["hpcs_response"] == "PASS"
+
+    reply = worker.submit(update(lb("HTTP", second, [web.node()]), lb("TCP", first, [raw.node()])))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    assert traffic(url(second), 3) == ({"swap-web": 3}, 0)
+    assert traffic(f"tcp://127.0.0.1:{first}", 3) == ({"swap-raw": 3}, 0)
+
+
+def test_protocol_change_on_the_same_port(worker, http_backend, tcp_backend, free_port):
+    web, raw = http_backend("was-http"), tcp_backend("now-tcp")
+    port = free_port()
+    assert worker.submit(update(lb("HTTP", port, [web.node()])))["hpcs_response"] == "PASS"
+
+    reply = worker.submit(update(lb("TCP", port, [raw.node()])))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    assert traffic(f"tcp://127.0.0.1:{port}", 3) == ({"now-tcp": 3}, 0)
+    assert list(node_statuses(worker.submit("STATS"))) == ["now-tcp"]
+
+
+def test_dropping_the_tcp_lb_closes_its_port(worker, http_backend, tcp_backend, free_port):
+    web, raw = http_backend("stays"), tcp_backend("leaves")
+    http_port, tcp_port = free_port(), free_port()
+    assert worker.submit(update(lb("HTTP", http_port, [web.node()]),
+                                lb("TCP", tcp_port, [raw.node()])))["hpcs_response"] == "PASS"
+
+    assert worker.submit(update(lb("HTTP", http_port, [web.node()])))["hpcs_response"] == "PASS"
+
+    wait_until(lambda: connection_refused(tcp_port), 10, f"TCP port {tcp_port} to close")
+    assert traffic(url(http_port), 3) == ({"stays": 3}, 0)
+    assert node_statuses(worker.submit("STATS")) == {"stays": "UP"}
+
+
+def test_connect_monitor_takes_a_dead_tcp_node_out(worker, tcp_backend, free_port):
+    alive, doomed = tcp_backend("alive"), tcp_backend("doomed")
+    port = free_port()
+    monitor = {"type": "CONNECT", "delay": 1, "timeout": 1, "attempts": 1}
+    reply = worker.submit(update(lb("TCP", port, [alive.node(), doomed.node()], monitor=monitor)))
+    assert reply["hpcs_response"] == "PASS", reply
+    assert "check inter 1s fall 1" in worker.haproxy_config()
+
+    doomed.stop()
+
+    wait_until(lambda: node_statuses(worker.submit("STATS"))["doomed"] == "DOWN", 15,
+               "STATS to show the stopped node DOWN")
+    assert node_statuses(worker.submit("STATS"))["alive"] == "UP"
+    assert traffic(f"tcp://127.0.0.1:{port}", 6) == ({"alive": 6}, 0)
+
+
+def test_first_update_on_a_busy_port_starts_nothing(worker, http_backend, free_port):
+    node = http_backend("never")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen(1)
+        busy = holder.getsockname()[1]
+
+        reply = worker.submit(update(lb("HTTP", busy, [node.node()])))
+
+        assert reply["hpcs_response"] == "FAIL", reply
+        assert str(busy) in reply["hpcs_error"]
+        assert worker.haproxy.our_pids() == []
+        assert worker.submit("STATS")["status"] == "NEW"
+
+    port = free_port()
+    assert worker.submit(update(lb("HTTP", port, [node.node()])))["hpcs_response"] == "PASS"
+    assert traffic(url(port), 2) == ({"never": 2}, 0)
+
+
+def test_same_update_twice_passes_and_serves(worker, http_backend, free_port):
+    node = http_backend("twice")
+    port = free_port()
+    message = update(lb("HTTP", port, [node.node()]))
+
+    assert worker.submit(message)["hpcs_response"] == "PASS"
+    assert worker.submit(message)["hpcs_response"] == "PASS"
+
+    assert traffic(url(port), 3) == ({"twice": 3}, 0)
