@@ -117,5 +117,8 @@ class LBaaSController:
             "since": stats.since,
             "restarts": stats.restarts,
             "last_error": stats.last_error,
-            "nodes": [{"id": node.id, "status": node.status} for node in stats.nodes],
+            "nodes": [
+                {"id": node.id, "status": node.status, "protocol": node.protocol}
+                for node in stats.nodes
+            ],
         }

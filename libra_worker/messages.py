@@ -313,9 +313,19 @@ def _parse_archive(fields: Mapping[str, Any]) -> ArchiveRequest:
 
 
 def _lower_keys(value: Any) -> Any:
-    """A copy with every object key lower-cased, so field names are case-insensitive."""
+    """A copy with every object key lower-cased, so field names are case-insensitive.
+
+    Two keys that differ only in case are refused: which one was meant is a guess, and
+    for hpcs_action a wrong guess could DELETE instead of STATS.
+    """
     if isinstance(value, dict):
-        return {str(key).lower(): _lower_keys(item) for key, item in value.items()}
+        lowered: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key).lower()
+            if name in lowered:
+                raise InvalidMessage(f"The field {name!r} is given twice, in different casings.")
+            lowered[name] = _lower_keys(item)
+        return lowered
     if isinstance(value, list):
         return [_lower_keys(item) for item in value]
     return value
@@ -408,6 +418,8 @@ def _address(value: Any, where: str) -> str:
     # ipaddress accepts any text after '%' as an IPv6 zone; none belongs in a server line.
     if getattr(address, "scope_id", None) is not None:
         raise InvalidMessage(f"{where} {text!r} must not carry an IPv6 zone ('%...').")
+    if address.is_unspecified or address.is_multicast:
+        raise InvalidMessage(f"{where} {text!r} is not the address of a single host.")
     return str(address)
 
 

@@ -13,6 +13,7 @@ from libra_worker.messages import ArchiveRequest, Device
 class NodeStatus:
     id: str
     status: str  # "UP" or "DOWN", from the node's health checks
+    protocol: str  # of its load balancer: one node id may serve both
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ ARCHIVE = {
 STATS = DeviceStats(
     state="ACTIVE",
     since="2024-01-02T03:04:05Z",
-    nodes=(NodeStatus("10.0.0.1_80", "UP"), NodeStatus("web2", "DOWN")),
+    nodes=(NodeStatus("10.0.0.1_80", "UP", "HTTP"), NodeStatus("web2", "DOWN", "TCP")),
     restarts=2,
     last_error="HAProxy exited unexpectedly; restarted.",
 )
@@ -140,7 +140,8 @@ def test_stats_reply_shape(controller, driver):
         "since": "2024-01-02T03:04:05Z",
         "restarts": 2,
         "last_error": "HAProxy exited unexpectedly; restarted.",
-        "nodes": [{"id": "10.0.0.1_80", "status": "UP"}, {"id": "web2", "status": "DOWN"}],
+        "nodes": [{"id": "10.0.0.1_80", "status": "UP", "protocol": "HTTP"},
+                  {"id": "web2", "status": "DOWN", "protocol": "TCP"}],
         "hpcs_response": "PASS",
     }
     assert driver.calls == [("stats", None)]

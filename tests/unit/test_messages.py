@@ -305,6 +305,17 @@ def test_address_required():
     assert error == "Required field 'loadbalancers[0].nodes[0].address' is missing."
 
 
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "224.0.0.1", "ff02::1"])
+def test_addresses_that_are_not_one_host_rejected(address):
+    with pytest.raises(InvalidMessage, match="not the address of a single host"):
+        parse(update(lb(nodes=[node(address)])))
+
+
+def test_a_field_given_twice_in_different_casings_is_refused():
+    with pytest.raises(InvalidMessage, match="'hpcs_action' is given twice"):
+        parse({"hpcs_action": "STATS", "HPCS_ACTION": "DELETE"})
+
+
 @pytest.mark.parametrize("address", [
     "fe80::1%eth0", "fe80::1%eth0\n    server evil 10.0.0.9:80", "fe80::1%a b", "fe80::1%",
 ])
@@ -707,7 +718,8 @@ _ID_ALPHABET = string.ascii_letters + string.digits + "_.-"
 _PATH_ALPHABET = string.ascii_letters + string.digits + "-._~!&*+,;=:@%/()"
 
 identifiers = st.text(_ID_ALPHABET, min_size=1, max_size=64)
-addresses = st.ip_addresses().map(str)
+addresses = st.ip_addresses().filter(
+    lambda address: not (address.is_unspecified or address.is_multicast)).map(str)
 ports = st.integers(1, 65535)
 
 

@@ -212,8 +212,9 @@ class HAProxyDriver(LoadBalancerDriver):
             for lb in (accepted.loadbalancers if accepted else ())
             for node in lb.nodes
         }
+        protocols = {name: protocol.value for protocol, name in render.PROXY_NAMES.items()}
         nodes = tuple(
-            NodeStatus(server.server, "UP" if server.is_up else "DOWN")
+            NodeStatus(server.server, "UP" if server.is_up else "DOWN", protocols[server.backend])
             for server in server_statuses(self.files.stats_socket)
             if (server.backend, server.server) in wanted
         )

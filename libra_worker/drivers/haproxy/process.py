@@ -152,12 +152,20 @@ class HAProxyProcess:
         result = self._run(command, "HAProxy start")
         if result.returncode != 0:
             raise ReloadFailed("HAProxy failed to start: " + _alerts(result.stderr + result.stdout))
-        # The daemonized master writes its pidfile a moment after the command returns.
+        # The daemonized master writes its pidfile a moment after the command returns, and
+        # handles signals (a SUSPEND's soft stop) only once its CLI lists a worker.
         deadline = time.monotonic() + self.command_timeout
         while not self.is_running():
             if time.monotonic() >= deadline:
                 raise ReloadFailed("HAProxy started but its master process is not running.")
             time.sleep(_POLL_INTERVAL)
+        try:
+            while not self.process_table().worker_pids:
+                if time.monotonic() >= deadline:
+                    raise ReloadFailed("HAProxy started but its master lists no worker.")
+                time.sleep(_POLL_INTERVAL)
+        except OSError as exc:
+            raise ReloadFailed(f"HAProxy started but its master does not answer: {exc}.") from None
         LOG.info("HAProxy started, master pid %s", self.master_pid())
 
     def reload(self) -> None:

@@ -1,0 +1,234 @@
+"""Bad input gets a FAIL reply, and the load balancer already serving is left untouched.
+
+One worker serves the whole module with an HTTP load balancer over two nodes; every
+bad message is sent through the real gearmand, then real traffic and STATS prove the
+old load balancer still serves the old nodes and its configuration did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any, Iterator
+
+import pytest
+
+from tests.integration.support import (
+    Gearmand,
+    HTTPBackend,
+    TrafficLoop,
+    Worker,
+    WorkerFactory,
+    backends,
+    free_port,
+    http_monitor,
+    lb,
+    node_statuses,
+    traffic,
+    update,
+)
+
+
+class Serving:
+    """The module's worker and the load balancer it must keep serving."""
+
+    def __init__(self, worker: Worker, nodes: tuple[HTTPBackend, ...], port: int,
+                 spare: HTTPBackend) -> None:
+        self.worker = worker
+        self.nodes = nodes
+        self.port = port
+        self.spare = spare  # a live node no accepted UPDATE ever names
+        self.config = worker.haproxy_config()
+        self.master_pid = worker.haproxy.master_pid()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def good_lb(self, **changes: Any) -> dict[str, Any]:
+        return {**lb("HTTP", self.port, [node.node() for node in self.nodes]), **changes}
+
+    def assert_untouched(self) -> None:
+        answered, failures = traffic(self.url, 6)
+        assert failures == 0
+        assert answered == {"keep-a": 3, "keep-b": 3}
+        assert node_statuses(self.worker.submit("STATS")) == {"keep-a": "UP", "keep-b": "UP"}
+        assert self.worker.haproxy_config() == self.config
+        assert self.worker.haproxy.master_pid() == self.master_pid
+        assert self.spare.paths == []
+        assert self.worker.is_running()
+
+
+@pytest.fixture(scope="module")
+def serving(gearmand: Gearmand) -> Iterator[Serving]:
+    factory = WorkerFactory([gearmand.address])
+    with backends(HTTPBackend("keep-a"), HTTPBackend("keep-b"), HTTPBackend("spare")) as started:
+        try:
+            worker = factory()
+            port = free_port()
+            nodes = started[:2]
+            reply = worker.submit(update(lb("HTTP", port, [node.node() for node in nodes])))
+            assert reply["hpcs_response"] == "PASS", reply
+            yield Serving(worker, nodes, port, started[2])
+        finally:
+            factory.cleanup()
+
+
+def assert_bad_request(reply: dict[str, Any], *words: str) -> None:
+    assert reply["hpcs_response"] == "FAIL", reply
+    assert isinstance(reply["hpcs_error"], str) and reply["hpcs_error"], reply
+    assert reply["badRequest"]["code"] == "400", reply
+    assert reply["badRequest"]["validationErrors"]["message"] == reply["hpcs_error"]
+    for word in words:
+        assert word.lower() in reply["hpcs_error"].lower(), reply["hpcs_error"]
+
+
+def test_non_json_payload(serving):
+    reply = serving.worker.submit("this is {not json")
+
+    assert_bad_request(reply, "JSON")
+    serving.assert_untouched()
+
+
+def test_json_array_payload(serving):
+    reply = serving.worker.submit(json.dumps([{"hpcs_action": "UPDATE"}]))
+
+    assert_bad_request(reply, "object")
+    serving.assert_untouched()
+
+
+def test_payload_that_is_not_utf8(serving):
+    reply = serving.worker.submit_bytes(b'{"hpcs_action": "\xff\xfe"}')
+
+    assert_bad_request(reply, "JSON")
+    serving.assert_untouched()
+
+
+def test_empty_payload(serving):
+    reply = serving.worker.submit_bytes(b"")
+
+    assert_bad_request(reply, "JSON")
+    serving.assert_untouched()
+
+
+def test_missing_hpcs_action(serving):
+    message = {"loadbalancers": [serving.good_lb()]}
+
+    reply = serving.worker.submit(message)
+
+    assert_bad_request(reply, "hpcs_action")
+    assert reply["loadbalancers"] == message["loadbalancers"]
+    serving.assert_untouched()
+
+
+def test_unknown_action(serving):
+    reply = serving.worker.submit({"hpcs_action": "REBOOT"})
+
+    assert_bad_request(reply, "REBOOT")
+    assert reply["hpcs_action"] == "REBOOT"
+    serving.assert_untouched()
+
+
+def _with_node(serving: Serving, **node_changes: Any) -> dict[str, Any]:
+    nodes = [serving.nodes[0].node(), {**serving.spare.node(), **node_changes}]
+    return update(serving.good_lb(nodes=nodes))
+
+
+def _with_spare(serving: Serving, **lb_changes: Any) -> dict[str, Any]:
+    """A message that, were it accepted, would send traffic to the spare node."""
+    return update(serving.good_lb(nodes=[serving.spare.node()], **lb_changes))
+
+
+BAD_UPDATES = {
+    "unknown protocol": (lambda s: _with_spare(s, protocol="UDP"), "UDP"),
+    "port zero": (lambda s: _with_spare(s, port=0), "port"),
+    "port above 65535": (lambda s: _with_spare(s, port=65536), "port"),
+    "port not a number": (lambda s: _with_spare(s, port="eighty"), "port"),
+    "negative node port": (lambda s: _with_node(s, port=-1), "port"),
+    "hostname as node address": (lambda s: _with_node(s, address="localhost"), "address"),
+    "node address with a port": (lambda s: _with_node(s, address="127.0.0.1:80"), "address"),
+    "IPv6 node address with a zone": (lambda s: _with_node(s, address="fe80::1%lo"), "zone"),
+    "missing node address": (lambda s: update(s.good_lb(nodes=[{"port": s.spare.port}])), "address"),
+    "weight 0": (lambda s: _with_node(s, weight=0), "weight"),
+    "weight 257": (lambda s: _with_node(s, weight=257), "weight"),
+    "unknown algorithm": (lambda s: _with_spare(s, algorithm="RANDOM"), "RANDOM"),
+    "monitor timeout greater than delay": (
+        lambda s: _with_spare(s, monitor=http_monitor(delay=2, timeout=3)), "timeout"),
+    "monitor path with a space": (
+        lambda s: _with_spare(s, monitor=http_monitor(path="/health check")), "path"),
+    "monitor path with a newline": (
+        lambda s: _with_spare(s, monitor=http_monitor(path="/health\n    server evil 127.0.0.1:1")),
+        "path"),
+    "node id with a newline (config injection)": (
+        lambda s: _with_node(s, id="x\n    server evil 127.0.0.1:%d" % s.spare.port), "id"),
+    "lb id with a newline (config injection)": (
+        lambda s: _with_spare(s, id="lb\nlisten evil\n    bind 127.0.0.1:1"), "id"),
+    "lb name with a newline": (lambda s: _with_spare(s, name="web\n    stats enable"), "name"),
+    "no nodes list": (lambda s: update({"protocol": "HTTP", "port": s.port}), "nodes"),
+    "loadbalancers not a list": (
+        lambda s: {"hpcs_action": "UPDATE", "loadbalancers": s.good_lb()}, "list"),
+    "no load balancers": (lambda s: update(), "at least one"),
+    "three load balancers": (
+        lambda s: update(s.good_lb(), _with_spare(s, protocol="TCP", port=free_port())["loadbalancers"][0],
+                         _with_spare(s, port=free_port())["loadbalancers"][0]), "At most 2"),
+    "two HTTP load balancers": (
+        lambda s: update(s.good_lb(), _with_spare(s, port=free_port())["loadbalancers"][0]),
+        "different protocols"),
+    "HTTP and TCP on the same port": (
+        lambda s: update(s.good_lb(), _with_spare(s, protocol="TCP")["loadbalancers"][0]),
+        "different ports"),
+    "duplicate node ids": (lambda s: _with_node(s, id="keep-a"), "same id"),
+    "unknown node condition": (lambda s: _with_node(s, condition="SLEEPING"), "condition"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPDATES), ids=list(BAD_UPDATES))
+def test_invalid_update_is_refused_and_the_lb_keeps_serving(serving, case):
+    build, word = BAD_UPDATES[case]
+    message = build(serving)
+
+    reply = serving.worker.submit(message)
+
+    assert_bad_request(reply, word)
+    # The reply echoes the message it refused, as sent.
+    assert {key: reply[key] for key in message} == message
+    serving.assert_untouched()
+    assert "evil" not in serving.worker.haproxy_config()
+
+
+def test_port_held_by_another_program_fails_with_no_gap_in_service(serving):
+    # Another program listens on the port this UPDATE asks for.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen(1)
+        busy = holder.getsockname()[1]
+        with TrafficLoop(serving.url) as loop:
+            moved = serving.worker.submit(_with_spare(serving, port=busy))
+            added = serving.worker.submit(update(serving.good_lb(),
+                                                 lb("TCP", busy, [serving.spare.node()])))
+        for reply in (moved, added):
+            assert reply["hpcs_response"] == "FAIL", reply
+            assert str(busy) in reply["hpcs_error"], reply
+            assert "badRequest" not in reply
+        assert loop.errors == []
+        assert set(loop.answered) == {"keep-a", "keep-b"}, loop.answered
+    finally:
+        holder.close()
+    serving.assert_untouched()
+
+
+def test_a_reply_field_in_the_message_cannot_fake_the_outcome(serving):
+    reply = serving.worker.submit({"hpcs_action": "BOGUS", "HPCS_RESPONSE": "PASS",
+                                   "hpcs_error": None})
+
+    assert_bad_request(reply)
+    assert "HPCS_RESPONSE" not in reply
+    serving.assert_untouched()
+
+
+def test_worker_still_accepts_a_good_update_after_all_the_bad_ones(serving):
+    reply = serving.worker.submit(update(serving.good_lb()))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    assert traffic(serving.url, 4) == ({"keep-a": 2, "keep-b": 2}, 0)
