@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""DISCOVER and STATS round trips through a real gearmand, against a raw echo worker.
+
+Starts gearmand, the real libra-worker (configured with one HTTP load balancer so STATS
+reads HAProxy's stats socket) and, as the floor, a minimal Gearman worker written here on
+raw sockets (CAN_DO, GRAB_JOB_UNIQ, PRE_SLEEP, NOOP, JOB_ASSIGN[_UNIQ], WORK_COMPLETE) that
+answers the message with `hpcs_response: PASS` added. One client, a raw-socket Gearman
+client on one kept-open connection (SUBMIT_JOB -> JOB_CREATED -> WORK_COMPLETE), sends
+jobs one at a time to all three series, interleaved in blocks so noise hits them alike.
+
+Target: libra-worker p50 <= 2x the echo worker's p50.
+
+Usage: python bench/round_trip.py [--jobs 3000] [--blocks 10] [--out-dir DIR] [--no-plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+TARGET_RATIO = 2.0
+SERIES = ("DISCOVER (libra-worker)", "STATS (libra-worker)", "echo worker (floor)")
+
+
+def run_echo_worker(address: str, function: str) -> None:
+    """The floor: the least a Gearman worker can do per job, on one connection."""
+    host, _, port = address.rpartition(":")
+    conn = socket.create_connection((host, int(port)))
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    reader = c.PacketReader(conn)
+    conn.sendall(c.pack(c.CAN_DO, function.encode()) + c.pack(c.GRAB_JOB_UNIQ))
+    while True:
+        kind, body = reader.read()
+        if kind in (c.JOB_ASSIGN_UNIQ, 11):  # 11 is JOB_ASSIGN (no unique id)
+            parts = body.split(b"\0", 3 if kind == c.JOB_ASSIGN_UNIQ else 2)
+            answer = json.loads(parts[-1])
+            answer["hpcs_response"] = "PASS"
+            conn.sendall(c.pack(c.WORK_COMPLETE, parts[0], json.dumps(answer).encode())
+                         + c.pack(c.GRAB_JOB_UNIQ))
+        elif kind == c.NO_JOB:
+            conn.sendall(c.pack(c.PRE_SLEEP))
+        elif kind == c.NOOP:
+            conn.sendall(c.pack(c.GRAB_JOB_UNIQ))
+
+
+def start_echo_worker(gearmand: c.Gearmand, root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    function = "lwb-echo"
+    with open(root / "echo.out", "ab") as output:
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--echo-worker", gearmand.address, function],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    c.wait_until(lambda: process.poll() is not None or gearmand.workers_for(function) > 0,
+                 c.START_TIMEOUT, "the echo worker")
+    if process.poll() is not None:
+        raise RuntimeError("the echo worker exited: " + (root / "echo.out").read_text())
+    return process, function
+
+
+def configure_lb(client: c.RawClient, worker: c.Worker) -> None:
+    port = c.free_port()
+    nodes = [{"id": f"n{i}", "address": c.LOOPBACK, "port": c.free_port()} for i in range(2)]
+    answer = client.submit_json(worker.function, {
+        "hpcs_action": "UPDATE",
+        "loadbalancers": [{"protocol": "HTTP", "port": port, "nodes": nodes}],
+    })
+    if answer.get("hpcs_response") != "PASS":
+        raise RuntimeError(f"UPDATE failed: {answer}")
+
+
+def measure(client: c.RawClient, targets: dict[str, tuple[str, bytes]], jobs: int,
+            blocks: int) -> dict[str, dict[str, list[float]]]:
+    """Per series: each job's latency, and each block's wall time (for jobs/s)."""
+    results = {name: {"latency": [], "wall": []} for name in targets}
+    per_block = max(1, jobs // blocks)
+    for _ in range(blocks):
+        for name, (function, payload) in targets.items():
+            started_block = time.perf_counter()
+            for _ in range(per_block):
+                started = time.perf_counter()
+                answer = client.submit(function, payload)
+                results[name]["latency"].append(time.perf_counter() - started)
+                if b'"PASS"' not in answer:
+                    raise RuntimeError(f"{name}: unexpected reply {answer[:300]!r}")
+            results[name]["wall"].append(time.perf_counter() - started_block)
+    return results
+
+
+def summarize(results: dict[str, dict[str, list[float]]]) -> list[dict[str, float]]:
+    floor_p50 = c.median(results[SERIES[2]]["latency"])
+    rows = []
+    for name in SERIES:
+        latency = results[name]["latency"]
+        rows.append({
+            "name": name,
+            "jobs": len(latency),
+            "jobs_per_s": len(latency) / sum(results[name]["wall"]),
+            "p50": c.median(latency),
+            "p99": c.percentile(latency, 99),
+            "ratio": c.ratio(c.median(latency), floor_p50),
+        })
+    return rows
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    return c.markdown_table(
+        ["series", "jobs", "jobs/s", "p50 ms", "p99 ms", "p50 vs floor"],
+        [[r["name"], r["jobs"], f"{r['jobs_per_s']:.0f}", f"{r['p50'] * 1000:.2f}",
+          f"{r['p99'] * 1000:.2f}", c.fmt_ratio(r["ratio"])] for r in rows])
+
+
+def verdict(rows: list[dict[str, float]]) -> str:
+    worst = max(rows[0]["ratio"], rows[1]["ratio"])
+    met = "MET" if worst <= TARGET_RATIO else "MISSED"
+    return (f"Target p50 <= {TARGET_RATIO:g}x the echo worker's p50: {met} "
+            f"(DISCOVER {c.fmt_ratio(rows[0]['ratio'])}, STATS {c.fmt_ratio(rows[1]['ratio'])}).")
+
+
+def plot(results: dict[str, dict[str, list[float]]], path: Path, plt) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in SERIES:
+        values = sorted(v * 1000 for v in results[name]["latency"])
+        fractions = [(i + 1) / len(values) for i in range(len(values))]
+        axis.plot(values, fractions, label=name)
+    axis.set_xscale("log")
+    axis.set_xlabel("round trip, ms (log)")
+    axis.set_ylabel("fraction of jobs")
+    axis.set_title("Gearman round trip: libra-worker vs raw echo worker")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=3000, help="jobs per series")
+    parser.add_argument("--blocks", type=int, default=10, help="interleaved blocks")
+    parser.add_argument("--warmup", type=int, default=100, help="unmeasured jobs per series")
+    parser.add_argument("--out-dir", type=Path, default=c.RESULTS_DIR)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--echo-worker", nargs=2, metavar=("ADDRESS", "FUNCTION"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_worker:
+        run_echo_worker(*args.echo_worker)
+        return 0
+
+    info = c.machine_info()
+    root = c.make_temp_dir()
+    gearmand = worker = echo = client = None
+    try:
+        gearmand = c.Gearmand(root).start()
+        worker = c.Worker(root, gearmand).start()
+        echo, echo_function = start_echo_worker(gearmand, root)
+        client = c.RawClient(gearmand.address)
+        configure_lb(client, worker)
+        discover = json.dumps({"hpcs_action": "DISCOVER"}).encode()
+        stats = json.dumps({"hpcs_action": "STATS"}).encode()
+        targets = {
+            SERIES[0]: (worker.function, discover),
+            SERIES[1]: (worker.function, stats),
+            SERIES[2]: (echo_function, discover),
+        }
+        measure(client, targets, min(args.warmup, args.jobs), 1)
+        results = measure(client, targets, args.jobs, min(args.blocks, args.jobs))
+    finally:
+        if client is not None:
+            client.close()
+        c.stop_child(echo)
+        if worker is not None:
+            worker.stop()
+        if gearmand is not None:
+            gearmand.stop()
+        c.remove_temp_dir(root)
+
+    rows = summarize(results)
+    text = table(rows)
+    print(text)
+    print(verdict(rows))
+    notes = (
+        "Client: a raw-socket Gearman client (bench/_common.py `RawClient`) on one kept-open "
+        "TCP connection, one job at a time, the same client for all three series; series "
+        f"interleaved in {min(args.blocks, args.jobs)} blocks. jobs/s is sequential "
+        "(one job in flight), so it is about 1/mean latency. The worker runs with its default "
+        "INFO logging to a file (one line per job). STATS reads HAProxy's stats socket "
+        "(one HTTP load balancer, 2 nodes)."
+    )
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    c.write_results("round_trip", "Gearman round trip: DISCOVER and STATS",
+                    [text, verdict(rows), notes, "![round trip CDF](round_trip.png)"], info,
+                    args.out_dir)
+    plt = None if args.no_plot else c.pyplot_or_none(required=True)
+    if plt is not None:
+        plot(results, args.out_dir / "round_trip.png", plt)
+    print(f"Results in {args.out_dir / 'round_trip.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""UPDATE latency (job submitted -> reply received, through gearmand) by node count.
+
+For each size (default 1, 100, 1000, 10000 nodes on 127.0.0.x; the nodes need not listen,
+health checks run every 60 s) the real libra-worker gets, interleaved:
+
+* full changes: the algorithm flips ROUND_ROBIN <-> LEAST_CONNECTIONS, which needs a reload;
+* node-only changes: one node's weight flips 1 <-> 2, which a Runtime-API path could apply
+  without a reload. Whether the worker reloaded is read from HAProxy's master CLI (did the
+  worker pid change?) and reported as the path taken.
+
+The floor, measured in the same run and interleaved with the above: the same config text
+(rendered by the worker's own renderer, sockets in another dir) driven straight into a
+second HAProxy in master-worker mode: `haproxy -c -q -f cfg`, then `reload` on the master
+CLI and polling `show proc` every 5 ms until a new worker is listed.
+
+Targets: full change p50 <= 1.3x the floor's p50; node-only change < 20 ms at 100 nodes.
+
+Usage: python bench/update_latency.py [--sizes 1,100,1000,10000] [--iterations 20]
+       [--large-iterations 6] [--out-dir DIR] [--no-plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as c  # noqa: E402
+
+FULL_TARGET = 1.3
+NODE_TARGET_S = 0.020
+NODE_TARGET_SIZE = 100
+LARGE = 5000
+ALGORITHMS = ("ROUND_ROBIN", "LEAST_CONNECTIONS")
+FLOOR_POLL = 0.005
+
+
+def message(size: int, port: int, algorithm: str, first_weight: int) -> dict[str, Any]:
+    nodes = [
+        {"id": f"n{i}", "address": f"127.0.0.{1 + i % 250}", "port": 20000 + i // 250,
+         "weight": first_weight if i == 0 else 1}
+        for i in range(size)
+    ]
+    return {
+        "hpcs_action": "UPDATE",
+        "loadbalancers": [{
+            "protocol": "HTTP", "port": port, "algorithm": algorithm, "nodes": nodes,
+            "monitor": {"type": "CONNECT", "delay": 60, "timeout": 60, "attempts": 2},
+        }],
+    }
+
+
+class FloorHAProxy:
+    """HAProxy in master-worker mode, driven directly: the least a reload can cost."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "floor"
+        self.dir.mkdir()
+        self.config = self.dir / "haproxy.cfg"
+        self.pid_file = self.dir / "haproxy.pid"
+        self.master_socket = self.dir / "master.sock"
+
+    def write(self, msg: dict[str, Any]) -> None:
+        self.config.write_text(c.render_config(msg, self.dir, self.dir / "log.sock"))
+
+    def start(self) -> None:
+        subprocess.run(["haproxy", "-W", "-D", "-p", str(self.pid_file),
+                        "-S", f"{self.master_socket},mode,600", "-f", str(self.config)],
+                       stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=60)
+        deadline = time.monotonic() + 30
+        c.wait_until(lambda: self._workers_retrying(deadline), 30, "the floor HAProxy")
+
+    def _workers(self) -> tuple[int, ...]:
+        answer = c.master_command(self.master_socket, "show proc")
+        current = answer.split("# workers", 1)[-1].split("#", 1)[0]
+        return tuple(int(line.split()[0]) for line in current.splitlines()
+                     if " worker " in f" {line} ")
+
+    def _workers_retrying(self, deadline: float) -> tuple[int, ...]:
+        while True:
+            try:
+                return self._workers()
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(FLOOR_POLL)
+
+    def check_and_reload(self) -> tuple[float, float]:
+        """(seconds for `haproxy -c`, seconds for the reload until a new worker is listed)."""
+        before = self._workers()
+        started = time.perf_counter()
+        result = subprocess.run(["haproxy", "-c", "-q", "-f", str(self.config)],
+                                stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        checked = time.perf_counter()
+        if result.returncode != 0:
+            raise RuntimeError(f"floor config rejected: {result.stderr[:500]!r}")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                c.master_command(self.master_socket, "reload")
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(FLOOR_POLL)
+        while True:
+            workers = self._workers_retrying(deadline)
+            if workers and set(workers).isdisjoint(before):
+                break
+            if time.monotonic() >= deadline:
+                raise RuntimeError("the floor HAProxy did not reload")
+            time.sleep(FLOOR_POLL)
+        return checked - started, time.perf_counter() - checked
+
+    def stop(self) -> None:
+        c.stop_haproxy_by_pidfile(self.pid_file)
+
+
+def timed_update(client: c.RawClient, worker: c.Worker, msg: dict[str, Any]) -> tuple[float, bool]:
+    """(seconds from submit to reply, whether HAProxy's worker processes were replaced)."""
+    payload = json.dumps(msg).encode()
+    before = _pids_or_none(worker) or ()  # HAProxy is not running before the first UPDATE
+    started = time.perf_counter()
+    answer = client.submit(worker.function, payload)
+    elapsed = time.perf_counter() - started
+    if b'"hpcs_response": "PASS"' not in answer:
+        raise RuntimeError(f"UPDATE failed: {answer[-500:]!r}")
+    after = c.wait_until(lambda: _pids_or_none(worker), 30, "the master CLI")
+    return elapsed, set(after).isdisjoint(before)
+
+
+def _pids_or_none(worker: c.Worker) -> tuple[int, ...] | None:
+    try:
+        return worker.haproxy_worker_pids() or None
+    except OSError:
+        return None
+
+
+def measure_size(size: int, iterations: int, client: c.RawClient, worker: c.Worker,
+                 floor: FloorHAProxy, lb_port: int, first: bool) -> dict[str, Any]:
+    samples: dict[str, list[float]] = {"check": [], "reload": [], "floor": [], "full": [], "node": []}
+    reloaded = {"full": 0, "node": 0}
+    msg = message(size, lb_port, ALGORITHMS[0], 1)
+    floor.write(msg)
+    if first:
+        timed_update(client, worker, msg)  # starts HAProxy
+        floor.start()
+    # Unmeasured warm-up at this size: the first UPDATE changes every server line.
+    for turn in range(2):
+        timed_update(client, worker, message(size, lb_port, ALGORITHMS[turn % 2], 1))
+        floor.write(message(size, lb_port, ALGORITHMS[turn % 2], 1))
+        floor.check_and_reload()
+    for i in range(iterations):
+        # The warm-up ended on ALGORITHMS[1]: every full change flips the algorithm.
+        algorithm = ALGORITHMS[i % 2]
+        elapsed, replaced = timed_update(client, worker, message(size, lb_port, algorithm, 1))
+        samples["full"].append(elapsed)
+        reloaded["full"] += replaced
+        elapsed, replaced = timed_update(client, worker, message(size, lb_port, algorithm, 2))
+        samples["node"].append(elapsed)
+        reloaded["node"] += replaced
+        # Back to weight 1 so that the next full change differs only by the algorithm.
+        timed_update(client, worker, message(size, lb_port, algorithm, 1))
+        floor.write(message(size, lb_port, algorithm, 1))
+        check_s, reload_s = floor.check_and_reload()
+        samples["check"].append(check_s)
+        samples["reload"].append(reload_s)
+        samples["floor"].append(check_s + reload_s)
+    return {"size": size, "samples": samples, "reloaded": reloaded, "iterations": iterations}
+
+
+def path_label(reloads: int, iterations: int) -> str:
+    if reloads == iterations:
+        return "reload"
+    if reloads == 0:
+        return "no reload"
+    return f"reload {reloads}/{iterations}"
+
+
+def rows_for(result: dict[str, Any]) -> list[list[str]]:
+    s = result["samples"]
+    floor_p50 = c.median(s["floor"])
+    n = result["iterations"]
+    rows = []
+    for key, label, path in (
+        ("check", "floor: haproxy -c", "-"),
+        ("reload", "floor: master-worker reload", "-"),
+        ("floor", "floor: check + reload", "-"),
+        ("full", "worker: full change (algorithm)", path_label(result["reloaded"]["full"], n)),
+        ("node", "worker: node-only (1 weight)", path_label(result["reloaded"]["node"], n)),
+    ):
+        rows.append([str(result["size"]), label, str(len(s[key])), c.fmt_ms(c.median(s[key])),
+                     c.fmt_ms(c.percentile(s[key], 99)),
+                     c.fmt_ratio(c.ratio(c.median(s[key]), floor_p50)) if key in ("full", "node", "floor") else "",
+                     path])
+    return rows
+
+
+def verdicts(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for result in results:
+        s = result["samples"]
+        ratio = c.ratio(c.median(s["full"]), c.median(s["floor"]))
+        lines.append(f"- {result['size']} nodes, full change: p50 {c.fmt_ms(c.median(s['full']))} ms "
+                     f"= {c.fmt_ratio(ratio)} the floor; target <= {FULL_TARGET}x: "
+                     f"{'MET' if ratio <= FULL_TARGET else 'MISSED'}.")
+    for result in results:
+        if result["size"] == NODE_TARGET_SIZE:
+            p50 = c.median(result["samples"]["node"])
+            path = path_label(result["reloaded"]["node"], result["iterations"])
+            lines.append(f"- {NODE_TARGET_SIZE} nodes, node-only change: p50 {c.fmt_ms(p50)} ms "
+                         f"(path: {path}); target < {NODE_TARGET_S * 1000:.0f} ms: "
+                         f"{'MET' if p50 < NODE_TARGET_S else 'MISSED'}.")
+    return lines
+
+
+def plot(results: list[dict[str, Any]], path: Path, plt) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    sizes = [r["size"] for r in results]
+    for key, label, style in (("floor", "floor: haproxy -c + reload", "k--"),
+                              ("full", "worker: full change", "o-"),
+                              ("node", "worker: node-only change", "s-")):
+        p50 = [c.median(r["samples"][key]) * 1000 for r in results]
+        p99 = [c.percentile(r["samples"][key], 99) * 1000 for r in results]
+        line, = axis.plot(sizes, p50, style, label=f"{label} (p50)")
+        axis.plot(sizes, p99, linestyle=":", marker="x", color=line.get_color(),
+                  label=f"{label} (p99)")
+    axis.axhline(NODE_TARGET_S * 1000, color="red", linewidth=0.8, label="node-only target 20 ms")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("nodes")
+    axis.set_ylabel("UPDATE latency, ms (log)")
+    axis.set_title("UPDATE latency through gearmand vs HAProxy floor")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,100,1000,10000")
+    parser.add_argument("--iterations", type=int, default=20, help="samples per series and size")
+    parser.add_argument("--large-iterations", type=int, default=6,
+                        help=f"samples per series for sizes >= {LARGE}")
+    parser.add_argument("--out-dir", type=Path, default=c.RESULTS_DIR)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = [int(item) for item in args.sizes.split(",") if item.strip()]
+
+    info = c.machine_info()
+    root = c.make_temp_dir()
+    gearmand = worker = client = floor = None
+    results = []
+    try:
+        gearmand = c.Gearmand(root).start()
+        worker = c.Worker(root, gearmand).start()
+        client = c.RawClient(gearmand.address, timeout=300)
+        floor = FloorHAProxy(root)
+        worker_port, floor_port = c.free_port(), c.free_port()
+        for index, size in enumerate(sizes):
+            iterations = args.large_iterations if size >= LARGE else args.iterations
+            started = time.monotonic()
+            # The floor listens on its own port; only the sockets and port differ.
+            result = measure_size(size, iterations, client, worker, _FloorOnPort(floor, floor_port),
+                                  worker_port, first=index == 0)
+            results.append(result)
+            print(f"{size} nodes: {iterations} iterations in {time.monotonic() - started:.1f} s",
+                  flush=True)
+    finally:
+        if client is not None:
+            client.close()
+        if worker is not None:
+            worker.stop()
+        if floor is not None:
+            floor.stop()
+        if gearmand is not None:
+            gearmand.stop()
+        c.remove_temp_dir(root)
+
+    headers = ["nodes", "series", "n", "p50 ms", "p99 ms", "p50 vs floor", "path taken"]
+    text = c.markdown_table(headers, [row for result in results for row in rows_for(result)])
+    print(text)
+    lines = verdicts(results)
+    print("\n".join(lines))
+    notes = (
+        "Latency is measured by the client: SUBMIT_JOB sent -> WORK_COMPLETE received, on one "
+        "kept-open raw-socket Gearman connection, one job at a time. 'path taken' says whether "
+        "HAProxy's worker processes were replaced (read from the master CLI's `show proc` "
+        "before and after each UPDATE). The floor runs the same rendered config (own sockets "
+        "and port) in a second master-worker HAProxy driven directly, polling `show proc` every "
+        f"{FLOOR_POLL * 1000:.0f} ms. With {args.iterations} samples (or {args.large_iterations} "
+        f"at >= {LARGE} nodes) p99 is close to the maximum."
+    )
+    c.write_results("update_latency", "UPDATE latency by node count",
+                    [text, "\n".join(lines), notes, "![UPDATE latency](update_latency.png)"],
+                    info, args.out_dir)
+    plt = None if args.no_plot else c.pyplot_or_none(required=True)
+    if plt is not None:
+        plot(results, args.out_dir / "update_latency.png", plt)
+    print(f"Results in {args.out_dir / 'update_latency.md'}")
+    return 0
+
+
+class _FloorOnPort:
+    """The floor HAProxy with every message moved to the floor's own listening port."""
+
+    def __init__(self, floor: FloorHAProxy, port: int) -> None:
+        self.floor = floor
+        self.port = port
+
+    def write(self, msg: dict[str, Any]) -> None:
+        moved = json.loads(json.dumps(msg))
+        moved["loadbalancers"][0]["port"] = self.port
+        self.floor.write(moved)
+
+    def start(self) -> None:
+        self.floor.start()
+
+    def check_and_reload(self) -> tuple[float, float]:
+        return self.floor.check_and_reload()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
