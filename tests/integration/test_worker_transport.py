@@ -60,7 +60,8 @@ def test_worker_serves_again_after_gearmand_restarts(worker_factory, http_backen
         reply = discover_until_pass(worker)
         assert reply["version"]
         assert worker.is_running()
-        assert worker.submit("STATS")["nodes"] == [{"id": "through-restart", "status": "UP"}]
+        assert worker.submit("STATS")["nodes"] == [
+            {"id": "through-restart", "status": "UP", "protocol": "HTTP"}]
 
 
 def test_worker_started_before_its_job_server_comes_up(worker_factory):
@@ -91,7 +92,7 @@ def test_two_job_servers_one_down_jobs_through_the_live_one_are_served(worker_fa
     with gearmand_server(dead_port) as second:
         assert discover_until_pass(worker, servers=[second.address])["hpcs_response"] == "PASS"
         assert worker.submit("STATS", servers=[second.address])["nodes"] == [
-            {"id": "via-live", "status": "UP"}]
+            {"id": "via-live", "status": "UP", "protocol": "HTTP"}]
         assert worker.submit("DISCOVER", servers=[gearmand.address])["hpcs_response"] == "PASS"
 
 

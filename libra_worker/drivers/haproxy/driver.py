@@ -10,7 +10,6 @@ step fails, the previous file is put back and HAProxy keeps serving it.
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import ipaddress
 import logging
@@ -36,15 +35,6 @@ from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
 LOG = logging.getLogger(__name__)
-
-class UpdatePath(enum.Enum):
-    """How the last UPDATE reached HAProxy (`HAProxyDriver.last_update`)."""
-
-    RUNTIME = "applied at runtime"
-    RELOADED = "reloaded"
-    STARTED = "started"
-    KEPT = "kept for ENABLE"
-
 
 def port_is_free(address: str, port: int) -> bool:
     family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
@@ -145,7 +135,6 @@ class HAProxyDriver(LoadBalancerDriver):
 
     def update(self, device: Device) -> None:
         with self._exclusive():
-            self.last_update = None
             desired = self.store.load()
             previous = self._read_live_config()
             accepted = self.configured_device()
@@ -154,14 +143,12 @@ class HAProxyDriver(LoadBalancerDriver):
             self._install(self._render(device))
             try:
                 if desired.lifecycle is Lifecycle.SUSPENDED:
-                    self.last_update = UpdatePath.KEPT
                     LOG.info("Suspended: the new configuration is kept for ENABLE")
                 elif self.process.is_running():
                     self.logs.ensure_running()
                     self._apply_to_running(desired, accepted, previous, device)
                 else:
                     self._start()
-                    self.last_update = UpdatePath.STARTED
             except WorkerError:
                 self._put_back(previous)
                 raise
@@ -288,11 +275,9 @@ class HAProxyDriver(LoadBalancerDriver):
                 reason = f"the runtime change failed: {exc}"
             else:
                 self._retired.update(retired)
-                self.last_update = UpdatePath.RUNTIME
                 LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
                 return
         self._reload()
-        self.last_update = UpdatePath.RELOADED
         LOG.info("UPDATE reloaded HAProxy: %s", reason)
 
     def _runtime_plan(self, desired: DesiredState, accepted: Device | None,
