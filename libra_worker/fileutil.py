@@ -10,7 +10,10 @@ from pathlib import Path
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
@@ -18,10 +21,20 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise _naming(exc, path) from None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """A full disk fails a write with no file name; the operator needs to know which."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, error.strerror, str(path))
 
 
 def fsync_directory(directory: Path) -> None:

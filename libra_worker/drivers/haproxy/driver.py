@@ -248,7 +248,10 @@ class HAProxyDriver(LoadBalancerDriver):
         """This thread alone, and this process alone, may change the device (re-entrant)."""
         with self._lock:
             if self._lock_depth == 0:
-                self._lock_fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+                if self._lock_fd < 0:
+                    # Opened once and kept: a state_dir that turns read-only later must
+                    # not stop the reconciler from restarting HAProxy.
+                    self._lock_fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600)
                 fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             self._lock_depth += 1
             try:
@@ -256,7 +259,7 @@ class HAProxyDriver(LoadBalancerDriver):
             finally:
                 self._lock_depth -= 1
                 if self._lock_depth == 0:
-                    os.close(self._lock_fd)  # closing releases the flock
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _apply_to_running(self, desired: DesiredState, accepted: Device | None,
                           previous: str | None, device: Device) -> None:
@@ -313,6 +316,9 @@ class HAProxyDriver(LoadBalancerDriver):
         except ConfigCheckFailed:
             # Kept for the operator to read; the live file is untouched.
             os.replace(self.files.candidate, self.files.rejected)
+            raise
+        except BaseException:
+            self.files.candidate.unlink(missing_ok=True)
             raise
         os.replace(self.files.candidate, self.files.config)
         fsync_directory(self.files.root)

@@ -8,6 +8,7 @@ connections, so no request is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -230,20 +231,34 @@ class HAProxyProcess:
             raise ReloadFailed(f"HAProxy processes {strays} would not exit.")
 
     def _run(self, command: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        """Run to completion within `command_timeout`; on timeout or any interruption (a
+        job's own timeout), kill its whole process group: a wrapper's children too."""
+        process = subprocess.Popen(
+            command,
+            # Measured: a master started with the /dev/null that python-daemon leaves on
+            # fd 0 dies of SIGSEGV right after forking; a /dev/null of its own is fine.
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group; a Ctrl-C aimed at the worker stays ours
+        )
         try:
-            return subprocess.run(
-                command,
-                # Measured: a master started with the /dev/null that python-daemon leaves on
-                # fd 0 dies of SIGSEGV right after forking; a /dev/null of its own is fine.
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=self.command_timeout,
-                start_new_session=True,  # a Ctrl-C aimed at the worker must not reach HAProxy
-                check=False,
-            )
+            stdout, stderr = process.communicate(timeout=self.command_timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(process)
             raise ActionTimeout(f"{what} did not finish within {self.command_timeout:g} s.") from None
+        except BaseException:
+            _kill_group(process)
+            raise
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    # A daemonized HAProxy master has left this group (setsid); only our children remain.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
 
 
 def _alerts(output: str) -> str:
