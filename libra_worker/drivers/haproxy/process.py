@@ -74,26 +74,16 @@ def process_cmdline(pid: int) -> list[str]:
         return []
 
 
+@dataclass
 class HAProxyProcess:
-    def __init__(
-        self,
-        binary: str,
-        config_file: Path,
-        pid_file: Path,
-        master_socket: Path,
-        command_timeout: float = 30.0,
-        stop_grace: float = 5.0,
-        reload_attempts: int = 3,
-        reload_retry_wait: float = 1.0,
-    ) -> None:
-        self.binary = binary
-        self.config_file = config_file
-        self.pid_file = pid_file
-        self.master_socket = master_socket
-        self.command_timeout = command_timeout
-        self.stop_grace = stop_grace
-        self.reload_attempts = reload_attempts
-        self.reload_retry_wait = reload_retry_wait
+    binary: str
+    config_file: Path
+    pid_file: Path
+    master_socket: Path
+    command_timeout: float = 30.0
+    stop_grace: float = 5.0
+    reload_attempts: int = 3
+    reload_retry_wait: float = 1.0
 
     # ------------------------------------------------------------------ queries
 
