@@ -3,64 +3,94 @@ statistics, machine facts and result files.
 
 Everything listens on loopback (127.0.0.x) on ports in 20000-32000 that were test-bound
 first. Every process is started and stopped by pid: gearmand and the worker are our
-children; HAProxy and the log sink daemonize, so they are found through their pidfiles
-(and, for HAProxy, the /proc cmdlines that name our pidfile). Temp dirs come from
+children; HAProxy and the log sink daemonize, so they are stopped the way the worker
+itself stops them (``HAProxyProcess.stop()`` through the pidfile and the /proc cmdlines
+naming it, ``LogSink.stop()`` through its pidfile). Temp dirs come from
 ``tempfile.mkdtemp(prefix="lwb-")`` and only those are deleted.
+
+What the project already has is imported, not copied: process and socket helpers from
+``libra_worker.drivers.haproxy``, and gearmand, polling and child handling from
+``tests.integration.support`` (the integration tests' real-component helpers).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
 import os
 import platform
-import random
 import shutil
-import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-RESULTS_DIR = REPO / "docs" / "bench"
-GEARMAND = "/usr/sbin/gearmand"
-PORT_RANGE = (20000, 32000)
-LOOPBACK = "127.0.0.1"
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-POLL = 0.02
+from libra_worker.drivers.haproxy.process import (  # noqa: E402
+    HAProxyProcess,
+    ProcessTable,
+    find_binary,
+    process_alive,
+    process_cmdline,
+)
+from libra_worker.drivers.haproxy.sockets import send_command  # noqa: E402
+from libra_worker.errors import WorkerError  # noqa: E402
+from libra_worker.logsink import LogSink  # noqa: E402
+from tests.integration import support  # noqa: E402
+from tests.integration.support import (  # noqa: E402
+    GEARMAND,
+    LOOPBACK,
+    PORT_RANGE,
+    START_TIMEOUT,
+    Gearmand,
+    port_accepts,
+    stop_child,
+    wait_until,
+)
 
-_handed_out: set[tuple[str, int]] = set()
+__all__ = [  # re-exported for the bench scripts
+    "Gearmand", "LOOPBACK", "LogSink", "ProcessTable", "START_TIMEOUT", "WorkerError",
+    "port_accepts", "process_alive", "process_cmdline", "send_command", "stop_child",
+    "wait_until",
+]
+
+RESULTS_DIR = REPO / "docs" / "bench"
+HAPROXY_STOP_GRACE = 3.0
 
 
 # --------------------------------------------------------------------------- basics
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A port in 20000-32000 on `host` that binds now and was not handed out before."""
-    for _ in range(1000):
-        port = random.randint(*PORT_RANGE)
-        if (host, port) in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add((host, port))
-        return port
+    """A port in 20000-32000 that binds now on `host` and was not handed out before.
+
+    The integration support's `free_port` (127.0.0.1, never the same port twice); for the
+    traffic bench's backends on 127.0.0.2-4 the port must also bind on that address.
+    """
+    for _ in range(100):
+        port = support.free_port()
+        if host == LOOPBACK or _binds(host, port):
+            return port
     raise RuntimeError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]} on {host}")
+
+
+def _binds(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def make_temp_dir() -> Path:
@@ -74,89 +104,27 @@ def remove_temp_dir(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = POLL) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+def haproxy_handle(pid_file: Path, config_file: Path | None = None,
+            master_socket: Path | None = None) -> HAProxyProcess:
+    """The worker's own HAProxy handle for the processes started with `pid_file`.
+
+    `our_pids()` matches every process whose command line names that pidfile (daemon-mode
+    HAProxies included), and `stop()` soft-stops the pid in the pidfile, then SIGKILLs any
+    other process still naming it, all by pid. For a daemon-mode HAProxy there is no master
+    socket; the default path is never created, and `stop()` only unlinks it if present.
+    """
+    return HAProxyProcess(
+        find_binary(),
+        config_file or pid_file.with_name("haproxy.cfg"),
+        pid_file,
+        master_socket or pid_file.with_name("unused-master.sock"),
+        stop_grace=HAPROXY_STOP_GRACE,
+    )
 
 
-def port_accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def process_alive(pid: int) -> bool:
-    """True for a live process; a zombie counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return []
-
-
-def pids_naming(argument: str, program: str = "haproxy") -> list[int]:
-    """Live processes of `program` whose command line contains `argument` (e.g. our pidfile)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            pid = int(entry.name)
-            args = cmdline(pid)
-            if args and program in Path(args[0]).name and argument in args and process_alive(pid):
-                found.append(pid)
-    return sorted(found)
-
-
-def signal_pids(pids: Iterable[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-
-def wait_gone(pids: Sequence[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(process_alive(pid) for pid in pids):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL)
-    return True
-
-
-def stop_haproxy_by_pidfile(pid_file: Path) -> None:
-    """Stop every HAProxy started with `pid_file`: soft stop, then SIGKILL, all by pid."""
-    pids = pids_naming(str(pid_file))
-    if not pids:
-        return
-    signal_pids(pids, signal.SIGUSR1)
-    if not wait_gone(pids, 3.0):
-        signal_pids([pid for pid in pids if process_alive(pid)], signal.SIGKILL)
-        wait_gone(pids, STOP_TIMEOUT)
-
-
-def stop_child(process: subprocess.Popen[Any] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
+def has_workers(gearmand: Gearmand, function: str) -> bool:
+    """Whether gearmand lists at least one available worker for `function`."""
+    return gearmand.function_status(function)[2] > 0
 
 
 def rss_kib(pid: int) -> int:
@@ -191,62 +159,6 @@ def ratio(value: float, floor: float) -> float:
 
 
 # --------------------------------------------------------------------------- gearman
-
-
-class Gearmand:
-    """One gearmand in the foreground, our child, stopped by pid."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self) -> "Gearmand":
-        config = self.root / "gearmand.conf"
-        config.touch()  # gearmand refuses to start without its config file
-        command = [
-            GEARMAND, "--listen", LOOPBACK, "--port", str(self.port),
-            "--threads", "1", "--queue-type", "builtin",
-            "--log-file", str(self.root / "gearmand.log"),
-            "--pid-file", str(self.root / "gearmand.pid"),
-            "--config-file", str(config),
-        ]
-        with open(self.root / "gearmand.out", "ab") as output:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                            stdout=output, stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: self.process.poll() is not None or port_accepts(LOOPBACK, self.port),
-                       START_TIMEOUT, "gearmand")
-            if self.process.poll() is not None:
-                raise RuntimeError("gearmand exited: " + (self.root / "gearmand.out").read_text())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def workers_for(self, function: str) -> int:
-        """Available workers for `function`, from the text admin protocol's `status`."""
-        with socket.create_connection((LOOPBACK, self.port), timeout=5) as conn:
-            conn.sendall(b"status\n")
-            data = b""
-            deadline = time.monotonic() + 5
-            while not data.endswith(b".\n") and time.monotonic() < deadline:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        for line in data.decode().splitlines():
-            parts = line.split("\t")
-            if len(parts) == 4 and parts[0] == function:
-                return int(parts[3])
-        return 0
-
-    def stop(self) -> None:
-        stop_child(self.process)
 
 
 # Binary protocol packet types (http://gearman.org/protocol/).
@@ -311,6 +223,8 @@ class RawClient:
     def close(self) -> None:
         self.conn.close()
 
+    stop = close  # so that a `Run` can own it like the processes
+
 
 # --------------------------------------------------------------------------- the worker
 
@@ -358,8 +272,8 @@ class Worker:
             )
         try:
             wait_until(lambda: self.process.poll() is not None
-                       or self.gearmand.workers_for(self.function) > 0,
-                       START_TIMEOUT, "the worker to register with gearmand", interval=0.05)
+                       or has_workers(self.gearmand, self.function),
+                       START_TIMEOUT, "the worker to register with gearmand")
             if self.process.poll() is not None:
                 raise RuntimeError("the worker exited: " + (self.root / "worker.out").read_text())
         except BaseException:
@@ -372,45 +286,35 @@ class Worker:
         assert self.process is not None
         return self.process.pid
 
+    @property
+    def haproxy(self) -> HAProxyProcess:
+        return haproxy_handle(self.haproxy_pid_file, self.state_dir / "haproxy.cfg",
+                              self.master_socket)
+
     def haproxy_worker_pids(self) -> tuple[int, ...]:
         """The current HAProxy worker pids, from the master CLI's `show proc`."""
-        answer = master_command(self.master_socket, "show proc")
-        current = answer.split("# workers", 1)[-1].split("#", 1)[0]
-        return tuple(int(line.split()[0]) for line in current.splitlines()
-                     if " worker " in f" {line} ")
+        return ProcessTable.parse(send_command(self.master_socket, "show proc", 10.0)).worker_pids
 
     def stop(self) -> None:
-        """Worker first (SIGTERM by pid), then its HAProxy and log sink, by their pidfiles."""
-        stop_child(self.process)
-        stop_haproxy_by_pidfile(self.haproxy_pid_file)
-        stop_log_sink(self.state_dir)
+        """Worker first (SIGTERM by pid), then its HAProxy and log sink, as the worker would."""
+        try:
+            stop_child(self.process)
+        finally:
+            try:
+                self.haproxy.stop()
+            finally:
+                LogSink(self.state_dir).stop()
 
 
-def stop_log_sink(state_dir: Path) -> None:
-    pid_file = state_dir / "logs" / "logsink.pid"
-    try:
-        pid = int(pid_file.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    if "libra_worker.logsink" not in " ".join(cmdline(pid)):
-        return
-    signal_pids([pid], signal.SIGTERM)
-    if not wait_gone([pid], 5.0):
-        signal_pids([pid], signal.SIGKILL)
-        wait_gone([pid], 5.0)
-
-
-def master_command(path: Path, command: str, timeout: float = 10.0) -> str:
-    """One command on HAProxy's master CLI; the answer is everything up to EOF."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(str(path))
-        conn.sendall(command.encode() + b"\n")
-        conn.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
+def configure_http_lb(client: RawClient, worker: Worker, nodes: int = 2) -> None:
+    """One HTTP load balancer on the worker (nodes that need not listen), so STATS has data."""
+    members = [{"id": f"n{i}", "address": LOOPBACK, "port": free_port()} for i in range(nodes)]
+    answer = client.submit_json(worker.function, {
+        "hpcs_action": "UPDATE",
+        "loadbalancers": [{"protocol": "HTTP", "port": free_port(), "nodes": members}],
+    })
+    if answer.get("hpcs_response") != "PASS":
+        raise RuntimeError(f"UPDATE failed: {answer}")
 
 
 def render_config(message: dict[str, Any], state_dir: Path, log_socket: Path) -> str:
@@ -500,3 +404,49 @@ def fmt_ms(seconds: float) -> str:
 
 def fmt_ratio(value: float) -> str:
     return f"{value:.2f}x" if value == value else "n/a"
+
+
+def save_figure(plt: Any, figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every bench takes (`--out-dir`, `--no-plot`); the script adds its own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--no-plot", action="store_true")
+    return parser
+
+
+class Run(contextlib.ExitStack):
+    """One bench run: its temp dir, and everything started in it, stopped in reverse order.
+
+    `with Run() as run:` makes the dir; `run.own(thing)` registers `thing.stop` (or `stop`)
+    so that leaving the block stops it even when the measurement failed, the last started
+    first, and deletes the dir last.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = make_temp_dir()
+        self.callback(remove_temp_dir, self.root)
+
+    def own(self, thing: Any, stop: Callable[[], Any] | None = None) -> Any:
+        self.callback(stop or thing.stop)
+        return thing
+
+
+def publish(args: argparse.Namespace, name: str, title: str, sections: Sequence[str],
+            info: dict[str, str], image_text: str,
+            plot: Callable[[Any, Path], None] | None = None) -> None:
+    """Write docs/bench/<name>.md (and <name>.png unless --no-plot) into --out-dir."""
+    write_results(name, title, [*sections, f"![{image_text}]({name}.png)"], info, args.out_dir)
+    plt = None if args.no_plot else pyplot_or_none(required=True)
+    if plt is not None and plot is not None:
+        plot(plt, args.out_dir / f"{name}.png")
+    print(f"Results in {args.out_dir / f'{name}.md'}")

@@ -10,7 +10,16 @@ a fresh child process, the peak RSS (VmHWM) before and after:
 * a naive read-all + gzip.compress + PUT of the small log: the baseline whose
   peak grows with the log size.
 
-Usage: python bench/archive_memory.py [--size-mb 300] [--small-mb 16]
+The log lives in a temp dir from ``tempfile.mkdtemp(prefix="lwb-")``, deleted afterwards;
+the Swift of tests/swift_server.py makes and deletes its own dir and stops its processes
+by pid. The children import only what they measure (not bench/_common.py), so "RSS
+before" is the interpreter plus swiftclient and libra_worker.archive.
+
+Target: the peak of ``archive_logs`` does not grow with the log size (the growth at
+``--size-mb`` stays within 16 MiB of the growth at ``--small-mb``).
+
+Usage: python bench/archive_memory.py [--size-mb 300] [--small-mb 16] [--out-dir DIR]
+       [--no-plot]
 """
 
 from __future__ import annotations
@@ -23,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,52 +115,98 @@ def measure(mode: str, state_dir: Path, swift, lb_id: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run(size_mb: int, small_mb: int) -> None:
+GROWTH_TOLERANCE_MB = 16.0
+
+
+def run(size_mb: int, small_mb: int) -> list[tuple[str, float, dict]]:
+    import _common as c
     from tests.swift_server import SwiftServer
 
-    swift = SwiftServer.start()
+    scenarios = [("naive read-all", "naive", small_mb),
+                 ("archive_logs", "archive", small_mb),
+                 ("archive_logs", "archive", size_mb)]
     rows = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="libra-bench-") as temp:
-            scenarios = [("naive read-all", "naive", small_mb),
-                         ("archive_logs", "archive", small_mb),
-                         ("archive_logs", "archive", size_mb)]
-            for number, (label, mode, log_mb) in enumerate(scenarios):
-                state_dir = Path(temp) / f"state-{number}"
-                build_log(state_dir, log_mb)
-                raw_mb = (state_dir / "logs" / "http.log").stat().st_size / MB
-                stats = measure(mode, state_dir, swift, f"bench-{number}")
-                rows.append((label, raw_mb, stats))
-    finally:
-        swift.stop()
-    print_table(rows)
+    with c.Run() as bench_run:
+        swift = bench_run.own(SwiftServer.start())
+        for number, (label, mode, log_mb) in enumerate(scenarios):
+            state_dir = bench_run.root / f"state-{number}"
+            build_log(state_dir, log_mb)
+            raw_mb = (state_dir / "logs" / "http.log").stat().st_size / MB
+            stats = measure(mode, state_dir, swift, f"bench-{number}")
+            rows.append((label, raw_mb, stats))
+            # Only one log on disk at a time.
+            (state_dir / "logs" / "http.log").unlink(missing_ok=True)
+    return rows
 
 
-def print_table(rows: list[tuple[str, float, dict]]) -> None:
-    header = ("scenario", "log MiB", "gz MiB", "RSS before", "peak RSS", "growth",
-              "seconds")
-    print("%-16s %9s %8s %11s %10s %8s %8s" % header)
-    for label, raw_mb, stats in rows:
-        print("%-16s %9.1f %8.1f %10.1fM %9.1fM %7.1fM %8.1f" % (
-            label, raw_mb, stats["compressed"] / MB, stats["before"], stats["peak"],
-            stats["peak"] - stats["before"], stats["seconds"]))
+def table(rows: list[tuple[str, float, dict]]) -> str:
+    import _common as c
+
+    return c.markdown_table(
+        ["scenario", "log MiB", "gz MiB", "RSS before MiB", "peak RSS MiB", "growth MiB",
+         "seconds"],
+        [[label, f"{raw_mb:.1f}", f"{stats['compressed'] / MB:.1f}", f"{stats['before']:.1f}",
+          f"{stats['peak']:.1f}", f"{stats['peak'] - stats['before']:.1f}",
+          f"{stats['seconds']:.1f}"] for label, raw_mb, stats in rows])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def verdict(rows: list[tuple[str, float, dict]]) -> str:
+    (_, naive_mb, naive), (_, small_mb, small), (_, big_mb, big) = rows
+    small_growth = small["peak"] - small["before"]
+    big_growth = big["peak"] - big["before"]
+    met = "MET" if big_growth - small_growth <= GROWTH_TOLERANCE_MB else "MISSED"
+    return (f"archive_logs peak growth: {small_growth:.1f} MiB at {small_mb:.0f} MiB of log, "
+            f"{big_growth:.1f} MiB at {big_mb:.0f} MiB; the naive read-all baseline grows "
+            f"{naive['peak'] - naive['before']:.1f} MiB at only {naive_mb:.0f} MiB of log. "
+            f"Target peak independent of the log size (within {GROWTH_TOLERANCE_MB:g} MiB): "
+            f"{met}.")
+
+
+def plot(rows: list[tuple[str, float, dict]], plt, path: Path) -> None:
+    import _common as c
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    labels = [f"{label}\n{raw_mb:.0f} MiB log" for label, raw_mb, _ in rows]
+    bars = axis.bar(labels, [stats["peak"] - stats["before"] for _, _, stats in rows])
+    axis.bar_label(bars, fmt="%.1f")
+    axis.set_ylabel("peak RSS growth, MiB")
+    axis.set_title("ARCHIVE peak memory: streaming vs read-all")
+    axis.grid(True, axis="y", alpha=0.3)
+    c.save_figure(plt, figure, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _common as c
+
+    parser = c.argument_parser(__doc__)
     parser.add_argument("--size-mb", type=int, default=300, help="big log size")
     parser.add_argument("--small-mb", type=int, default=None,
                         help="log size for the naive baseline (default: min(size, 16))")
-    parser.add_argument("--child", choices=["archive", "naive"], help=argparse.SUPPRESS)
-    parser.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
-    parser.add_argument("--lb-id", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.state_dir, args.endpoint, args.lb_id)
-        return
-    run(args.size_mb, args.small_mb or min(args.size_mb, 16))
+    args = parser.parse_args(argv)
+    info = c.machine_info()
+    rows = run(args.size_mb, args.small_mb or min(args.size_mb, 16))
+    text = table(rows)
+    print(text)
+    print(verdict(rows))
+    notes = ("Each scenario runs in a fresh child process; RSS is VmHWM (peak resident set) "
+             "before the call and after it. The naive baseline reads the whole log, "
+             "gzip.compress()es it and PUTs it, so its peak grows with the log; it runs on the "
+             "small log only. Swift: the all-in-one test Swift of tests/swift_server.py on "
+             "loopback.")
+    c.publish(args, "archive_memory", "ARCHIVE peak memory", [text, verdict(rows), notes], info,
+              "ARCHIVE peak memory", lambda plt, path: plot(rows, plt, path))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    if "--child" in sys.argv:  # a measurement: keep the child free of bench imports
+        child_parser = argparse.ArgumentParser(description="one measurement (internal)")
+        child_parser.add_argument("--child", choices=["archive", "naive"], required=True)
+        child_parser.add_argument("--state-dir", type=Path)
+        child_parser.add_argument("--endpoint")
+        child_parser.add_argument("--lb-id")
+        child_args = child_parser.parse_args()
+        child(child_args.child, child_args.state_dir, child_args.endpoint, child_args.lb_id)
+        sys.exit(0)
+    sys.exit(main())

@@ -59,22 +59,15 @@ def start_echo_worker(gearmand: c.Gearmand, root: Path) -> tuple[subprocess.Pope
         process = subprocess.Popen(
             [sys.executable, __file__, "--echo-worker", gearmand.address, function],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-    c.wait_until(lambda: process.poll() is not None or gearmand.workers_for(function) > 0,
-                 c.START_TIMEOUT, "the echo worker")
-    if process.poll() is not None:
-        raise RuntimeError("the echo worker exited: " + (root / "echo.out").read_text())
+    try:
+        c.wait_until(lambda: process.poll() is not None or c.has_workers(gearmand, function),
+                     c.START_TIMEOUT, "the echo worker")
+        if process.poll() is not None:
+            raise RuntimeError("the echo worker exited: " + (root / "echo.out").read_text())
+    except BaseException:
+        c.stop_child(process)
+        raise
     return process, function
-
-
-def configure_lb(client: c.RawClient, worker: c.Worker) -> None:
-    port = c.free_port()
-    nodes = [{"id": f"n{i}", "address": c.LOOPBACK, "port": c.free_port()} for i in range(2)]
-    answer = client.submit_json(worker.function, {
-        "hpcs_action": "UPDATE",
-        "loadbalancers": [{"protocol": "HTTP", "port": port, "nodes": nodes}],
-    })
-    if answer.get("hpcs_response") != "PASS":
-        raise RuntimeError(f"UPDATE failed: {answer}")
 
 
 def measure(client: c.RawClient, targets: dict[str, tuple[str, bytes]], jobs: int,
@@ -125,7 +118,7 @@ def verdict(rows: list[dict[str, float]]) -> str:
             f"(DISCOVER {c.fmt_ratio(rows[0]['ratio'])}, STATS {c.fmt_ratio(rows[1]['ratio'])}).")
 
 
-def plot(results: dict[str, dict[str, list[float]]], path: Path, plt) -> None:
+def plot(results: dict[str, dict[str, list[float]]], plt, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     for name in SERIES:
         values = sorted(v * 1000 for v in results[name]["latency"])
@@ -137,18 +130,14 @@ def plot(results: dict[str, dict[str, list[float]]], path: Path, plt) -> None:
     axis.set_title("Gearman round trip: libra-worker vs raw echo worker")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    c.save_figure(plt, figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = c.argument_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=3000, help="jobs per series")
     parser.add_argument("--blocks", type=int, default=10, help="interleaved blocks")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured jobs per series")
-    parser.add_argument("--out-dir", type=Path, default=c.RESULTS_DIR)
-    parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--echo-worker", nargs=2, metavar=("ADDRESS", "FUNCTION"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,14 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     info = c.machine_info()
-    root = c.make_temp_dir()
-    gearmand = worker = echo = client = None
-    try:
-        gearmand = c.Gearmand(root).start()
-        worker = c.Worker(root, gearmand).start()
-        echo, echo_function = start_echo_worker(gearmand, root)
-        client = c.RawClient(gearmand.address)
-        configure_lb(client, worker)
+    with c.Run() as run:
+        gearmand = run.own(c.Gearmand(run.root).start())
+        worker = run.own(c.Worker(run.root, gearmand).start())
+        echo, echo_function = start_echo_worker(gearmand, run.root)
+        run.callback(c.stop_child, echo)
+        client = run.own(c.RawClient(gearmand.address))
+        c.configure_http_lb(client, worker)
         discover = json.dumps({"hpcs_action": "DISCOVER"}).encode()
         stats = json.dumps({"hpcs_action": "STATS"}).encode()
         targets = {
@@ -174,15 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         measure(client, targets, min(args.warmup, args.jobs), 1)
         results = measure(client, targets, args.jobs, min(args.blocks, args.jobs))
-    finally:
-        if client is not None:
-            client.close()
-        c.stop_child(echo)
-        if worker is not None:
-            worker.stop()
-        if gearmand is not None:
-            gearmand.stop()
-        c.remove_temp_dir(root)
 
     rows = summarize(results)
     text = table(rows)
@@ -196,14 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         "INFO logging to a file (one line per job). STATS reads HAProxy's stats socket "
         "(one HTTP load balancer, 2 nodes)."
     )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    c.write_results("round_trip", "Gearman round trip: DISCOVER and STATS",
-                    [text, verdict(rows), notes, "![round trip CDF](round_trip.png)"], info,
-                    args.out_dir)
-    plt = None if args.no_plot else c.pyplot_or_none(required=True)
-    if plt is not None:
-        plot(results, args.out_dir / "round_trip.png", plt)
-    print(f"Results in {args.out_dir / 'round_trip.md'}")
+    c.publish(args, "round_trip", "Gearman round trip: DISCOVER and STATS",
+              [text, verdict(rows), notes], info, "round trip CDF",
+              lambda plt, path: plot(results, plt, path))
     return 0
 
 

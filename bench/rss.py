@@ -15,7 +15,6 @@ Usage: python bench/rss.py [--jobs 10000] [--sample-every 500] [--out-dir DIR] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -58,7 +57,7 @@ def run_jobs(worker: c.Worker, client: c.RawClient, jobs: int, every: int) -> li
     return samples
 
 
-def plot(samples: list[tuple[int, int]], floor_kib: int, path: Path, plt) -> None:
+def plot(samples: list[tuple[int, int]], floor_kib: int, plt, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot([s[0] for s in samples], [s[1] / 1024 for s in samples], marker=".",
               label="libra-worker VmRSS")
@@ -69,47 +68,27 @@ def plot(samples: list[tuple[int, int]], floor_kib: int, path: Path, plt) -> Non
     axis.set_title("libra-worker resident memory over jobs")
     axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    c.save_figure(plt, figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = c.argument_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=10000)
     parser.add_argument("--sample-every", type=int, default=250)
-    parser.add_argument("--out-dir", type=Path, default=c.RESULTS_DIR)
-    parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     info = c.machine_info()
-    root = c.make_temp_dir()
-    gearmand = worker = client = None
-    try:
+    with c.Run() as run:
         floor_kib = import_floor_rss()
-        gearmand = c.Gearmand(root).start()
-        worker = c.Worker(root, gearmand).start()
+        gearmand = run.own(c.Gearmand(run.root).start())
+        worker = run.own(c.Worker(run.root, gearmand).start())
         time.sleep(0.5)
         idle_kib = c.rss_kib(worker.pid)
-        client = c.RawClient(gearmand.address)
-        nodes = [{"id": f"n{i}", "address": c.LOOPBACK, "port": c.free_port()} for i in range(2)]
-        answer = client.submit_json(worker.function, {
-            "hpcs_action": "UPDATE",
-            "loadbalancers": [{"protocol": "HTTP", "port": c.free_port(), "nodes": nodes}],
-        })
-        if answer.get("hpcs_response") != "PASS":
-            raise RuntimeError(f"UPDATE failed: {answer}")
+        client = run.own(c.RawClient(gearmand.address))
+        c.configure_http_lb(client, worker)
         samples = run_jobs(worker, client, args.jobs, max(1, args.sample_every))
         time.sleep(0.5)
         idle_after_kib = c.rss_kib(worker.pid)
-    finally:
-        if client is not None:
-            client.close()
-        if worker is not None:
-            worker.stop()
-        if gearmand is not None:
-            gearmand.stop()
-        c.remove_temp_dir(root)
 
     # Warm = halfway: the first ~1500 jobs grow the allocator's arenas and caches, then the
     # curve is flat; growth over the second half is what a leak would show.
@@ -134,12 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict)
     notes = ("Jobs alternate DISCOVER and STATS, one at a time, on one kept-open raw-socket "
              f"Gearman connection; VmRSS from /proc/<pid>/status every {args.sample_every} jobs.")
-    c.write_results("rss", "Worker resident memory (VmRSS)",
-                    [text, verdict, notes, "![RSS over jobs](rss.png)"], info, args.out_dir)
-    plt = None if args.no_plot else c.pyplot_or_none(required=True)
-    if plt is not None:
-        plot(samples, floor_kib, args.out_dir / "rss.png", plt)
-    print(f"Results in {args.out_dir / 'rss.md'}")
+    c.publish(args, "rss", "Worker resident memory (VmRSS)", [text, verdict, notes], info,
+              "RSS over jobs", lambda plt, path: plot(samples, floor_kib, plt, path))
     return 0
 
 

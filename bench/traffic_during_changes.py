@@ -77,7 +77,7 @@ class Backends:
         subprocess.run(["haproxy", "-D", "-p", str(self.pid_file), "-f", str(config)],
                        stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=30)
         for host, port in self.addresses:
-            c.wait_until(lambda: c.port_accepts(host, port), 10, f"backend {host}:{port}")
+            c.wait_until(lambda: c.port_accepts(port, host), 10, f"backend {host}:{port}")
         return self
 
     def nodes(self, indexes: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -85,7 +85,7 @@ class Backends:
                 for i in indexes]
 
     def stop(self) -> None:
-        c.stop_haproxy_by_pidfile(self.pid_file)
+        c.haproxy_handle(self.pid_file).stop()
 
 
 def node_sets(backends: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -115,9 +115,6 @@ class WorkerMode:
         if answer.get("hpcs_response") != "PASS":
             self.failures.append(str(answer.get("hpcs_error")))
 
-    def stop(self) -> None:
-        pass  # the worker, its HAProxy and log sink are stopped with the worker
-
 
 class BaselineMode:
     """The 2013 way: write, `haproxy -c`, `haproxy -f cfg -p pid -D -sf <oldpid>`."""
@@ -125,17 +122,14 @@ class BaselineMode:
     name = LB_MODES[1]
 
     def __init__(self, root: Path, port: int) -> None:
-        from libra_worker.logsink import LogSink
-
         self.dir = root / "baseline"
         self.dir.mkdir()
         self.config = self.dir / "haproxy.cfg"
         self.pid_file = self.dir / "haproxy.pid"
         self.port = port
         self.failures: list[str] = []
-        self.seen_pids: set[int] = set()
         # Same config text means the same access logging: the same sink the worker runs.
-        self.sink = LogSink(self.dir)
+        self.sink = c.LogSink(self.dir)
         self.sink.ensure_running()
 
     def apply(self, nodes: list[dict[str, Any]]) -> None:
@@ -155,7 +149,6 @@ class BaselineMode:
         result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         if result.returncode != 0:
             self.failures.append(result.stderr.decode(errors="replace")[:300])
-        self.seen_pids.update(self._pids_in_file())
 
     def _pids_in_file(self) -> list[int]:
         try:
@@ -164,11 +157,11 @@ class BaselineMode:
             return []
 
     def stop(self) -> None:
-        c.stop_haproxy_by_pidfile(self.pid_file)
-        leftovers = [pid for pid in self.seen_pids
-                     if c.process_alive(pid) and str(self.pid_file) in c.cmdline(pid)]
-        c.signal_pids(leftovers, 9)
-        c.stop_log_sink(self.dir)
+        """The last daemon soft-stops; old ones still draining (`-sf`) are killed by pid."""
+        try:
+            c.haproxy_handle(self.pid_file, self.config).stop()
+        finally:
+            self.sink.stop()
 
 
 def worker_log_size(root: Path) -> int:
@@ -293,7 +286,7 @@ def verdict(results: list[dict[str, Any]]) -> str:
             f"over {sum(r['requests'] for r in worker)} requests; {bad_changes} UPDATEs failed).")
 
 
-def plot(results: list[dict[str, Any]], path: Path, plt) -> None:
+def plot(results: list[dict[str, Any]], plt, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
     width = 0.38
     for offset, mode in ((-width / 2, LB_MODES[0]), (width / 2, LB_MODES[1])):
@@ -309,55 +302,37 @@ def plot(results: list[dict[str, Any]], path: Path, plt) -> None:
         axis.grid(True, axis="y", alpha=0.3)
     left.legend(fontsize=8)
     figure.suptitle("HTTP load during a change every 0.5 s")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    c.save_figure(plt, figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = c.argument_parser(__doc__)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per run")
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between changes")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", type=int, default=3, choices=(2, 3))
     parser.add_argument("--request-timeout", type=float, default=2.0)
-    parser.add_argument("--out-dir", type=Path, default=c.RESULTS_DIR)
-    parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
     info = c.machine_info()
-    root = c.make_temp_dir()
-    gearmand = worker = client = backends = baseline = None
     results = []
-    try:
-        backends = Backends(root, args.backends).start()
-        gearmand = c.Gearmand(root).start()
-        worker = c.Worker(root, gearmand).start()
-        client = c.RawClient(gearmand.address)
+    with c.Run() as run:
+        backends = run.own(Backends(run.root, args.backends).start())
+        gearmand = run.own(c.Gearmand(run.root).start())
+        worker = run.own(c.Worker(run.root, gearmand).start())
+        client = run.own(c.RawClient(gearmand.address))
+        baseline = run.own(BaselineMode(run.root, c.free_port()))
         first, second = node_sets(args.backends)
         sets = (backends.nodes(first), backends.nodes(second))
-        modes = [WorkerMode(worker, client, c.free_port()), None]
-        baseline = modes[1] = BaselineMode(root, c.free_port())
+        modes = (WorkerMode(worker, client, c.free_port()), baseline)
         # Interleaved: worker, baseline, worker, baseline, so drift hits both alike.
         for close in (False, True):
             for mode in modes:
-                result = one_run(mode, sets, root, args, close)
+                result = one_run(mode, sets, run.root, args, close)
                 results.append(result)
                 print(f"{result['connection']:10} {result['mode']:26} {result['requests']:8d} "
                       f"requests, {result['failed']} failed, {result['rps']:.0f} req/s", flush=True)
-    finally:
-        if client is not None:
-            client.close()
-        if worker is not None:
-            worker.stop()
-        if baseline is not None:
-            baseline.stop()
-        if backends is not None:
-            backends.stop()
-        if gearmand is not None:
-            gearmand.stop()
-        c.remove_temp_dir(root)
 
     text = table(results)
     print(text)
@@ -373,13 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratios, not absolute req/s. Both modes log every request to a libra-worker log sink "
         "(same config text)."
     )
-    c.write_results("traffic_during_changes", "HTTP traffic during changes every 0.5 s",
-                    [text, verdict(results), paths_text(results), notes, "![traffic](traffic_during_changes.png)"],
-                    info, args.out_dir)
-    plt = None if args.no_plot else c.pyplot_or_none(required=True)
-    if plt is not None:
-        plot(results, args.out_dir / "traffic_during_changes.png", plt)
-    print(f"Results in {args.out_dir / 'traffic_during_changes.md'}")
+    c.publish(args, "traffic_during_changes", "HTTP traffic during changes every 0.5 s",
+              [text, verdict(results), paths_text(results), notes], info, "traffic",
+              lambda plt, path: plot(results, plt, path))
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,8 @@ class StateStore:
             return DesiredState()
 
     def save(self, state: DesiredState) -> None:
-        document = asdict(state)
+        # Shallow on purpose: asdict() would deep-copy every node of a large device.
+        document = {item.name: getattr(state, item.name) for item in fields(state)}
         document["lifecycle"] = state.lifecycle.value
         atomic_write(self.path, json.dumps(document) + "\n")
         self._cached = (self._version(), state)

@@ -349,6 +349,35 @@ def test_a_removed_server_with_open_connections_is_retired_without_cutting_them(
     assert current_workers(worker) == workers
 
 
+def test_a_node_back_while_its_server_is_retired_is_revived_at_runtime(
+        worker, tcp_backend, free_port):
+    a, b = tcp_backend("back-a"), tcp_backend("back-b")
+    port = free_port()
+    assert worker.submit(update(lb("TCP", port, [a.node(), b.node()])))["hpcs_response"] == "PASS"
+    workers = current_workers(worker)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        wait_until(lambda: _server_has_sessions(worker, "back-b"), 5, "a session on back-b")
+        assert worker.submit(update(lb("TCP", port, [a.node()])))["hpcs_response"] == "PASS"
+        assert _server_state(worker, "back-b") is not None  # retired, still connected
+
+        reply = worker.submit(update(lb("TCP", port, [a.node(), b.node(weight=3)])))
+
+        assert reply["hpcs_response"] == "PASS", reply
+        assert_applied_at_runtime(worker, workers, 1)
+        answers = set()
+        for _ in range(8):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as fresh:
+                fresh.sendall(b"new\n")
+                answers.add(fresh.recv(64).decode())
+        assert answers == {"back-a", "back-b"}
+        assert sorted(node_statuses(worker.submit("STATS"))) == ["back-a", "back-b"]
+    finally:
+        for connection in held:
+            connection.close()
+    assert current_workers(worker) == workers
+
+
 def _server_state(worker: Worker, name: str) -> str | None:
     for line in stats_command(worker, "show servers state lb-tcp").splitlines():
         fields = line.split()

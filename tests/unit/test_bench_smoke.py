@@ -1,8 +1,9 @@
 """Smoke runs of every benchmark in bench/ with tiny sizes, so the scripts never rot.
 
-Each script starts real gearmand, libra-worker and HAProxy processes (the set-up installs
-them) and must exit 0, print its table and write its results file. Only the plot is
-optional here: without matplotlib the scripts run with --no-plot.
+Each script starts real gearmand, libra-worker and HAProxy processes (archive_memory: the
+test Swift of tests/swift_server.py; the set-up installs them all) and must exit 0, print
+its table and write its results file. Only the plot is optional here: without matplotlib
+the scripts run with --no-plot.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 CASES = {
+    "archive_memory": (["--size-mb", "4", "--small-mb", "2"], "peak RSS MiB"),
     "round_trip": (["--jobs", "200", "--blocks", "2", "--warmup", "20"], "p50 vs floor"),
     "rss": (["--jobs", "200", "--sample-every", "50"], "VmRSS MiB"),
     "update_latency": (["--sizes", "1,10", "--iterations", "2", "--large-iterations", "1"],

@@ -575,3 +575,28 @@ def test_the_whole_plan_is_bounded_by_its_timeout(fake_socket):
     with pytest.raises(RuntimeChangeFailed, match="time ran out"):
         runtime.apply_plan(plan, fake.path, timeout=0)
     assert fake.received == []
+
+
+def test_a_node_coming_back_under_a_retired_name_is_revived_not_added():
+    retired = {"lb-http/c": node("c", 8003, weight=1)}
+    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                                                  node("c", 8003, weight=4))), retired)
+
+    assert texts(plan) == ["set server lb-http/c weight 4", "set server lb-http/c state ready"]
+    assert plan.added == ("lb-http/c",)
+
+
+def test_a_disabled_node_coming_back_under_a_retired_name_stays_in_maintenance():
+    retired = {"lb-http/c": node("c", 8003)}
+    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                                                  node("c", 8003, enabled=False))), retired)
+
+    assert texts(plan) == []
+    assert plan.added == ("lb-http/c",)
+
+
+def test_a_retired_name_coming_back_elsewhere_takes_a_reload():
+    retired = {"lb-http/c": node("c", 8003)}
+
+    assert plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                                                  node("c", 9999))), retired) is None

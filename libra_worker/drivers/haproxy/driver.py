@@ -30,7 +30,7 @@ from libra_worker.drivers.haproxy.sockets import server_statuses
 from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
 from libra_worker.fileutil import atomic_write, fsync_directory
 from libra_worker.logsink import LogSink
-from libra_worker.messages import ArchiveRequest, Device, device_document, parse_device
+from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
 from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
@@ -85,8 +85,9 @@ class HAProxyDriver(LoadBalancerDriver):
         self._lock_file = settings.state_dir / "driver.lock"
         self._lock_depth = 0
         self._lock_fd = -1
-        # Servers removed at runtime that still had connections (see runtime.py).
-        self._retired: set[str] = set()
+        # Servers removed at runtime that still had connections (see runtime.py), by
+        # "backend/name", with the node they served.
+        self._retired: dict[str, Node] = {}
         # The last accepted Device, parsed once per state-file version.
         self._accepted: tuple[DesiredState, Device | None] | None = None
 
@@ -153,7 +154,8 @@ class HAProxyDriver(LoadBalancerDriver):
                 self._put_back(previous)
                 raise
             lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
-            self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
+            saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
+            self._accepted = (saved, device)  # what the state file now holds, already parsed
 
     def suspend(self) -> None:
         with self._exclusive():
@@ -277,7 +279,11 @@ class HAProxyDriver(LoadBalancerDriver):
             except runtime.RuntimeChangeFailed as exc:
                 reason = f"the runtime change failed: {exc}"
             else:
-                self._retired.update(retired)
+                for name in plan.added:
+                    self._retired.pop(name, None)
+                removed = {f"{render.PROXY_NAMES[lb.protocol]}/{node.id}": node
+                           for lb in accepted.loadbalancers for node in lb.nodes}
+                self._retired.update({name: removed[name] for name in retired})
                 LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
                 return
         self._reload()
@@ -289,13 +295,15 @@ class HAProxyDriver(LoadBalancerDriver):
         """The runtime plan, or None and why the UPDATE needs a reload."""
         if desired.lifecycle is not Lifecycle.ACTIVE or accepted is None or previous is None:
             return None, "there is no accepted configuration to change at runtime"
+        if self._retired:
+            self._delete_retired()  # a name that is free again can simply be added
+        plan = runtime.plan_node_changes(accepted, device, self._retired)
+        if plan is None:
+            return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         # The running HAProxy serves the live file; a change to the template (or a hand
         # edit) since then would not be carried by node commands alone.
         if self._render(accepted) != previous:
             return None, "the live file differs from the last UPDATE's rendering"
-        plan = runtime.plan_node_changes(accepted, device)
-        if plan is None:
-            return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         return plan, ""
 
     def _render(self, device: Device) -> str:
@@ -367,7 +375,8 @@ class HAProxyDriver(LoadBalancerDriver):
     def _delete_retired(self) -> None:
         deadline = time.monotonic() + self.settings.command_timeout
         try:
-            self._retired = set(runtime.delete_retired(sorted(self._retired), self.files.stats_socket, deadline))
+            still = runtime.delete_retired(sorted(self._retired), self.files.stats_socket, deadline)
+            self._retired = {name: self._retired[name] for name in still}
         except runtime.RuntimeChangeFailed as exc:
             LOG.warning("Deleting servers retired at runtime failed: %s", exc)
 
@@ -400,5 +409,7 @@ class HAProxyDriver(LoadBalancerDriver):
         except FileNotFoundError:
             return None
 
-    def _save(self, desired: DesiredState, lifecycle: Lifecycle, **changes: Any) -> None:
-        self.store.save(desired.moved_to(lifecycle, **changes))
+    def _save(self, desired: DesiredState, lifecycle: Lifecycle, **changes: Any) -> DesiredState:
+        saved = desired.moved_to(lifecycle, **changes)
+        self.store.save(saved)
+        return saved

@@ -114,8 +114,15 @@ class RuntimePlan:
                 f"{len(self.changed)} changed")
 
 
-def plan_node_changes(old: Device, new: Device) -> RuntimePlan | None:
-    """The Runtime API commands that turn `old` into `new`, or None if it takes a reload."""
+def plan_node_changes(old: Device, new: Device,
+                      retired: Mapping[str, Node] | None = None) -> RuntimePlan | None:
+    """The Runtime API commands that turn `old` into `new`, or None if it takes a reload.
+
+    `retired` are servers ("backend/name") an earlier plan removed that still sit in
+    maintenance: a node coming back under such a name is brought back to service rather
+    than added (HAProxy refuses a second server of that name).
+    """
+    retired = retired or {}
     if len(old.loadbalancers) != len(new.loadbalancers):
         return None
     commands: list[Command] = []
@@ -136,7 +143,13 @@ def plan_node_changes(old: Device, new: Device) -> RuntimePlan | None:
             return None
         gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
         for node in new_nodes:
-            commands += _add_server(backend, node, after)
+            waiting = retired.get(f"{backend}/{node.id}")
+            if waiting is None:
+                commands += _add_server(backend, node, after)
+            elif _identity(waiting) == _identity(node):
+                commands += _revive_server(backend, waiting, node)
+            else:
+                return None
         for old_node, node in modified:
             commands += _change_server(backend, old_node, node)
         commands += [Command(f"set server {server} state maint") for server in gone]
@@ -170,6 +183,17 @@ def _add_server(backend: str, node: Node, lb: LoadBalancer) -> list[Command]:
     ]
     if node.enabled:
         commands.append(Command(f"enable server {server}"))
+    return commands
+
+
+def _revive_server(backend: str, retired: Node, node: Node) -> list[Command]:
+    """A retired server is in maintenance with its old weight and its checks running."""
+    server = f"{backend}/{node.id}"
+    commands = []
+    if retired.weight != node.weight:
+        commands.append(Command(f"set server {server} weight {node.weight}"))
+    if node.enabled:
+        commands.append(Command(f"set server {server} state ready"))
     return commands
 
 
@@ -382,6 +406,8 @@ def _server_differences(want: DesiredServer, have: RunningServer) -> list[str]:
 
 
 def _same_address(first: str, second: str) -> bool:
+    if first == second:
+        return True
     try:
         return ipaddress.ip_address(first) == ipaddress.ip_address(second)
     except ValueError:
