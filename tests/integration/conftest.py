@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.support import (
     GEARMAND,
+    Backend,
     Gearmand,
     HTTPBackend,
     TCPBackend,
@@ -85,13 +86,11 @@ def traffic() -> Callable[[str, int], Any]:
     return _traffic
 
 
-@pytest.fixture
-def http_backend() -> Iterator[Callable[[str], HTTPBackend]]:
-    """`http_backend("name")` -> a started HTTP node answering "name"; /health is flippable."""
-    started: list[HTTPBackend] = []
+def _started_backends(kind: type[Backend]) -> Iterator[Callable[[str], Backend]]:
+    started: list[Backend] = []
 
-    def make(name: str) -> HTTPBackend:
-        backend = HTTPBackend(name).start()
+    def make(name: str) -> Backend:
+        backend = kind(name).start()
         started.append(backend)
         return backend
 
@@ -100,20 +99,15 @@ def http_backend() -> Iterator[Callable[[str], HTTPBackend]]:
     finally:
         for backend in started:
             backend.stop()
+
+
+@pytest.fixture
+def http_backend() -> Iterator[Callable[[str], HTTPBackend]]:
+    """`http_backend("name")` -> a started HTTP node answering "name"; /health is flippable."""
+    yield from _started_backends(HTTPBackend)
 
 
 @pytest.fixture
 def tcp_backend() -> Iterator[Callable[[str], TCPBackend]]:
     """`tcp_backend("name")` -> a started TCP node answering "name" to one line."""
-    started: list[TCPBackend] = []
-
-    def make(name: str) -> TCPBackend:
-        backend = TCPBackend(name).start()
-        started.append(backend)
-        return backend
-
-    try:
-        yield make
-    finally:
-        for backend in started:
-            backend.stop()
+    yield from _started_backends(TCPBackend)

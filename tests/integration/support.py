@@ -214,41 +214,6 @@ class _NamedHTTPServer(http.server.ThreadingHTTPServer):
     backend: "HTTPBackend"
 
 
-@dataclass
-class HTTPBackend:
-    """An HTTP node answering its own name; `health_status` is what /health answers."""
-
-    name: str
-    port: int = 0
-    health_path: str = "/health"
-    health_status: int = 200
-    health_checks: int = 0
-    paths: list[str] = field(default_factory=list)
-    _server: _NamedHTTPServer | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> "HTTPBackend":
-        self.port = self.port or free_port()
-        self._server = _NamedHTTPServer((LOOPBACK, self.port), _NamedHTTPHandler)
-        self._server.backend = self
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                         name=f"http-{self.name}", daemon=True).start()
-        return self
-
-    def record(self, path: str) -> None:
-        with self._lock:
-            self.paths.append(path)
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def node(self, **extra: Any) -> dict[str, Any]:
-        return {"id": self.name, "address": LOOPBACK, "port": self.port, **extra}
-
-
 class _NamedTCPHandler(socketserver.BaseRequestHandler):
     server: "_NamedTCPServer"
 
@@ -273,26 +238,29 @@ class _NamedTCPServer(socketserver.ThreadingTCPServer):
 
 
 @dataclass
-class TCPBackend:
-    """A TCP node: reads one line, answers its own name, closes."""
+class Backend:
+    """A node on 127.0.0.1 that answers its own name; what it was sent is recorded."""
 
     name: str
     port: int = 0
-    lines: list[str] = field(default_factory=list)
-    _server: _NamedTCPServer | None = None
+    received: list[str] = field(default_factory=list)
+    _server: socketserver.BaseServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self) -> "TCPBackend":
+    def _make_server(self) -> socketserver.BaseServer:
+        raise NotImplementedError
+
+    def start(self) -> "Backend":
         self.port = self.port or free_port()
-        self._server = _NamedTCPServer((LOOPBACK, self.port), _NamedTCPHandler)
-        self._server.backend = self
+        self._server = self._make_server()
+        self._server.backend = self  # type: ignore[attr-defined]
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                         name=f"tcp-{self.name}", daemon=True).start()
+                         name=f"backend-{self.name}", daemon=True).start()
         return self
 
-    def record(self, line: str) -> None:
+    def record(self, item: str) -> None:
         with self._lock:
-            self.lines.append(line)
+            self.received.append(item)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -302,6 +270,34 @@ class TCPBackend:
 
     def node(self, **extra: Any) -> dict[str, Any]:
         return {"id": self.name, "address": LOOPBACK, "port": self.port, **extra}
+
+
+@dataclass
+class HTTPBackend(Backend):
+    """An HTTP node answering its own name; `health_status` is what /health answers."""
+
+    health_path: str = "/health"
+    health_status: int = 200
+    health_checks: int = 0
+
+    @property
+    def paths(self) -> list[str]:
+        return self.received
+
+    def _make_server(self) -> socketserver.BaseServer:
+        return _NamedHTTPServer((LOOPBACK, self.port), _NamedHTTPHandler)
+
+
+@dataclass
+class TCPBackend(Backend):
+    """A TCP node: reads one line, answers its own name, closes."""
+
+    @property
+    def lines(self) -> list[str]:
+        return self.received
+
+    def _make_server(self) -> socketserver.BaseServer:
+        return _NamedTCPServer((LOOPBACK, self.port), _NamedTCPHandler)
 
 
 # --------------------------------------------------------------------------- traffic

@@ -148,17 +148,6 @@ class FaultWorkers:
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def gearmand() -> Iterator[Gearmand]:
-    root = make_fault_dir()
-    server = Gearmand(root)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
 def workers(gearmand: Gearmand) -> Iterator[FaultWorkers]:
     factory = FaultWorkers([gearmand.address])

@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 
-import pytest
 
 from libra_worker.drivers.haproxy.process import process_alive
 from tests.integration.support import (

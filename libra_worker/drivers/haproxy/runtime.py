@@ -147,7 +147,8 @@ def plan_node_changes(old: Device, new: Device,
             if waiting is None:
                 commands += _add_server(backend, node, after)
             elif _identity(waiting) == _identity(node):
-                commands += _revive_server(backend, waiting, node)
+                # Retired means in maintenance, with its old weight and checks running.
+                commands += _change_server(backend, replace(waiting, enabled=False), node)
             else:
                 return None
         for old_node, node in modified:
@@ -183,17 +184,6 @@ def _add_server(backend: str, node: Node, lb: LoadBalancer) -> list[Command]:
     ]
     if node.enabled:
         commands.append(Command(f"enable server {server}"))
-    return commands
-
-
-def _revive_server(backend: str, retired: Node, node: Node) -> list[Command]:
-    """A retired server is in maintenance with its old weight and its checks running."""
-    server = f"{backend}/{node.id}"
-    commands = []
-    if retired.weight != node.weight:
-        commands.append(Command(f"set server {server} weight {node.weight}"))
-    if node.enabled:
-        commands.append(Command(f"set server {server} state ready"))
     return commands
 
 
