@@ -138,6 +138,14 @@ class FaultWorkers:
         self.roots.append(root)
         return root
 
+    def with_stand_in(self, **options: Any) -> tuple[FaultWorker, "StandInHAProxy"]:
+        """A started worker whose `[haproxy] binary` is a StandInHAProxy of its own."""
+        root = self.new_root()
+        stand_in = StandInHAProxy(root / "bin")
+        self.cleanups.append(stand_in.kill_leftovers)
+        worker = self(root=root, settings={"haproxy": {"binary": str(stand_in.path)}}, **options)
+        return worker, stand_in
+
     def cleanup(self) -> None:
         for worker in self.workers:
             worker.cleanup()
@@ -594,10 +602,7 @@ def test_ctl_works_with_the_daemon_running_and_stopped(workers, http_backend):
 
 
 def test_a_hung_update_times_out_is_journaled_and_leaves_the_old_config_serving(workers, http_backend):
-    root = workers.new_root()
-    stand_in = StandInHAProxy(root / "bin")
-    workers.cleanups.append(stand_in.kill_leftovers)
-    worker = workers(root=root, settings={"haproxy": {"binary": str(stand_in.path)}})
+    worker, stand_in = workers.with_stand_in()
     a, b, c = http_backend("to-a"), http_backend("to-b"), http_backend("to-c")
     port = free_port()
     passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
@@ -641,10 +646,7 @@ def test_a_hung_update_times_out_is_journaled_and_leaves_the_old_config_serving(
 
 
 def test_a_timed_out_check_leaves_no_process_of_a_wrapper_binary(workers, http_backend):
-    root = workers.new_root()
-    stand_in = StandInHAProxy(root / "bin")
-    workers.cleanups.append(stand_in.kill_leftovers)
-    worker = workers(root=root, settings={"haproxy": {"binary": str(stand_in.path)}})
+    worker, stand_in = workers.with_stand_in()
     a, b = http_backend("wrap-a"), http_backend("wrap-b")
     port = free_port()
     passed(worker.submit(update(lb("HTTP", port, [a.node()]))))
@@ -683,11 +685,7 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
     server = Gearmand(server_root)
     workers.cleanups.append(server.stop)
     server.start()
-    root = workers.new_root()
-    stand_in = StandInHAProxy(root / "bin")
-    workers.cleanups.append(stand_in.kill_leftovers)
-    worker = workers(root=root, servers=[server.address],
-                     settings={"haproxy": {"binary": str(stand_in.path)}})
+    worker, stand_in = workers.with_stand_in(servers=[server.address])
     a, b, c = http_backend("gm-a"), http_backend("gm-b"), http_backend("gm-c")
     port = free_port()
     old, new = lb("HTTP", port, [a.node(), b.node()]), lb("HTTP", port, [b.node(), c.node()])
@@ -849,10 +847,7 @@ def test_full_state_dir_failure_names_the_file(tmpfs_worker, http_backend):
 
 
 def test_sigterm_drains_a_slow_update_and_a_second_sigterm_exits_at_once(workers, http_backend, gearmand):
-    root = workers.new_root()
-    stand_in = StandInHAProxy(root / "bin")
-    workers.cleanups.append(stand_in.kill_leftovers)
-    worker = workers(root=root, settings={"haproxy": {"binary": str(stand_in.path)}})
+    worker, stand_in = workers.with_stand_in()
     a, b, c = http_backend("drain-a"), http_backend("drain-b"), http_backend("drain-c")
     port = free_port()
     passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
