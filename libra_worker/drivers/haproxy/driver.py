@@ -116,7 +116,9 @@ class HAProxyDriver(LoadBalancerDriver):
     def restart(self) -> None:
         """The operator's restart: a hitless reload when running, a start when not."""
         with self._exclusive():
-            self._configured("restart")
+            if self._configured("restart").lifecycle is Lifecycle.SUSPENDED:
+                raise WorkerError("Cannot restart: the load balancer is SUSPENDED (HAProxy "
+                                  "stays stopped); send ENABLE to serve it again.")
             if self.process.is_running():
                 self._reload()
             else:
