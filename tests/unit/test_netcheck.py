@@ -18,10 +18,10 @@ import pytest
 
 from libra_worker.config import ConfigError
 from libra_worker.netcheck import bind_problem, check_bind_address, listeners
+from tests.integration.support import AS_NOBODY, free_privileged_port
 
 REPO = Path(__file__).resolve().parents[2]
 NOT_HERE = "192.0.2.1"
-AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
 def listening(address: str, reuse_address: bool = False) -> socket.socket:
@@ -101,16 +101,11 @@ def test_bind_address_is_checked_at_start_up():
     assert str(refused.value) == f"[haproxy] bind_address: {NOT_HERE} is not an address of this host."
 
 
-def _free_privileged_port() -> int:
-    for port in range(1023, 600, -1):
-        if bind_problem("127.0.0.1", port) is None:
-            return port
-    pytest.skip("no free port below 1024 on 127.0.0.1")
-
-
 def test_a_privileged_port_says_it_needs_the_capability():
     first_unprivileged = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    port = _free_privileged_port()
+    port = free_privileged_port()
+    if port is None:
+        pytest.skip("no free port below 1024 on 127.0.0.1")
     if port >= first_unprivileged:
         pytest.skip(f"ip_unprivileged_port_start is {first_unprivileged}: port {port} is not privileged here")
     probe = f"from libra_worker.netcheck import bind_problem; print(bind_problem('127.0.0.1', {port}))"
