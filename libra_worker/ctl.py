@@ -137,18 +137,22 @@ def become_state_dir_owner(config: Config, argv: list[str]) -> str | None:
     if owner.st_uid == 0:
         return None
     try:
-        groups = ["--init-groups"] if pwd.getpwuid(owner.st_uid) else []
-    except KeyError:
-        groups = ["--clear-groups"]
+        user = pwd.getpwuid(owner.st_uid).pw_name
+        groups = "--init-groups"
+    except KeyError:  # no passwd entry, so no supplementary groups to take
+        user, groups = f"uid {owner.st_uid}", "--clear-groups"
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        return (f"{config.worker.state_dir} belongs to uid {owner.st_uid} and setpriv is not "
+        return (f"{config.worker.state_dir} belongs to {user} and setpriv (util-linux) is not "
                 "installed to act as that user; run ctl as that user instead of root.")
     sys.stdout.flush()
-    os.execv(setpriv, [setpriv, f"--reuid={owner.st_uid}", f"--regid={owner.st_gid}", *groups,
-                       "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service", "--",
-                       sys.executable, "-m", "libra_worker.cli", "ctl", *argv])
-    raise AssertionError("unreachable: execv returned")
+    try:
+        os.execv(setpriv, [setpriv, f"--reuid={owner.st_uid}", f"--regid={owner.st_gid}", groups,
+                           "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service",
+                           "--", sys.executable, "-m", "libra_worker.cli", "ctl", *argv])
+    except OSError as exc:
+        return f"cannot run {setpriv} to act as {user}, who owns {config.worker.state_dir}: {exc.strerror}."
+    return None  # not reached: execv replaced this process
 
 
 def status(config: Config, _args: argparse.Namespace) -> int:

@@ -652,7 +652,8 @@ def test_ctl_restart_refuses_while_suspended_or_deleted(workers, http_backend):
         passed(worker.submit(action))
         result = run_ctl(worker, "restart")
         assert (result.returncode, result.stdout) == (1, ""), result
-        assert result.stderr.startswith("libra-worker ctl: Cannot restart: ") and result.stderr.count("\n") == 1
+        assert result.stderr.startswith("libra-worker ctl: Cannot restart: ")
+        assert result.stderr.count("\n") == 1
         assert lifecycle in result.stderr or "deleted" in result.stderr, result.stderr
         assert worker.haproxy.our_pids() == [] and connection_refused(port)
         assert worker.state()["lifecycle"] == lifecycle

@@ -184,8 +184,10 @@ def test_unparseable_file(write_config):
     ("[gearmn]\nservers = 127.0.0.1:4730\n", r"\[gearmn\]: unknown section; did you mean \[gearman\]\?"),
     ("reconcile_intervall = 2\n", r"\[worker\] reconcile_intervall: .*did you mean reconcile_interval\?"),
     ("[timeouts]\nupdte = 5\n", r"\[timeouts\] updte: .*did you mean update\?"),
-    ("[haproxy]\nlog_max_bytes = 1000\n", r"\[haproxy\] log_max_bytes: unknown option; it belongs in \[archive\]"),
-    ("[haproxy]\ncolour = blue\n", r"\[haproxy\] colour: unknown option; the options of \[haproxy\] are .*bind_address"),
+    ("[haproxy]\nlog_max_bytes = 1000\n",
+     r"\[haproxy\] log_max_bytes: unknown option; it belongs in \[archive\]"),
+    ("[haproxy]\ncolour = blue\n",
+     r"\[haproxy\] colour: unknown option; the options of \[haproxy\] are .*bind_address"),
     ("[extras]\nx = 1\n", r"\[extras\]: unknown section; the sections are .*\[gearman\]"),
     ("[DEFAULT]\nstray = 1\n", r"\[DEFAULT\] stray: unknown option"),
 ])
@@ -234,7 +236,8 @@ def test_known_options_are_what_the_loader_reads():
     ("[timeouts]\ndefault = 0\n", r"\[timeouts\] default: 0 must be greater than 0\."),
     ("umask = 999\n", r"\[worker\] umask: '999' is not an octal mode between 000 and 777"),
     ("umask = 01777\n", r"\[worker\] umask: '01777' is not an octal mode"),
-    ("log_level = VERBOSE\n", r"\[worker\] log_level: 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL\."),
+    ("log_level = VERBOSE\n",
+     r"\[worker\] log_level: 'VERBOSE' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL\."),
     ("[haproxy]\nbinary = /opt/100%\n", r"\[haproxy\] binary: '/opt/100%' has a lone '%'"),
 ])
 def test_bad_values_name_their_option(write_config, tmp_path, extra, message):

@@ -8,6 +8,7 @@ here (tests/integration/test_ctl.py does that).
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def test_a_bad_configuration_is_one_line_naming_the_option_and_exit_2(tmp_path, 
     path.write_text(f"[worker]\nstate_dir = {tmp_path}\n[haproxy]\nbind-address = 127.0.0.1\n")
     assert cli.main(["ctl", "--config", str(path), "status"]) == ctl.EXIT_USAGE
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "[haproxy] bind-address: unknown option; did you mean bind_address?" in err
+    assert err.count("\n") == 1
+    assert "[haproxy] bind-address: unknown option; did you mean bind_address?" in err
 
 
 def test_status_exits_3_when_the_worker_is_not_running_and_still_prints_it(config_file, capsys):
@@ -138,3 +140,16 @@ def test_a_closed_pipe_is_quiet(config_file):
         os.close(write_end)
     assert result.stderr == ""
     assert result.returncode == ctl.EXIT_FAILED
+
+
+def test_root_refuses_to_act_on_another_users_state_dir_when_it_cannot_become_that_user(
+        config_file, capsys, monkeypatch, tmp_path):
+    """(tests/integration/test_faults.py runs the real switch to the owner.)"""
+    assert os.geteuid() == 0, "the tests run as root"
+    os.chown(config_file.parent / "state", pwd.getpwnam("nobody").pw_uid, -1)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no setpriv to be found
+    assert cli.main(["ctl", "--config", str(config_file), "restart"]) == ctl.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err == (f"libra-worker ctl: {config_file.parent / 'state'} belongs to nobody and setpriv "
+                   "(util-linux) is not installed to act as that user; run ctl as that user instead "
+                   "of root.\n")
