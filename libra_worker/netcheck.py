@@ -52,8 +52,6 @@ def _explain(exc: OSError, address: str, port: int) -> str:
         holders = listeners(address, port)
         by = ", ".join(f"pid {pid} ({name})" for pid, name in holders[:_MAX_HOLDERS_NAMED])
         return f"Port {port} on {address} is already in use by {by or 'another program'}"
-    if exc.errno == errno.EAFNOSUPPORT:
-        return f"{address}: this host has no IPv{ipaddress.ip_address(address).version}"
     return f"Cannot listen on {address} port {port}: {exc.strerror}"
 
 
