@@ -115,9 +115,9 @@ class StrictParser(configparser.ConfigParser):
                 continue
             close = difflib.get_close_matches(section, known_sections, n=1)
             if close:
-                raise ConfigError(f"[{section}]: unknown section; did you mean [{close[0]}]?")
+                raise ConfigError(f"[{short_text(section)}]: unknown section; did you mean [{close[0]}]?")
             if not misspelled_sections_only:
-                raise ConfigError(f"[{section}]: unknown section; the sections are "
+                raise ConfigError(f"[{short_text(section)}]: unknown section; the sections are "
                                   + ", ".join(f"[{name}]" for name in known_sections) + ".")
         if misspelled_sections_only:
             return
@@ -125,12 +125,12 @@ class StrictParser(configparser.ConfigParser):
         for section in self.sections():
             for option in self.options(section):
                 if option not in defaults and (section, option) not in self.asked:
-                    raise ConfigError(f"[{section}] {option}: unknown option; "
+                    raise ConfigError(f"[{section}] {short_text(option)}: unknown option; "
                                       + self._hint(section, option))
         known_anywhere = {option for _, option in self.asked}
         for option in defaults:
             if option not in known_anywhere:
-                raise ConfigError(f"[{self.default_section}] {option}: unknown option.")
+                raise ConfigError(f"[{self.default_section}] {short_text(option)}: unknown option.")
 
     def _hint(self, section: str, option: str) -> str:
         here = sorted(name for known, name in self.asked if known == section)

@@ -196,6 +196,13 @@ def test_unknown_sections_and_options_are_refused_with_a_hint(write_config, tmp_
         load(write_config(minimal(tmp_path, extra)))
 
 
+def test_a_long_unknown_name_is_quoted_as_a_short_prefix(write_config, tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load(write_config(minimal(tmp_path, f"{'x' * 300} = 1\n")))
+    assert f"[worker] {'x' * 40}...: unknown option; the options of [worker] are " in str(refused.value)
+    assert "x" * 41 not in str(refused.value)
+
+
 def test_a_misspelled_section_is_named_before_what_it_hides(write_config, tmp_path):
     # The typo leaves state_dir unset; the error names the typo, not the missing option.
     with pytest.raises(ConfigError, match=r"\[workr\]: unknown section; did you mean \[worker\]\?"):
