@@ -43,8 +43,9 @@ _PIDFILE_TIMEOUT = 2
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
-    if arguments[:1] == ["ctl"]:
-        return ctl.main(arguments[1:])
+    ctl_arguments = ctl.command_arguments(arguments)
+    if ctl_arguments is not None:
+        return ctl.main(ctl_arguments)
     parser = argparse.ArgumentParser(
         prog="libra-worker",
         description=__doc__.splitlines()[0],

@@ -1,16 +1,23 @@
 """The worker's INI configuration, read once into a typed object.
 
 Only `[worker] state_dir` has no sensible default; every other option is optional.
-See etc/libra-worker.conf for the documented reference.
+See etc/libra-worker.conf for the documented reference. Loading is strict: a section or
+option the loader does not read is refused with a did-you-mean (see `StrictParser`), and
+every error names its `[section] option`.
 """
 
 from __future__ import annotations
 
 import configparser
+import difflib
 import ipaddress
+import logging
+import math
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from libra_worker.messages import Action
 
@@ -23,6 +30,117 @@ _LONGEST_SOCKET_NAME = "haproxy-master.sock"
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or has a bad value."""
+
+
+_SHORT_VALUE = 40
+
+
+def short_text(text: str, limit: int = _SHORT_VALUE) -> str:
+    """At most `limit` characters of a value we did not write, for an error sentence."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def short_quote(text: str, limit: int = _SHORT_VALUE) -> str:
+    return repr(short_text(text, limit))
+
+
+class StrictParser(configparser.ConfigParser):
+    """A ConfigParser that remembers every (section, option) the loader asks for.
+
+    The options the worker knows are exactly the ones `_build` reads, so a new option
+    needs no second list: read it in `_build` (always, not only under some condition)
+    with `get`/`getint`/`getfloat`/`getboolean` and it is accepted. Anything in the file
+    that was never asked for is refused by `refuse_unknown`, with a did-you-mean.
+
+    The typed getters name the option in their errors and take optional bounds:
+    `at_least=` (inclusive) and `positive=True` (greater than zero).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(inline_comment_prefixes=(";", "#"))
+        self.asked: set[tuple[str, str]] = set()
+
+    def get(self, section: str, option: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.asked.add((section, self.optionxform(option)))
+        try:
+            return super().get(section, option, **kwargs)
+        except configparser.InterpolationError:
+            raw = super().get(section, option, raw=True)
+            raise ConfigError(
+                f"[{section}] {option}: {short_quote(raw)} has a lone '%' (write '%%' for one)."
+            ) from None
+
+    def getint(self, section: str, option: str, *, at_least: int | None = None,  # type: ignore[override]
+               **kwargs: Any) -> Any:
+        return self._typed(super().getint, "a whole number", section, option, kwargs,
+                           at_least=at_least)
+
+    def getfloat(self, section: str, option: str, *, at_least: float | None = None,  # type: ignore[override]
+                 positive: bool = False, **kwargs: Any) -> Any:
+        return self._typed(super().getfloat, "a number", section, option, kwargs,
+                           at_least=at_least, positive=positive)
+
+    def getboolean(self, section: str, option: str, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self._typed(super().getboolean, "true or false (or yes/no, on/off, 1/0)",
+                           section, option, kwargs)
+
+    def _typed(self, read: Callable[..., Any], expected: str, section: str, option: str,
+               kwargs: dict[str, Any], at_least: float | None = None,
+               positive: bool = False) -> Any:
+        try:
+            value = read(section, option, **kwargs)
+            valid = not isinstance(value, float) or math.isfinite(value)
+        except ValueError:
+            valid = False
+        if not valid:
+            raw = self.get(section, option, raw=True).strip()
+            raise ConfigError(f"[{section}] {option}: {short_quote(raw)} is not {expected}.")
+        if value is None or isinstance(value, bool):
+            return value
+        if positive and value <= 0:
+            raise ConfigError(f"[{section}] {option}: {value:g} must be greater than 0.")
+        if at_least is not None and value < at_least:
+            raise ConfigError(f"[{section}] {option}: {value:g} must be at least {at_least:g}.")
+        return value
+
+    def refuse_unknown(self, misspelled_sections_only: bool = False) -> None:
+        """Raise ConfigError for the first section or option in the file never asked for.
+
+        With `misspelled_sections_only`, only for a section close to a known one (used
+        when loading stopped early, before every option was asked for).
+        """
+        known_sections = sorted({section for section, _ in self.asked})
+        for section in self.sections():
+            if section in known_sections:
+                continue
+            close = difflib.get_close_matches(section, known_sections, n=1)
+            if close:
+                raise ConfigError(f"[{short_text(section)}]: unknown section; did you mean [{close[0]}]?")
+            if not misspelled_sections_only:
+                raise ConfigError(f"[{short_text(section)}]: unknown section; the sections are "
+                                  + ", ".join(f"[{name}]" for name in known_sections) + ".")
+        if misspelled_sections_only:
+            return
+        defaults = self.defaults()
+        for section in self.sections():
+            for option in self.options(section):
+                if option not in defaults and (section, option) not in self.asked:
+                    raise ConfigError(f"[{section}] {short_text(option)}: unknown option; "
+                                      + self._hint(section, option))
+        known_anywhere = {option for _, option in self.asked}
+        for option in defaults:
+            if option not in known_anywhere:
+                raise ConfigError(f"[{self.default_section}] {short_text(option)}: unknown option.")
+
+    def _hint(self, section: str, option: str) -> str:
+        here = sorted(name for known, name in self.asked if known == section)
+        close = difflib.get_close_matches(option, here, n=1)
+        if close:
+            return f"did you mean {close[0]}?"
+        elsewhere = sorted(known for known, name in self.asked if name == option)
+        if elsewhere:
+            return f"it belongs in [{elsewhere[0]}]."
+        return f"the options of [{section}] are {', '.join(here)}."
 
 
 @dataclass(frozen=True)
@@ -92,7 +210,7 @@ def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
         else:  # a host name, an IPv4 address, or a bare IPv6 address: no port given
             host, port = item, str(DEFAULT_GEARMAN_PORT)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"[gearman] servers: {item!r} is not host:port.")
+            raise ConfigError(f"[gearman] servers: {short_quote(item)} is not host:port.")
         servers.append((host, int(port)))
     if not servers:
         raise ConfigError("[gearman] servers must name at least one job server.")
@@ -100,78 +218,98 @@ def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def load(path: Path) -> Config:
-    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
+    """Read, type and check the whole file; every error is one line naming `[section] key`."""
+    parser = StrictParser()
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
     except OSError as exc:
         raise ConfigError(f"Cannot read the configuration file {path}: {exc.strerror}.") from None
     except configparser.Error as exc:
-        raise ConfigError(f"Cannot parse {path}: {exc}") from None
+        raise ConfigError(f"Cannot parse {path}: {short_text(str(exc), 200)}") from None
     try:
-        return _build(parser)
-    except (ValueError, configparser.Error) as exc:
+        try:
+            config = _build(parser)
+        except (ValueError, configparser.Error, ConfigError):
+            # `[workr] state_dir = ...` says "state_dir is required": the typo is the cause.
+            parser.refuse_unknown(misspelled_sections_only=True)
+            raise
+        parser.refuse_unknown()
+    except (ValueError, configparser.Error, ConfigError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    return config
 
 
-def _build(parser: configparser.ConfigParser) -> Config:
+def _build(parser: StrictParser) -> Config:
     state_dir_text = parser.get("worker", "state_dir", fallback="").strip()
     if not state_dir_text:
         raise ConfigError("[worker] state_dir is required.")
     state_dir = Path(state_dir_text).expanduser().absolute()
     if len(str(state_dir / _LONGEST_SOCKET_NAME)) > _MAX_SOCKET_PATH:
         raise ConfigError(
-            f"[worker] state_dir {state_dir} is too long for the unix sockets kept in it "
-            f"(at most {_MAX_SOCKET_PATH - len(_LONGEST_SOCKET_NAME) - 1} characters)."
+            f"[worker] state_dir: {short_text(str(state_dir), 120)} is too long for the unix "
+            f"sockets kept in it (at most {_MAX_SOCKET_PATH - len(_LONGEST_SOCKET_NAME) - 1} "
+            "characters)."
         )
+    _check_directory("[worker] state_dir", state_dir)
     gearman = GearmanSettings(
         servers=parse_servers(parser.get("gearman", "servers", fallback="127.0.0.1:4730")),
         function=parser.get("gearman", "function", fallback="").strip() or socket.gethostname(),
-        poll_timeout=parser.getfloat("gearman", "poll_timeout", fallback=2.0),
-        reconnect_delay_max=parser.getfloat("gearman", "reconnect_delay_max", fallback=2.0),
+        poll_timeout=parser.getfloat("gearman", "poll_timeout", fallback=2.0, positive=True),
+        reconnect_delay_max=parser.getfloat("gearman", "reconnect_delay_max", fallback=2.0,
+                                            positive=True),
     )
     worker = WorkerSettings(
         state_dir=state_dir,
         pid_file=_path(parser.get("worker", "pid_file", fallback="")) or state_dir / "worker.pid",
         log_file=_path(parser.get("worker", "log_file", fallback="")),
-        log_level=parser.get("worker", "log_level", fallback="INFO").strip().upper(),
+        log_level=_log_level(parser.get("worker", "log_level", fallback="INFO")),
         logging_config=_path(parser.get("worker", "logging_config", fallback="")),
         user=parser.get("worker", "user", fallback="").strip() or None,
         group=parser.get("worker", "group", fallback="").strip() or None,
-        umask=int(parser.get("worker", "umask", fallback="022"), 8),
-        journal_entries=parser.getint("worker", "journal_entries", fallback=1000),
-        reconcile_interval=parser.getfloat("worker", "reconcile_interval", fallback=1.0),
+        umask=_umask(parser.get("worker", "umask", fallback="022")),
+        journal_entries=parser.getint("worker", "journal_entries", fallback=1000, at_least=1),
+        reconcile_interval=parser.getfloat("worker", "reconcile_interval", fallback=1.0,
+                                           positive=True),
     )
+    _check_file_location("[worker] pid_file", worker.pid_file)
+    _check_file_location("[worker] log_file", worker.log_file)
+    _check_file_location("[worker] logging_config", worker.logging_config)
     defaults = HAProxySettings(state_dir=state_dir)
     haproxy = HAProxySettings(
         state_dir=state_dir,
         bind_address=parser.get("haproxy", "bind_address", fallback=defaults.bind_address).strip(),
         binary=parser.get("haproxy", "binary", fallback=defaults.binary).strip(),
-        maxconn=parser.getint("haproxy", "maxconn", fallback=defaults.maxconn),
-        command_timeout=parser.getfloat("haproxy", "command_timeout", fallback=defaults.command_timeout),
-        stop_grace=parser.getfloat("haproxy", "stop_grace", fallback=defaults.stop_grace),
-        reload_attempts=parser.getint("haproxy", "reload_attempts", fallback=defaults.reload_attempts),
+        maxconn=parser.getint("haproxy", "maxconn", fallback=defaults.maxconn, at_least=1),
+        command_timeout=parser.getfloat("haproxy", "command_timeout",
+                                        fallback=defaults.command_timeout, positive=True),
+        stop_grace=parser.getfloat("haproxy", "stop_grace", fallback=defaults.stop_grace,
+                                   at_least=0),
+        reload_attempts=parser.getint("haproxy", "reload_attempts",
+                                      fallback=defaults.reload_attempts, at_least=1),
         reload_retry_wait=parser.getfloat(
-            "haproxy", "reload_retry_wait", fallback=defaults.reload_retry_wait
+            "haproxy", "reload_retry_wait", fallback=defaults.reload_retry_wait, at_least=0
         ),
         template_dir=_path(parser.get("haproxy", "template_dir", fallback="")),
-        log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes),
-        archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout),
+        log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes,
+                                    at_least=1),
+        archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout,
+                                        positive=True),
     )
     _check_bind_address(haproxy.bind_address)
+    if haproxy.template_dir is not None:
+        _check_directory("[haproxy] template_dir", haproxy.template_dir)
     return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser))
 
 
-def _timeouts(parser: configparser.ConfigParser) -> TimeoutSettings:
-    default = parser.getfloat("timeouts", "default", fallback=TimeoutSettings.default)
+def _timeouts(parser: StrictParser) -> TimeoutSettings:
+    default = parser.getfloat("timeouts", "default", fallback=TimeoutSettings.default,
+                              positive=True)
     per_action = {}
     for action in Action:
-        value = parser.getfloat("timeouts", action.value.lower(), fallback=None)
+        value = parser.getfloat("timeouts", action.value.lower(), fallback=None, positive=True)
         if value is not None:
             per_action[action] = value
-    for value in [default, *per_action.values()]:
-        if value <= 0:
-            raise ConfigError("[timeouts] values must be positive numbers of seconds.")
     return TimeoutSettings(default=default, per_action=per_action)
 
 
@@ -180,10 +318,69 @@ def _path(text: str) -> Path | None:
     return Path(text).expanduser().absolute() if text else None
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    names = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
+    if level not in names:
+        raise ConfigError(f"[worker] log_level: {short_quote(text.strip())} is not one of "
+                          f"{', '.join(sorted(names, key=logging.getLevelName))}.")
+    return level
+
+
+def _umask(text: str) -> int:
+    try:
+        value = int(text.strip(), 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"[worker] umask: {short_quote(text.strip())} is not an octal mode "
+                          "between 000 and 777 (e.g. 027).")
+    return value
+
+
+def _not_a_directory(path: Path) -> str | None:
+    """Why `path` can never be a directory here, or None (it is one, or could be made).
+
+    Only what is certain: a part of the path that is a file. Whether the service may
+    create or write it is for the start-up checks, which run as the service user.
+    """
+    for candidate in (path, *path.parents):
+        try:
+            mode = candidate.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+        if stat.S_ISDIR(mode):
+            return None
+        shown = short_text(str(path), 120)
+        return f"{shown} is not a directory" + ("" if candidate == path else f" ({candidate} is a file)")
+    return None
+
+
+def _check_directory(key: str, path: Path) -> None:
+    problem = _not_a_directory(path)
+    if problem:
+        raise ConfigError(f"{key}: {problem}.")
+
+
+def _check_file_location(key: str, path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"{key}: {short_text(str(path), 120)} is a directory, not a file.")
+    problem = _not_a_directory(path.parent)
+    if problem:
+        raise ConfigError(f"{key}: {short_text(str(path), 120)} cannot exist: {problem}.")
+
+
 def _check_bind_address(address: str) -> None:
     try:
         parsed = ipaddress.ip_address(address)
     except ValueError:
-        raise ConfigError(f"[haproxy] bind_address {address!r} is not an IP address.") from None
+        raise ConfigError(
+            f"[haproxy] bind_address: {short_quote(address)} is not an IP address."
+        ) from None
     if getattr(parsed, "scope_id", None) is not None:
-        raise ConfigError(f"[haproxy] bind_address {address!r} must not carry an IPv6 zone.")
+        raise ConfigError(f"[haproxy] bind_address: {short_quote(address)} must not carry an "
+                          "IPv6 zone.")

@@ -2,7 +2,9 @@
 
 Works whether the worker daemon runs or not: everything it shows is read from state_dir
 (desired state, job journal, HAProxy's pidfile and events log) and from the running
-HAProxy itself (its master CLI and stats socket).
+HAProxy itself (its master CLI and stats socket). Run as root against a worker whose
+state_dir belongs to a service user, it re-runs itself as that user (with the service's
+CAP_NET_BIND_SERVICE), so the HAProxy it starts or reloads stays the worker's.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import pwd
+import shutil
 import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
@@ -22,26 +27,132 @@ from libra_worker.errors import WorkerError
 from libra_worker.journal import JOURNAL_NAME, Journal
 from libra_worker.logsink import EVENTS_LOG_NAME
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# LSB init-script status code for "program is not running".
+EXIT_NOT_RUNNING = 3
+
+EPILOG = """\
+--config FILE may come before or after the command, or before `ctl`
+(`libra-worker --config FILE ctl status`).
+
+exit status: 0 done; 1 the command failed (one line on stderr says why);
+2 bad command line or configuration; 3 (status) the worker daemon is not running.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad command lines get one line on stderr and exit 2, not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see --help)\n")
+
+
+def command_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments for `ctl.main` when a `libra-worker` command line is a `ctl` command,
+    else None. `--config FILE` before `ctl` is handed on, so it may stand on either side."""
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "ctl":
+            return argv[:index] + argv[index + 1:]
+        if word == "--config":
+            index += 2
+        elif word.startswith("--config="):
+            index += 1
+        else:
+            return None
+    return None
+
+
+def build_parser() -> OneLineParser:
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="FILE",
+                               help="the worker's INI file (required)")
+    parser = OneLineParser(prog="libra-worker ctl", description=__doc__.splitlines()[0],
+                           epilog=EPILOG, parents=[config_option],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text, counted in (
+        ("status", "Show the worker daemon, HAProxy's processes, its configuration, the desired "
+                   "and the actual state. Exits 3 when the worker daemon is not running.", None),
+        ("restart", "Reload HAProxy, not the worker: hitless, on its current configuration "
+                    "(HAProxy is started if it is not running). Refused while the desired "
+                    "state is SUSPENDED or DELETED: send ENABLE or UPDATE instead.", None),
+        ("logs", "Show HAProxy's own messages (not the access logs).", "lines"),
+        ("jobs", "Show the most recent jobs from the job journal.", "jobs"),
+    ):
+        command = commands.add_parser(name, parents=[config_option], help=text, description=text)
+        if counted:
+            command.add_argument("-n", type=_count, default=20,
+                                 help=f"{counted} (default %(default)s)")
+    return parser
+
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="libra-worker ctl", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, type=Path, help="the worker's INI file")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="HAProxy's processes, configuration and state")
-    commands.add_parser("restart", help="reload HAProxy (start it if it is not running)")
-    logs = commands.add_parser("logs", help="HAProxy's own messages (not access logs)")
-    logs.add_argument("-n", type=int, default=20, help="lines (default %(default)s)")
-    jobs = commands.add_parser("jobs", help="the most recent jobs")
-    jobs.add_argument("-n", type=int, default=20, help="jobs (default %(default)s)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if "config" not in args:
+        parser.error("the following argument is required: --config FILE")
     try:
         config = load(args.config)
-        return {"status": status, "restart": restart, "logs": logs_tail, "jobs": jobs_list}[
-            args.command
-        ](config, args)
-    except (ConfigError, WorkerError, OSError) as exc:
+    except ConfigError as exc:
         print(f"libra-worker ctl: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    refusal = become_state_dir_owner(config, argv)
+    if refusal:
+        print(f"libra-worker ctl: {refusal}", file=sys.stderr)
+        return EXIT_FAILED
+    command: Callable[[Config, argparse.Namespace], int] = {
+        "status": status, "restart": restart, "logs": logs_tail, "jobs": jobs_list}[args.command]
+    try:
+        code = command(config, args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (`ctl status | head -1`) has all it wanted; Python would otherwise
+        # complain again while flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except (WorkerError, OSError) as exc:
+        print(f"libra-worker ctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+def become_state_dir_owner(config: Config, argv: list[str]) -> str | None:
+    """As root, re-run this command as the owner of state_dir; None when there is nothing
+    to do, else why it cannot (the command must not go on as root).
+
+    An HAProxy that root starts or reloads is root's: the worker can then neither stop
+    nor query it. `setpriv` (util-linux) sets the user, its groups and the ambient
+    CAP_NET_BIND_SERVICE the service runs with, for ports below 1024.
+    """
+    if os.geteuid() != 0:
+        return None
+    try:
+        owner = config.worker.state_dir.stat()
+    except FileNotFoundError:
+        return None
+    if owner.st_uid == 0:
+        return None
+    try:
+        user = pwd.getpwuid(owner.st_uid).pw_name
+        groups = "--init-groups"
+    except KeyError:  # no passwd entry, so no supplementary groups to take
+        user, groups = f"uid {owner.st_uid}", "--clear-groups"
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return (f"{config.worker.state_dir} belongs to {user} and setpriv (util-linux) is not "
+                "installed to act as that user; run ctl as that user instead of root.")
+    sys.stdout.flush()
+    try:
+        os.execv(setpriv, [setpriv, f"--reuid={owner.st_uid}", f"--regid={owner.st_gid}", groups,
+                           "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service",
+                           "--", sys.executable, "-m", "libra_worker.cli", "ctl", *argv])
+    except OSError as exc:
+        return f"cannot run {setpriv} to act as {user}, who owns {config.worker.state_dir}: {exc.strerror}."
+    return None  # not reached: execv replaced this process
 
 
 def status(config: Config, _args: argparse.Namespace) -> int:
@@ -66,19 +177,19 @@ def status(config: Config, _args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {value}")
     print("\nrecent HAProxy messages:")
     _print_tail(driver.logs.log_dir / EVENTS_LOG_NAME, 5)
-    return 0
+    return EXIT_OK if daemon_pid else EXIT_NOT_RUNNING
 
 
 def restart(config: Config, _args: argparse.Namespace) -> int:
     driver = HAProxyDriver(config.haproxy)
     driver.restart()
     print(f"HAProxy serving, master pid {driver.process.master_pid()}")
-    return 0
+    return EXIT_OK
 
 
 def logs_tail(config: Config, args: argparse.Namespace) -> int:
     _print_tail(config.worker.state_dir / "logs" / EVENTS_LOG_NAME, args.n)
-    return 0
+    return EXIT_OK
 
 
 def jobs_list(config: Config, args: argparse.Namespace) -> int:
@@ -88,7 +199,13 @@ def jobs_list(config: Config, args: argparse.Namespace) -> int:
         duration = f"{record.duration_ms:.1f}" if record.duration_ms is not None else "-"
         detail = record.handle + (f"  {record.hpcs_error}" if record.hpcs_error else "")
         print(f"{record.started:<20} {record.state:<8} {record.action:<9} {duration:>8}  {detail}")
-    return 0
+    return EXIT_OK
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a positive whole number")
+    return int(text)
 
 
 def _print_tail(path: Path, count: int) -> None:

@@ -9,6 +9,12 @@ bash scripts/setup.sh --test
 if [[ $(id -u) -eq 0 ]]; then
     sysctl -q -w net.unix.max_dgram_qlen=512 2>/dev/null || true
 fi
+# No arguments: the whole suite. Otherwise exactly the pytest arguments given, so
+# `scripts/test.sh tests/unit -q` runs the unit tests only (name `tests` to add options to
+# the whole suite: `scripts/test.sh -q tests`).
+if [[ $# -eq 0 ]]; then
+    set -- tests
+fi
 # -p no:cacheprovider: a clean clone stays clean. `python -m pytest` puts the checkout first
 # on sys.path, so the tests exercise the source tree with .venv's dependencies.
-exec .venv/bin/python -m pytest -p no:cacheprovider "$@" tests
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

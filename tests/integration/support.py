@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import grp
 import http.client
 import http.server
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -22,6 +24,7 @@ import socket
 import socketserver
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -65,6 +68,18 @@ def free_port() -> int:
             _taken_ports.add(port)
             return port
     raise RuntimeError("no free port in %d-%d" % PORT_RANGE)
+
+
+def free_privileged_port() -> int | None:
+    """A loopback port below 1024 that nothing listens on, or None."""
+    for port in range(1023, 600, -1):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        return port
+    return None
 
 
 def make_temp_dir() -> Path:
@@ -409,8 +424,12 @@ class Worker:
 
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", launcher: tuple[str, ...] = (),
+                 python: str = sys.executable) -> None:
         self.root = root
+        # A command the worker runs under (e.g. AS_NOBODY), and the Python it runs with.
+        self.launcher = launcher
+        self.python = python
         self.servers = list(servers)
         self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
         self.state_dir = root / "state"
@@ -456,8 +475,8 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "libra_worker.cli", "--config", str(self.config_path),
-                 "--foreground"],
+                [*self.launcher, self.python, "-m", "libra_worker.cli", "--config",
+                 str(self.config_path), "--foreground"],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT,
             )
@@ -578,6 +597,40 @@ class Worker:
                 self.kill_haproxy()
             with contextlib.suppress(Exception):
                 self.logsink.stop()
+
+
+# The tests run as root; this runs a command as an unprivileged service user would.
+AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+def start_as_nobody(factory: "WorkerFactory", **options: Any) -> Worker:
+    """A worker running as nobody:nogroup, its temp dir (and so its state_dir) nobody's."""
+    worker = factory(start=False, launcher=AS_NOBODY, **options)
+    worker.python = python_for_nobody(worker.root)
+    for path in [worker.root, *worker.root.rglob("*")]:
+        os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
+    return worker.start()
+
+
+def python_for_nobody(root: Path) -> str:
+    """This Python, or a stand-in with the same packages, that `nobody` can run.
+
+    The worker runs Python again (the log sink), which fails when the interpreter lives
+    where nobody may not go (a pyenv build under /root). The stand-in is a venv of the
+    system's python3 of the same version that sees this environment's site-packages.
+    """
+    probe = "import os, sys; sys.exit(not os.access(sys.executable, os.X_OK))"
+    if subprocess.run([*AS_NOBODY, sys.executable, "-c", probe], timeout=30).returncode == 0:
+        return sys.executable
+    system_python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    venv = root / "python"
+    subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site_packages = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    installed = Path(subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True, timeout=30).stdout.strip())
+    (installed / "shared-test-environment.pth").write_text("\n".join(sorted(site_packages)) + "\n")
+    return str(venv / "bin" / "python")
 
 
 class WorkerFactory:

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -51,6 +52,7 @@ from tests.integration.support import (
     http_monitor,
     lb,
     request_once,
+    start_as_nobody,
     traffic,
     update,
     wait_until,
@@ -205,14 +207,15 @@ def run_ctl(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "libra_worker.cli", "ctl", "--config", str(worker.config_path), *args],
+        [worker.python, "-m", "libra_worker.cli", "ctl", "--config", str(worker.config_path), *args],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
     )
 
 
-def ctl_ok(worker: Worker, *args: str) -> str:
+def ctl_ok(worker: Worker, *args: str, exit_code: int = 0) -> str:
+    """stdout of a `ctl` command that must end with `exit_code` (status: 3 = not running)."""
     result = run_ctl(worker, *args)
-    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    assert result.returncode == exit_code, (args, result.stdout, result.stderr)
     return result.stdout
 
 
@@ -556,7 +559,7 @@ def test_ctl_works_with_the_daemon_running_and_stopped(workers, http_backend):
             assert worker.stop() == 0
         master = worker.haproxy.master_pid()
         workers_before = set(worker.haproxy.our_pids()) - {master}
-        rows = status_rows(ctl_ok(worker, "status"))
+        rows = status_rows(ctl_ok(worker, "status", exit_code=0 if daemon == "running" else 3))
         expected_daemon = f"running, pid {worker.process.pid}" if daemon == "running" else "not running"
         assert rows["worker daemon"] == expected_daemon, rows
         assert rows["desired state"].startswith("ACTIVE since ") and UTC_STAMP.search(rows["desired state"])
@@ -589,13 +592,71 @@ def test_ctl_works_with_the_daemon_running_and_stopped(workers, http_backend):
 
     # Stopped daemon and no HAProxy: restart starts it; status says so before and after.
     kill_pids(worker.haproxy.our_pids())
-    rows = status_rows(ctl_ok(worker, "status"))
+    rows = status_rows(ctl_ok(worker, "status", exit_code=3))
     assert (rows["worker daemon"], rows["actual state"], rows["haproxy master"]) == (
         "not running", "HAProxy not running", "-")
     ctl_ok(worker, "restart")
     served_by(port, {"ctl-a", "ctl-b"})
     worker.start()  # adopts what ctl started
     assert passed(worker.submit("STATS"))["restarts"] == 0
+
+
+def process_uids(pids: list[int]) -> set[int]:
+    """Every uid (real, effective, saved, filesystem) the processes run with."""
+    uids: set[int] = set()
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                uids.update(int(uid) for uid in line.split()[1:])
+    return uids
+
+
+def test_ctl_as_root_acts_as_the_user_the_worker_runs_as(workers, http_backend):
+    """Root's HAProxy would be one the worker can neither query nor stop."""
+    worker = start_as_nobody(workers)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert os.geteuid() == 0 and worker.state_dir.stat().st_uid == nobody
+    port = free_port()
+    passed(worker.submit(update(lb("HTTP", port, [http_backend("own-a").node(),
+                                                  http_backend("own-b").node()]))))
+    master = worker.haproxy.master_pid()
+    generation = set(worker.haproxy.our_pids()) - {master}
+    assert process_uids(worker.haproxy.our_pids()) == {nobody}
+
+    # The worker running: a reload through the master it started.
+    assert f"master pid {master}" in ctl_ok(worker, "restart")
+    assert set(worker.haproxy.our_pids()) - {master} - generation, "no new worker generation"
+    assert process_uids(worker.haproxy.our_pids()) == {nobody}
+    passed(worker.submit("STATS"))
+
+    # The worker stopped and HAProxy gone: ctl starts a new master, as nobody too.
+    assert worker.stop() == 0
+    kill_pids(worker.haproxy.our_pids())
+    ctl_ok(worker, "restart")
+    served_by(port, {"own-a", "own-b"})
+    assert process_uids(worker.haproxy.our_pids()) == {nobody}
+    assert [path for path in worker.state_dir.rglob("*") if path.lstat().st_uid != nobody] == []
+
+    # The worker (nobody) manages what ctl started: it adopts it and can stop it.
+    worker.start()
+    assert passed(worker.submit("STATS"))["restarts"] == 0
+    passed(worker.submit("SUSPEND"))
+    assert worker.haproxy.our_pids() == [] and connection_refused(port)
+
+
+def test_ctl_restart_refuses_while_suspended_or_deleted(workers, http_backend):
+    worker = workers()
+    port = free_port()
+    passed(worker.submit(update(lb("HTTP", port, [http_backend("kept").node()]))))
+    for action, lifecycle in (("SUSPEND", "SUSPENDED"), ("DELETE", "DELETED")):
+        passed(worker.submit(action))
+        result = run_ctl(worker, "restart")
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr.startswith("libra-worker ctl: Cannot restart: ")
+        assert result.stderr.count("\n") == 1
+        assert lifecycle in result.stderr or "deleted" in result.stderr, result.stderr
+        assert worker.haproxy.our_pids() == [] and connection_refused(port)
+        assert worker.state()["lifecycle"] == lifecycle
 
 
 # --------------------------------------------------------------------------- 6. journal + timeouts

@@ -8,6 +8,7 @@ old load balancer still serves the old nodes and its configuration did not chang
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any, Iterator
 
@@ -209,7 +210,8 @@ def test_port_held_by_another_program_fails_with_no_gap_in_service(serving):
                                                  lb("TCP", busy, [serving.spare.node()])))
         for reply in (moved, added):
             assert reply["hpcs_response"] == "FAIL", reply
-            assert str(busy) in reply["hpcs_error"], reply
+            assert f"Port {busy} on 127.0.0.1 is already in use by pid {os.getpid()} (" in reply[
+                "hpcs_error"], reply
             assert "badRequest" not in reply
         assert loop.errors == []
         assert set(loop.answered) == {"keep-a", "keep-b"}, loop.answered

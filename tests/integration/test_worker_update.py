@@ -7,13 +7,18 @@ accepts connections, and what STATS reports from HAProxy's own stats socket.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+
+import pytest
 
 from tests.integration.support import (
     TrafficLoop,
     connection_refused,
+    free_privileged_port,
     http_monitor,
     lb,
     node_statuses,
+    start_as_nobody,
     traffic,
     update,
     wait_until,
@@ -68,6 +73,29 @@ def test_update_can_move_the_load_balancer_to_another_port(worker, http_backend,
     assert reply["hpcs_response"] == "PASS", reply
     assert traffic(url(second), 3) == ({"mover": 3}, 0)
     wait_until(lambda: connection_refused(first), 10, f"old port {first} to close")
+
+
+def test_a_privileged_port_without_the_capability_is_refused_with_the_real_cause(
+        worker_factory, http_backend, free_port):
+    """An unprivileged worker (no CAP_NET_BIND_SERVICE) asked for a port below 1024: the
+    reply says so, instead of "in use", and the running load balancer keeps serving."""
+    privileged = free_privileged_port()
+    first_unprivileged = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if privileged is None or privileged >= first_unprivileged:
+        pytest.skip(f"no free privileged port below {first_unprivileged} on 127.0.0.1")
+    worker = start_as_nobody(worker_factory)
+    node = http_backend("low-port")
+    port = free_port()
+    assert worker.submit(update(lb("HTTP", port, [node.node()])))["hpcs_response"] == "PASS"
+
+    reply = worker.submit(update(lb("HTTP", privileged, [node.node()])))
+
+    assert reply["hpcs_response"] == "FAIL", reply
+    assert reply["hpcs_error"] == (
+        f"Port {privileged} needs CAP_NET_BIND_SERVICE or root (ports below {first_unprivileged} "
+        "are privileged); the load balancer was left unchanged.")
+    assert traffic(url(port), 3) == ({"low-port": 3}, 0)
+    assert connection_refused(privileged)
 
 
 def test_weights_skew_traffic(worker, http_backend, free_port):

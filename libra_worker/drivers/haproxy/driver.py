@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,21 +29,11 @@ from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavaila
 from libra_worker.fileutil import atomic_write, fsync_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
+from libra_worker.netcheck import bind_problem
 from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
 LOG = logging.getLogger(__name__)
-
-def port_is_free(address: str, port: int) -> bool:
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        # HAProxy sets SO_REUSEADDR too: a port with only TIME_WAIT leftovers counts as free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 class StateDirLayout:
@@ -128,7 +116,9 @@ class HAProxyDriver(LoadBalancerDriver):
     def restart(self) -> None:
         """The operator's restart: a hitless reload when running, a start when not."""
         with self._exclusive():
-            self._configured("restart")
+            if self._configured("restart").lifecycle is Lifecycle.SUSPENDED:
+                raise WorkerError("Cannot restart: the load balancer is SUSPENDED (HAProxy "
+                                  "stays stopped); send ENABLE to serve it again.")
             if self.process.is_running():
                 self._reload()
             else:
@@ -332,7 +322,8 @@ class HAProxyDriver(LoadBalancerDriver):
         fsync_directory(self.files.root)
 
     def _check_new_ports_free(self, device: Device) -> None:
-        """Refuse a port another program holds before reloading onto it.
+        """Refuse a port HAProxy cannot listen on (held by another program, privileged,
+        an address this host does not have) before reloading onto it.
 
         A reload that cannot bind makes HAProxy pause the running listeners for about two
         seconds while it retries, so this is checked first. Ports HAProxy already serves
@@ -341,11 +332,9 @@ class HAProxyDriver(LoadBalancerDriver):
         current = self.configured_device() if self.process.is_running() else None
         serving = {lb.port for lb in current.loadbalancers} if current else set()
         for lb in device.loadbalancers:
-            if lb.port not in serving and not port_is_free(self.settings.bind_address, lb.port):
-                raise WorkerError(
-                    f"Port {lb.port} on {self.settings.bind_address} is already in use by "
-                    "another program; the load balancer was left unchanged."
-                )
+            problem = None if lb.port in serving else bind_problem(self.settings.bind_address, lb.port)
+            if problem:
+                raise WorkerError(f"{problem}; the load balancer was left unchanged.")
 
     def _put_back(self, previous: str | None) -> None:
         """After a failed reload or start: the live file goes back to what HAProxy serves."""
