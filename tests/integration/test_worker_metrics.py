@@ -9,8 +9,10 @@ included, within 0.1%, and the periods follow each other without gap or overlap.
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -32,6 +34,7 @@ from tests.integration.support import (
 
 TIME_TEXT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
 TOLERANCE = 0.001
+FLUSH_INTERVAL = 1.0  # the log sink writes its counts this often
 
 
 def passed(answer: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +54,7 @@ class Downloads:
         self.port = port
         self.received = 0
         self.complete = 0
+        self.timeline: list[tuple[float, int]] = []  # (monotonic time, bytes received so far)
         self.answers = 0
         self.failures = 0
         self._stop = threading.Event()
@@ -69,9 +73,15 @@ class Downloads:
                 self.failures += 1
                 time.sleep(0.01)  # refused while suspended or restarting
             self.received += len(data)
+            self.timeline.append((time.monotonic(), self.received))
             if data and self._is_whole(data):
                 self.complete += len(data)
                 self.answers += 1
+
+    def received_between(self, start: float, end: float) -> int:
+        before = [total for moment, total in self.timeline if moment < start]
+        until = [total for moment, total in self.timeline if moment <= end]
+        return (until[-1] if until else 0) - (before[-1] if before else 0)
 
     def _is_whole(self, data: bytes) -> bool:
         if self.protocol == "tcp":
@@ -213,6 +223,28 @@ def test_a_killed_haproxy_loses_at_most_the_answers_in_flight(two_lbs):
         # Every whole answer is billed; what was cut in flight may not be, and nothing more.
         assert client.complete * (1 - TOLERANCE) <= sent <= client.received * (1 + TOLERANCE), (
             protocol, sent, client.complete, client.received)
+
+
+def test_a_killed_log_sink_loses_at_most_its_last_second_and_its_downtime(two_lbs):
+    worker, ports, _device, _backends = two_lbs
+    replies = [passed(worker.submit("METRICS"))]
+    with Downloads("http", ports["http"]) as http:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        old_pid = worker.logsink.pid()
+        os.kill(old_pid, signal.SIGKILL)
+        # The reconciler starts it again.
+        wait_until(lambda: worker.logsink.pid() not in (None, old_pid), 15, "a new log sink")
+        back_at = time.monotonic()
+        time.sleep(1)
+    time.sleep(2 * FLUSH_INTERVAL)  # every count that reached the sink is written
+    replies.append(passed(worker.submit("METRICS")))
+    assert_periods_follow_each_other(replies)
+    lost = http.received - billed(replies, "http")
+    # The counts not yet flushed (one flush interval) and what came while it was down.
+    bound = http.received_between(killed_at - FLUSH_INTERVAL, back_at + 0.2)
+    assert 0 <= lost <= bound, (lost, bound, back_at - killed_at)
+    assert billed(replies, "http") >= http.received_between(back_at + 0.2, time.monotonic()) > 0
 
 
 def test_metrics_through_the_lifecycle(worker_factory, free_port):
