@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.test_faults import reboot
 from tests.integration.support import (
     LOOPBACK,
     HTTPBackend,
@@ -245,6 +246,23 @@ def test_a_killed_log_sink_loses_at_most_its_last_second_and_its_downtime(two_lb
     bound = http.received_between(killed_at - FLUSH_INTERVAL, back_at + 0.2)
     assert 0 <= lost <= bound, (lost, bound, back_at - killed_at)
     assert billed(replies, "http") >= http.received_between(back_at + 0.2, time.monotonic()) > 0
+
+
+def test_billing_continues_across_a_reboot(two_lbs):
+    worker, ports, _device, _backends = two_lbs
+    replies = [passed(worker.submit("METRICS"))]
+    with Downloads("tcp", ports["tcp"]) as tcp:
+        time.sleep(1)
+        replies.append(passed(worker.submit("METRICS")))
+    time.sleep(2 * FLUSH_INTERVAL)  # a reboot's SIGTERM lets the sink write its counts
+    reboot(worker)
+    worker.start()
+    with Downloads("tcp", ports["tcp"]) as after:
+        time.sleep(1)
+    time.sleep(2 * FLUSH_INTERVAL)
+    replies.append(passed(worker.submit("METRICS")))
+    assert_periods_follow_each_other(replies)
+    assert billed(replies, "tcp") == tcp.received + after.received
 
 
 def test_metrics_through_the_lifecycle(worker_factory, free_port):
