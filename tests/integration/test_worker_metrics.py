@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from libra_worker import metrics
 from tests.integration.test_faults import reboot
 from tests.integration.support import (
     LOOPBACK,
@@ -141,14 +142,12 @@ def assert_periods_follow_each_other(replies: list[dict[str, Any]]) -> None:
         assert later["utc_start"] == earlier["utc_end"], (earlier, later)
 
 
-def collect_until_billed(worker: Worker, replies: list[dict[str, Any]],
-                         clients: dict[str, Downloads]) -> None:
-    """The last bytes reach the counter within the sink's flush interval: poll until then."""
-    def all_billed() -> bool:
-        replies.append(passed(worker.submit("METRICS")))
-        return all(billed(replies, protocol) >= client.complete * (1 - TOLERANCE)
-                   for protocol, client in clients.items())
-    wait_until(all_billed, 15, "the downloaded bytes to be billed", interval=0.3)
+def wait_for_counts_written(worker: Worker) -> None:
+    """Traffic has stopped: every count that reached the sink is written once its file
+    has not changed for two flush intervals."""
+    counter = worker.state_dir / "logs" / metrics.TRAFFIC_FILE_NAME
+    wait_until(lambda: time.time() - counter.stat().st_mtime > 2 * FLUSH_INTERVAL, 15,
+               "the sink's last write")
 
 
 @pytest.fixture
@@ -192,7 +191,8 @@ def test_every_byte_is_billed_once_across_changes_reloads_suspend_and_a_worker_r
         time.sleep(1)
     replies += poller.replies
     clients = {"http": http, "tcp": tcp}
-    collect_until_billed(worker, replies, clients)
+    wait_for_counts_written(worker)
+    replies.append(passed(worker.submit("METRICS")))
 
     assert_periods_follow_each_other(replies)
     for protocol, client in clients.items():
@@ -200,7 +200,7 @@ def test_every_byte_is_billed_once_across_changes_reloads_suspend_and_a_worker_r
         assert abs(billed(replies, protocol) - client.received) <= TOLERANCE * client.received, (
             protocol, billed(replies, protocol), client.received)
     # Nothing is billed again later.
-    time.sleep(1.5)
+    time.sleep(2 * FLUSH_INTERVAL)
     last = passed(worker.submit("METRICS"))
     assert [entry["bytes_out"] for entry in last["loadBalancers"]] == [0, 0], last
     assert last["utc_start"] == replies[-1]["utc_end"]
@@ -217,7 +217,8 @@ def test_a_killed_haproxy_loses_at_most_the_answers_in_flight(two_lbs):
         wait_until(lambda: http.answers > answers + 20, 15, "downloads after the restart")
         time.sleep(0.5)
     clients = {"http": http, "tcp": tcp}
-    collect_until_billed(worker, replies, clients)
+    wait_for_counts_written(worker)
+    replies.append(passed(worker.submit("METRICS")))
     assert_periods_follow_each_other(replies)
     for protocol, client in clients.items():
         sent = billed(replies, protocol)
@@ -238,7 +239,7 @@ def test_a_killed_log_sink_loses_at_most_its_last_second_and_its_downtime(two_lb
         wait_until(lambda: worker.logsink.pid() not in (None, old_pid), 15, "a new log sink")
         back_at = time.monotonic()
         time.sleep(1)
-    time.sleep(2 * FLUSH_INTERVAL)  # every count that reached the sink is written
+    wait_for_counts_written(worker)
     replies.append(passed(worker.submit("METRICS")))
     assert_periods_follow_each_other(replies)
     lost = http.received - billed(replies, "http")
@@ -254,13 +255,19 @@ def test_billing_continues_across_a_reboot(two_lbs):
     with Downloads("tcp", ports["tcp"]) as tcp:
         time.sleep(1)
         replies.append(passed(worker.submit("METRICS")))
-    time.sleep(2 * FLUSH_INTERVAL)  # a reboot's SIGTERM lets the sink write its counts
+    # A reboot's SIGTERM lets the sink write its counts; kill -9 needs them written first.
+    counter = worker.state_dir / "logs" / metrics.TRAFFIC_FILE_NAME
+    wait_until(lambda: metrics.TrafficTotals.read(counter).bytes_out["tcp"] == tcp.received,
+               15, "the sink to write its counts")
     reboot(worker)
     worker.start()
     with Downloads("tcp", ports["tcp"]) as after:
         time.sleep(1)
-    time.sleep(2 * FLUSH_INTERVAL)
-    replies.append(passed(worker.submit("METRICS")))
+
+    def all_billed() -> bool:
+        replies.append(passed(worker.submit("METRICS")))
+        return billed(replies, "tcp") >= tcp.received + after.received
+    wait_until(all_billed, 15, "every byte to be billed", interval=0.3)
     assert_periods_follow_each_other(replies)
     assert billed(replies, "tcp") == tcp.received + after.received
 
