@@ -30,6 +30,7 @@ import lockfile
 from libra_worker import __version__, ctl, transport
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.controller import LBaaSController
+from libra_worker.diagnostics import Diagnostics
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
 from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.errors import WorkerError
@@ -115,7 +116,7 @@ def run(config: Config, log_to_stderr: bool) -> int:
             LOG.error("Could not restore the desired state: %s", exc)
         Reconciler(driver.reconcile, config.worker.reconcile_interval, stopping).start()
         runner = JobRunner(
-            LBaaSController(driver),
+            LBaaSController(driver, Diagnostics(config.gearman.servers, config.diagnostics)),
             Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),
             config.timeouts.per_action,
             config.timeouts.default,

@@ -189,11 +189,24 @@ class TimeoutSettings:
 
 
 @dataclass(frozen=True)
+class DiagnosticsSettings:
+    """What DIAGNOSTICS probes besides the job servers, and how long each probe may take."""
+
+    network_target: tuple[str, int] | None = None  # None: the first job server
+    probe_timeout: float = 2.0
+
+
+# DIAGNOSTICS must answer within 5 s even when every target blackholes.
+MAX_PROBE_TIMEOUT = 4.0
+
+
+@dataclass(frozen=True)
 class Config:
     gearman: GearmanSettings
     worker: WorkerSettings
     haproxy: HAProxySettings
     timeouts: TimeoutSettings = field(default_factory=TimeoutSettings)
+    diagnostics: DiagnosticsSettings = field(default_factory=DiagnosticsSettings)
 
 
 def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
@@ -299,7 +312,28 @@ def _build(parser: StrictParser) -> Config:
     _check_bind_address(haproxy.bind_address)
     if haproxy.template_dir is not None:
         _check_directory("[haproxy] template_dir", haproxy.template_dir)
-    return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser))
+    return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser),
+                  diagnostics=_diagnostics(parser))
+
+
+def _diagnostics(parser: StrictParser) -> DiagnosticsSettings:
+    target_text = parser.get("diagnostics", "network_target", fallback="").strip()
+    probe_timeout = parser.getfloat("diagnostics", "probe_timeout",
+                                    fallback=DiagnosticsSettings.probe_timeout)
+    target = None
+    if target_text:
+        try:
+            (target,) = parse_servers(target_text)
+        except (ConfigError, ValueError):
+            raise ConfigError(
+                f"[diagnostics] network_target must be one host:port, got {target_text[:40]!r}."
+            ) from None
+    if not 0 < probe_timeout <= MAX_PROBE_TIMEOUT:
+        raise ConfigError(
+            f"[diagnostics] probe_timeout must be more than 0 and at most {MAX_PROBE_TIMEOUT:g} "
+            "seconds."
+        )
+    return DiagnosticsSettings(network_target=target, probe_timeout=probe_timeout)
 
 
 def _timeouts(parser: StrictParser) -> TimeoutSettings:

@@ -51,6 +51,7 @@ from typing import Iterator
 
 from libra_worker.errors import WorkerError
 from libra_worker.fileutil import atomic_write
+from libra_worker.metrics import TrafficCounter
 
 LOG = logging.getLogger(__name__)
 
@@ -243,6 +244,8 @@ class SinkServer:
         self.writers = {protocol: ProtocolWriter(store, protocol, max_bytes)
                         for protocol in PROTOCOLS}
         self.events = _events_logger(store.directory)
+        # Counted before the size cap: billing must not depend on what is kept for ARCHIVE.
+        self.traffic = TrafficCounter(store.directory)
         self.stopping = False
 
     def handle_datagram(self, datagram: bytes) -> None:
@@ -251,11 +254,13 @@ class SinkServer:
             self.events.info(_PRIORITY.sub(b"", datagram.rstrip(b"\r\n\0")).decode("utf-8", "replace"))
             return
         protocol, line = parsed
+        self.traffic.count(protocol, line)
         self.writers[protocol].write(line)
 
     def flush(self) -> None:
         for writer in self.writers.values():
             writer.flush_counter()
+        self.traffic.flush()
 
     def serve(self, sock: socket.socket) -> None:
         """Receive until :attr:`stopping` is set; flush counters every second."""

@@ -43,6 +43,8 @@ class Action(enum.Enum):
     DISCOVER = "DISCOVER"
     ARCHIVE = "ARCHIVE"
     STATS = "STATS"
+    METRICS = "METRICS"
+    DIAGNOSTICS = "DIAGNOSTICS"
 
 
 class Protocol(enum.Enum):

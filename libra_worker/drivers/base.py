@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from libra_worker.messages import ArchiveRequest, Device
+from libra_worker.metrics import MetricsPeriod
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,21 @@ class DeviceStats:
     nodes: tuple[NodeStatus, ...]
     restarts: int = 0
     last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceHealth:
+    """What DIAGNOSTICS reports about the device itself, beside its network probes."""
+
+    state: str
+    haproxy_version: str | None  # None when `haproxy -v` could not be run
+    haproxy_running: bool
+    haproxy_master_pid: int | None
+    haproxy_dropped_logs: int | None  # log lines the running HAProxy could not send
+    state_dir_free_bytes: int | None
+    log_sink_running: bool
+    log_sink_pid: int | None
+    unreadable_access_lines: int  # access lines whose bytes could not be counted
 
 
 class LoadBalancerDriver(abc.ABC):
@@ -55,3 +71,11 @@ class LoadBalancerDriver(abc.ABC):
     @abc.abstractmethod
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:
         """Ship the load balancer's logs to an object store; returns extra reply fields."""
+
+    @abc.abstractmethod
+    def metrics(self) -> MetricsPeriod:
+        """Close the current billing period: bytes sent per load balancer since the last."""
+
+    @abc.abstractmethod
+    def health(self) -> DeviceHealth:
+        """The device's own state for DIAGNOSTICS; never raises for a stopped HAProxy."""

@@ -211,7 +211,7 @@ class _NamedHTTPHandler(http.server.BaseHTTPRequestHandler):
             status, body = backend.health_status, f"{backend.name} health\n".encode()
         else:
             backend.record(self.path)
-            status, body = 200, backend.name.encode()
+            status, body = 200, backend.answer()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -240,7 +240,7 @@ class _NamedTCPHandler(socketserver.BaseRequestHandler):
             if not data:
                 return  # a CONNECT health check: connect, then close
             backend.record(data.decode(errors="replace").strip())
-            self.request.sendall(backend.name.encode())
+            self.request.sendall(backend.answer())
         except OSError:
             pass
 
@@ -259,6 +259,7 @@ class Backend:
     name: str
     port: int = 0
     received: list[str] = field(default_factory=list)
+    padding: int = 0  # bytes added after the name, for answers of a known, larger size
     _server: socketserver.BaseServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -272,6 +273,9 @@ class Backend:
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                          name=f"backend-{self.name}", daemon=True).start()
         return self
+
+    def answer(self) -> bytes:
+        return self.name.encode() + b"." * self.padding
 
     def record(self, item: str) -> None:
         with self._lock:
@@ -425,7 +429,8 @@ class Worker:
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
                  log_level: str = "INFO", launcher: tuple[str, ...] = (),
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable,
+                 sections: dict[str, dict[str, Any]] | None = None) -> None:
         self.root = root
         # A command the worker runs under (e.g. AS_NOBODY), and the Python it runs with.
         self.launcher = launcher
@@ -439,6 +444,7 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
+        self.sections = sections or {}  # more config: {"diagnostics": {"probe_timeout": 1}}
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -464,6 +470,8 @@ class Worker:
         ]
         if self.archive_timeout is not None:
             lines += ["", "[archive]", f"timeout = {self.archive_timeout}"]
+        for section, options in self.sections.items():
+            lines += ["", f"[{section}]", *(f"{key} = {value}" for key, value in options.items())]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ process

@@ -380,3 +380,27 @@ def test_every_documented_option_is_read(tmp_path):
         if not changed:
             ignored.append(f"[{section}] {option}")
     assert ignored == []
+
+
+# ---------------------------------------------------------------------- [diagnostics]
+
+
+def test_diagnostics_defaults(write_config, tmp_path):
+    settings = load(write_config(minimal(tmp_path / "state")))
+    assert settings.diagnostics == config.DiagnosticsSettings(network_target=None, probe_timeout=2.0)
+
+
+def test_diagnostics_values_read(write_config, tmp_path):
+    text = minimal(tmp_path / "state", "[diagnostics]\nnetwork_target = [::1]:8080\nprobe_timeout = 1.5\n")
+    assert load(write_config(text)).diagnostics == config.DiagnosticsSettings(("::1", 8080), 1.5)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("network_target = a:1, b:2", "network_target"),
+    ("network_target = host:99999", "network_target"),
+    ("probe_timeout = 0", "probe_timeout"),
+    ("probe_timeout = 4.5", "probe_timeout"),
+])
+def test_bad_diagnostics_values_name_the_key(write_config, tmp_path, extra, key):
+    with pytest.raises(ConfigError, match=rf"\[diagnostics\] {key}"):
+        load(write_config(minimal(tmp_path / "state", f"[diagnostics]\n{extra}\n")))

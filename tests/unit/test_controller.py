@@ -10,7 +10,8 @@ import pytest
 
 from libra_worker import __version__
 from libra_worker.controller import RELEASE, LBaaSController
-from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatus
+from libra_worker.diagnostics import Diagnostics
+from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
 from libra_worker.errors import (
     ActionTimeout,
     ArchiveFailed,
@@ -19,6 +20,7 @@ from libra_worker.errors import (
     StatsUnavailable,
 )
 from libra_worker.messages import Action, ArchiveRequest, Device, Message, Protocol, bad_request
+from libra_worker.metrics import MetricsPeriod
 
 UPDATE = {
     "hpcs_action": "UPDATE",
@@ -42,6 +44,12 @@ STATS = DeviceStats(
     restarts=2,
     last_error="HAProxy exited unexpectedly; restarted.",
 )
+PERIOD = MetricsPeriod("2026-11-26 07:00:00.000000", "2026-11-26 07:01:00.250000",
+                       (("http", 12345), ("tcp", 0)))
+HEALTH = DeviceHealth(state="ACTIVE", haproxy_version="2.6.12", haproxy_running=True,
+                      haproxy_master_pid=42, haproxy_dropped_logs=0,
+                      state_dir_free_bytes=10 ** 9, log_sink_running=True, log_sink_pid=43,
+                      unreadable_access_lines=0)
 
 
 class FakeDriver(LoadBalancerDriver):
@@ -79,6 +87,14 @@ class FakeDriver(LoadBalancerDriver):
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:
         self._record("archive", request)
         return self.archive_result
+
+    def metrics(self) -> MetricsPeriod:
+        self._record("metrics")
+        return PERIOD
+
+    def health(self) -> DeviceHealth:
+        self._record("health")
+        return HEALTH
 
 
 @pytest.fixture
@@ -193,7 +209,8 @@ def test_driver_worker_error_becomes_fail(controller, driver, error):
 
 @pytest.mark.parametrize("action, method", [("UPDATE", "update"), ("SUSPEND", "suspend"),
                                             ("ENABLE", "enable"), ("DELETE", "delete"),
-                                            ("STATS", "stats"), ("ARCHIVE", "archive")])
+                                            ("STATS", "stats"), ("ARCHIVE", "archive"),
+                                            ("METRICS", "metrics")])
 def test_unexpected_exception_becomes_generic_fail(controller, driver, action, method, caplog):
     driver.failures[method] = RuntimeError("secret internals /etc/shadow")
     document = {"UPDATE": UPDATE, "ARCHIVE": ARCHIVE}.get(action, {"hpcs_action": action})
@@ -296,4 +313,64 @@ def test_prepare_returns_message_without_touching_driver(controller, driver):
 def test_prepare_returns_fail_reply_for_invalid(controller, driver):
     prepared = controller.prepare(b'{"hpcs_action": "UPDATE"}')
     assert prepared == bad_request({"hpcs_action": "UPDATE"}, "Required field 'loadbalancers' is missing.")
+    assert driver.calls == []
+
+
+# ---------------------------------------------------------------------- METRICS, DIAGNOSTICS
+
+
+def test_metrics_reply_has_libras_shape(controller, driver):
+    answer = handle(controller, {"hpcs_action": "METRICS"})
+    assert answer == {
+        "hpcs_action": "METRICS",
+        "utc_start": "2026-11-26 07:00:00.000000",
+        "utc_end": "2026-11-26 07:01:00.250000",
+        "loadBalancers": [{"protocol": "http", "bytes_out": 12345},
+                          {"protocol": "tcp", "bytes_out": 0}],
+        "hpcs_response": "PASS",
+    }
+
+
+@pytest.mark.parametrize("error", [
+    StatsUnavailable("The load balancer has been deleted.", status="DELETED"),
+    ActionTimeout("METRICS did not finish within its 10 s timeout."),
+    RuntimeError("boom"),
+    OSError(28, "No space left on device", "/state/metrics.json"),
+])
+def test_a_failed_metrics_still_carries_the_keys_libra_reads(controller, driver, error):
+    driver.failures["metrics"] = error
+    answer = handle(controller, {"hpcs_action": "metrics"})
+    assert answer["hpcs_response"] == "FAIL" and answer["hpcs_error"]
+    assert answer["loadBalancers"] == []
+    assert answer["utc_start"] == answer["utc_end"]  # an empty period: nothing billed
+    assert len(answer["utc_end"]) == len("2026-11-26 07:01:00.250000")
+    if isinstance(error, StatsUnavailable):
+        assert answer["status"] == "DELETED"
+
+
+def test_diagnostics_with_no_job_server_configured(controller, driver):
+    answer = handle(controller, {"hpcs_action": "DIAGNOSTICS"})
+    assert answer["hpcs_response"] == "PASS"
+    assert (answer["network"], answer["gearman"], answer["release"]) == ("FAIL", [], RELEASE)
+    assert answer["device"]["haproxy_version"] == "2.6.12"
+    assert driver.calls == [("health", None)]
+
+
+def test_a_device_probe_that_raises_fails_alone(driver):
+    # Nothing listens on port 1 of loopback: the connect is refused at once.
+    controller = LBaaSController(driver, Diagnostics((("127.0.0.1", 1),)))
+    driver.failures["health"] = RuntimeError("boom")
+    answer = handle(controller, {"hpcs_action": "DIAGNOSTICS"})
+    assert answer["hpcs_response"] == "PASS"
+    assert answer["network"] == "FAIL"
+    assert answer["gearman"] == [{"host": "127.0.0.1", "port": 1, "status": "FAIL"}]
+    assert answer["device"] is None
+
+
+def test_an_invalid_diagnostics_still_carries_the_keys_libra_reads(driver):
+    controller = LBaaSController(driver, Diagnostics((("127.0.0.1", 1),)))
+    answer = controller.handle(b'{"hpcs_action": "DIAGNOSTICS", "HPCS_ACTION": "DIAGNOSTICS"}')
+    assert answer["hpcs_response"] == "FAIL" and answer["badRequest"]
+    assert answer["network"] == "FAIL"
+    assert answer["gearman"] == [{"host": "127.0.0.1", "port": 1, "status": "FAIL"}]
     assert driver.calls == []

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,15 +22,16 @@ from typing import Any, Iterator
 
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
-from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatus
+from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
 from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
-from libra_worker.drivers.haproxy.sockets import server_statuses
+from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
 from libra_worker.fileutil import atomic_write, fsync_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
 from libra_worker.netcheck import bind_problem
+from libra_worker.metrics import MetricsLedger, MetricsPeriod, TrafficTotals
 from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
@@ -56,6 +58,7 @@ class HAProxyDriver(LoadBalancerDriver):
         self.files = StateDirLayout(settings.state_dir)
         self.store = StateStore(self.files.state)
         self.logs = LogSink(settings.state_dir, settings.log_max_bytes)
+        self.metrics_ledger = MetricsLedger(settings.state_dir, self.logs.log_dir)
         self.process = HAProxyProcess(
             binary=find_binary(settings.binary),
             config_file=self.files.config,
@@ -96,6 +99,10 @@ class HAProxyDriver(LoadBalancerDriver):
             if repair is Repair.NONE:
                 if running and self._retired:
                     self._delete_retired()
+                if running and not self.logs.is_running():
+                    # Without the sink, access lines (and the bytes METRICS bills) are lost.
+                    LOG.warning("The log sink is not running: starting it again")
+                    self.logs.ensure_running()
                 return
             LOG.warning("Desired state %s but HAProxy is %s: %sing it", desired.lifecycle.value,
                         "running" if running else "not running", repair.value)
@@ -148,10 +155,12 @@ class HAProxyDriver(LoadBalancerDriver):
             self._accepted = (saved, device)  # what the state file now holds, already parsed
 
     def suspend(self) -> None:
+        """Also a PASS on a device never configured or deleted, as in Libra: nothing
+        listens there, which is what SUSPEND asks; the state stays NEW or DELETED."""
         with self._exclusive():
-            desired = self._configured("suspend")
+            desired = self.store.load()
             self.process.stop()
-            if desired.lifecycle is not Lifecycle.SUSPENDED:
+            if desired.lifecycle is Lifecycle.ACTIVE:
                 self._save(desired, Lifecycle.SUSPENDED)
 
     def enable(self) -> None:
@@ -203,6 +212,36 @@ class HAProxyDriver(LoadBalancerDriver):
             nodes=nodes,
             restarts=desired.restarts,
             last_error=desired.last_error,
+        )
+
+    def metrics(self) -> MetricsPeriod:
+        desired = self.store.load()
+        if desired.lifecycle is Lifecycle.DELETED:
+            raise WorkerError("The load balancer has been deleted.", status="DELETED")
+        if desired.lifecycle is Lifecycle.NEW:
+            raise WorkerError("No load balancer is configured yet.", status="NEW")
+        # Counted by the log sink, so SUSPENDED or a crashed HAProxy still report.
+        accepted = self.configured_device()
+        configured = tuple(lb.protocol.value.lower() for lb in accepted.loadbalancers) if accepted else ()
+        return self.metrics_ledger.report(configured)
+
+    def health(self) -> DeviceHealth:
+        master = self.process.master_pid()
+        try:
+            free: int | None = shutil.disk_usage(self.files.root).free
+        except OSError:
+            free = None
+        traffic = TrafficTotals.read(self.metrics_ledger.traffic_path)
+        return DeviceHealth(
+            state=self.store.load().lifecycle.value,
+            haproxy_version=self.process.version(),
+            haproxy_running=master is not None,
+            haproxy_master_pid=master,
+            haproxy_dropped_logs=dropped_logs(self.files.stats_socket) if master else None,
+            state_dir_free_bytes=free,
+            log_sink_running=self.logs.is_running(),
+            log_sink_pid=self.logs.pid(),
+            unreadable_access_lines=traffic.unreadable_lines if traffic else 0,
         )
 
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:

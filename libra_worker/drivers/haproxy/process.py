@@ -116,6 +116,15 @@ class HAProxyProcess:
     def is_running(self) -> bool:
         return self.master_pid() is not None
 
+    def version(self) -> str | None:
+        """HAProxy's version (`haproxy -v`), or None if the binary could not say."""
+        try:
+            result = self._run([self.binary, "-v"], "haproxy -v")
+        except (OSError, ActionTimeout):
+            return None
+        match = re.search(r"version (\S+)", result.stdout)
+        return match.group(1) if match else None
+
     def process_table(self) -> ProcessTable:
         deadline = time.monotonic() + self.command_timeout
         return ProcessTable.parse(send_command_retrying(self.master_socket, "show proc", deadline))

@@ -72,6 +72,19 @@ def server_statuses(stats_socket: Path, timeout: float = 5.0) -> list[ServerStat
     ]
 
 
+def dropped_logs(stats_socket: Path, timeout: float = 2.0) -> int | None:
+    """`DroppedLogs` from `show info`: log lines this HAProxy could not send; None if unknown."""
+    try:
+        answer = send_command(stats_socket, "show info", timeout)
+    except OSError:
+        return None
+    for line in answer.splitlines():
+        name, _, value = line.partition(":")
+        if name == "DroppedLogs" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
 def parse_stat_csv(answer: str) -> list[dict[str, str]]:
     """The rows of a `show stat` answer, keyed by the names in its "# " header line.
 
