@@ -3,6 +3,8 @@
 This is the single boundary where failures become FAIL replies: a validation error gets
 Libra's `badRequest` shape, a driver error its own sentence, and anything unexpected a
 generic sentence (with the traceback in the worker's log). Nothing raises out of `handle`.
+Every FAIL goes through `messages.reply`, which keeps ``hpcs_error`` within what Libra
+stores and puts the whole story in ``hpcs_error_detail``; the log gets the whole story.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class LBaaSController:
         try:
             document = decode(payload)
         except InvalidMessage as exc:
+            LOG.info("Rejected payload: %s", exc)
             return bad_request({}, str(exc))
         try:
             return parse(document)
@@ -66,8 +69,8 @@ class LBaaSController:
         try:
             extra = self._actions[message.action](message)
         except WorkerError as exc:
-            LOG.warning("%s failed: %s", message.action.value, exc)
-            return Outcome(reply(document, str(exc), **exc.reply_fields), exc)
+            LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
+            return Outcome(reply(document, str(exc), detail=exc.detail, **exc.reply_fields), exc)
         except OSError as exc:
             # A full or read-only state_dir, mostly: the sentence must say which file.
             LOG.error("%s failed: %s", message.action.value, exc)
