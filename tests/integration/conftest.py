@@ -28,6 +28,10 @@ from tests.integration.support import (
 )
 
 
+# Needs METRICS and DIAGNOSTICS (issue 10): remove this line when that work is merged.
+collect_ignore = ["test_libra_compat_fleet.py"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Never skipped silently: a machine without the real components fails loudly.
     missing = [path for path in (GEARMAND,) if not os.access(path, os.X_OK)]

@@ -227,6 +227,37 @@ class LibraServers:
                 node_status[device] = result["nodes"]
         return failed, node_status
 
+    def get_stats(self, devices: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The METRICS sweep: (failed devices, the reply of each device that passed)."""
+        sweep = self.sweep(devices, "METRICS")
+        failed, results = list(sweep.failed), {}
+        for device, result in sweep.replies.items():
+            if result["hpcs_response"] == "FAIL":
+                failed.append(device)
+            else:
+                results[device] = result
+        return failed, results
+
+    def offline_check(self, devices: list[str]) -> list[str]:
+        """The DIAGNOSTICS check of OFFLINE devices: those to mark failed.
+
+        One 5 s round, no retry: a silent device is failed. It reads ``network`` and
+        ``gearman`` whatever ``hpcs_response`` says, and fails a device when more than a
+        third of its job servers FAIL (Python 2's integer division: with two job
+        servers, one failure is enough).
+        """
+        found = Sweep()
+        failed = self._round(devices, "DIAGNOSTICS", POLL_TIMEOUT, found)
+        for device, result in found.replies.items():
+            if result["network"] == "FAIL":
+                failed.append(device)
+                continue
+            failures = [entry for entry in result["gearman"] if entry["status"] == "FAIL"]
+            assert all(entry["host"] for entry in failures)  # logged by host
+            if len(failures) > len(result["gearman"]) // 3:
+                failed.append(device)
+        return failed
+
     def get_discover(self, device: str) -> dict[str, Any] | None:
         request = self.client.submit_job(device.encode(), {"hpcs_action": "DISCOVER"},
                                          background=False, wait_until_complete=True,
@@ -234,6 +265,17 @@ class LibraServers:
         if request.state == JOB_UNKNOWN or request.timed_out:
             return None
         return None if request.result["hpcs_response"] == "FAIL" else request.result
+
+
+def bytes_out(result: dict[str, Any], lb: LibraLoadBalancer) -> int:
+    """stats_sched's billing read of a METRICS reply: the entry of the load balancer's
+    protocol in lower case (GALERA and TCP are both "tcp" at the worker); -1 if none."""
+    protocol = "http" if lb.protocol.lower() == "http" else "tcp"
+    found = -1
+    for entry in result["loadBalancers"]:
+        if entry["protocol"] == protocol:
+            found = entry["bytes_out"]
+    return found
 
 
 def update_node_statuses(node_status: dict[str, list[dict[str, Any]]],
