@@ -361,10 +361,22 @@ def test_zero_timeouts_render_as_haproxys_largest_timer(rendered):
         assert f"timeout {keyword} {render.MAX_HAPROXY_TIMEOUT_MS}\n" in text
 
 
-def test_haproxy_accepts_zero_timeouts_without_a_warning(tmp_path):
-    # `haproxy -c -q` prints nothing unless something is wrong, warnings included.
-    result = haproxy_check((GOLDEN_DIR / "libra_zero_timeouts_and_query_path.cfg").read_text(), tmp_path)
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+def _haproxy_warnings(config_text: str, tmp_path: Path) -> list[str]:
+    # Without -q: `haproxy -c -q` hides warnings.
+    config_file = tmp_path / "haproxy.cfg"
+    config_file.write_text(config_text)
+    result = subprocess.run([find_binary(), "-c", "-f", str(config_file)],
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in (result.stdout + result.stderr).splitlines() if "[WARNING]" in line]
+
+
+def test_zero_timeouts_render_without_haproxys_missing_timeout_warning(tmp_path):
+    text = (GOLDEN_DIR / "libra_zero_timeouts_and_query_path.cfg").read_text()
+    assert _haproxy_warnings(text, tmp_path) == []
+    # What a literal 0 would have cost: HAProxy takes it as infinite, and warns.
+    literal = text.replace(f"timeout client {render.MAX_HAPROXY_TIMEOUT_MS}", "timeout client 0")
+    assert any("missing timeouts" in line for line in _haproxy_warnings(literal, tmp_path))
 
 
 @pytest.mark.parametrize("text", ["/plain", "/a'b", "''", "/#$\"\\ x", "'/'\\''"])
