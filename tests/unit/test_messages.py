@@ -814,3 +814,29 @@ def test_device_document_round_trips_through_parse(device):
     # And through the wire: JSON text, any key casing, as an UPDATE message.
     wire = json.dumps({"HPCS_ACTION": "update", **document})
     assert parse(decode(wire)).device == device
+
+
+# ---------------------------------------------------------------------- Libra's API server
+
+
+def test_an_update_as_libras_api_server_builds_it():
+    # Integer ids from its BIGINT columns, backup as "TRUE"/"FALSE", the default CONNECT
+    # monitor without a path, one timeout for all three options.
+    document = {"hpcs_action": "UPDATE", "loadBalancers": [{
+        "name": "n" * 128, "protocol": "HTTP", "algorithm": "ROUND_ROBIN", "port": 65535,
+        "nodes": [
+            {"id": 2**63 - 1, "port": 1, "address": "10.0.0.1", "weight": 256,
+             "condition": "ENABLED", "backup": "FALSE"},
+            {"id": 1, "port": 65535, "address": "10.0.0.2", "weight": 1,
+             "condition": "ENABLED", "backup": "TRUE"},
+        ],
+        "monitor": {"type": "CONNECT", "delay": 30, "timeout": 30, "attempts": 2},
+        "options": {"client_timeout": 0, "server_timeout": 0, "connect_timeout": 0,
+                    "connect_retries": 256},
+    }]}
+    result = only_lb(document)
+    assert [(n.id, n.weight, n.backup, n.enabled) for n in result.nodes] == [
+        (str(2**63 - 1), 256, False, True), ("1", 1, True, True)]
+    assert int(result.nodes[0].id) == 2**63 - 1  # what its ping processing does with STATS ids
+    assert result.monitor == messages.DEFAULT_MONITOR
+    assert result.options == Options(0, 0, 0, 256)
