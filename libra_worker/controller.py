@@ -10,6 +10,7 @@ stores and puts the whole story in ``hpcs_error_detail``; the log gets the whole
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,12 +73,16 @@ class LBaaSController:
             LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
             return Outcome(reply(document, str(exc), detail=exc.detail, **exc.reply_fields), exc)
         except OSError as exc:
-            # A full or read-only state_dir, mostly: the sentence must say which file.
+            # A full or read-only state_dir, mostly: the sentence names the directory (a
+            # temporary file's name would push the outcome out of what Libra stores), the
+            # detail the file.
             LOG.error("%s failed: %s", message.action.value, exc)
-            where = f" ({exc.filename})" if exc.filename else ""
-            sentence = (f"{message.action.value} failed: {exc.strerror or exc}{where}; "
-                        "the running load balancer was left unchanged.")
-            return Outcome(reply(document, sentence), exc)
+            outcome = "the running load balancer was left unchanged."
+            cause = f"{message.action.value} failed: {exc.strerror or exc}"
+            if not exc.filename:
+                return Outcome(reply(document, f"{cause}; {outcome}"), exc)
+            sentence = f"{cause} in {os.path.dirname(exc.filename)}; {outcome}"
+            return Outcome(reply(document, sentence, detail=f"{cause} ({exc.filename}); {outcome}"), exc)
         except Exception as exc:  # noqa: BLE001 - the one catch-all: every job gets a reply
             LOG.exception("%s failed unexpectedly", message.action.value)
             sentence = (f"The worker hit an internal error during {message.action.value}; "

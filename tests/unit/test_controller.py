@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import Any
@@ -383,3 +384,14 @@ def test_a_sender_cannot_plant_its_own_error_detail(controller):
     answer = handle(controller, {**UPDATE, "HPCS_ERROR_DETAIL": "planted"})
     assert answer["hpcs_response"] == "PASS"
     assert "planted" not in json.dumps(answer)
+
+
+def test_a_full_state_dir_is_named_within_errmsg_and_the_file_in_the_detail(controller, driver):
+    temporary = "/var/lib/libra-worker/some/longer/state/dir/.haproxy.cfg.new.q1w2e3r4.tmp"
+    driver.failures["update"] = OSError(errno.ENOSPC, "No space left on device", temporary)
+    answer = handle(controller, UPDATE)
+    assert answer["hpcs_error"] == (
+        "UPDATE failed: No space left on device in /var/lib/libra-worker/some/longer/state/dir; "
+        "the running load balancer was left unchanged.")
+    assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
+    assert temporary in answer["hpcs_error_detail"]
