@@ -387,11 +387,17 @@ def test_a_sender_cannot_plant_its_own_error_detail(controller):
 
 
 def test_a_full_state_dir_is_named_within_errmsg_and_the_file_in_the_detail(controller, driver):
-    temporary = "/var/lib/libra-worker/some/longer/state/dir/.haproxy.cfg.new.q1w2e3r4.tmp"
+    temporary = "/var/lib/libra-worker/.haproxy.cfg.new.q1w2e3r4.tmp"
     driver.failures["update"] = OSError(errno.ENOSPC, "No space left on device", temporary)
     answer = handle(controller, UPDATE)
     assert answer["hpcs_error"] == (
-        "UPDATE failed: No space left on device in /var/lib/libra-worker/some/longer/state/dir; "
+        "UPDATE failed: No space left on device in /var/lib/libra-worker; "
         "the running load balancer was left unchanged.")
-    assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
     assert temporary in answer["hpcs_error_detail"]
+
+    deep = "/srv/" + "d" * 120 + "/.state.json.x.tmp"
+    driver.failures["update"] = OSError(errno.EROFS, "Read-only file system", deep)
+    answer = handle(controller, UPDATE)
+    assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
+    assert answer["hpcs_error"].startswith("UPDATE failed: Read-only file system in /srv/ddd")
+    assert deep in answer["hpcs_error_detail"]
