@@ -840,3 +840,14 @@ def test_an_update_as_libras_api_server_builds_it():
     assert int(result.nodes[0].id) == 2**63 - 1  # what its ping processing does with STATS ids
     assert result.monitor == messages.DEFAULT_MONITOR
     assert result.options == Options(0, 0, 0, 256)
+
+
+def test_an_archive_as_libras_api_server_builds_it():
+    # Its API's objectStoreType enum is "Swift"; the id is str() of its integer column.
+    message = parse({
+        "hpcs_action": "ARCHIVE", "hpcs_object_store_basepath": "lbaaslogs",
+        "hpcs_object_store_endpoint": "https://swift.example.com/v1/AUTH_1",
+        "hpcs_object_store_token": "token", "hpcs_object_store_type": "Swift",
+        "loadBalancers": [{"id": str(2**63 - 1), "name": "lb #1", "protocol": "HTTP"}],
+    })
+    assert (message.archive.lb_id, message.archive.protocol) == (str(2**63 - 1), Protocol.HTTP)
