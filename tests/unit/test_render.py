@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from libra_worker.drivers.haproxy import render
@@ -404,6 +404,8 @@ def _device_with_paths(http_path: str, tcp_path: str):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(http_path=_paths, tcp_path=_paths)
+# The longest paths: 2,000 characters, nearly all encoded to three, or all quotes.
+@example(http_path="/" + " " * 1998 + "x", tcp_path="/" + "'" * 1999)
 def test_any_path_is_accepted_quoted_and_passes_haproxy_check(http_path, tcp_path, rendered, tmp_path):
     device = _device_with_paths(http_path, tcp_path)
     text = rendered(device)
