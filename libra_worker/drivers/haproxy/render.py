@@ -65,7 +65,8 @@ def config_word(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
 
 
-def timeout_ms(milliseconds: int) -> int:
+def haproxy_timeout_ms(milliseconds: int) -> int:
+    """Libra's 0, "no timeout", as the largest timeout HAProxy takes."""
     return milliseconds or MAX_HAPROXY_TIMEOUT_MS
 
 
@@ -97,9 +98,9 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str) -> dict[str, A
         "frontend_options": _FRONTEND_OPTIONS[lb.protocol],
         "backend_options": backend_options(lb),
         "balance": _BALANCE[lb.algorithm],
-        "client_timeout_ms": timeout_ms(lb.options.client_timeout_ms),
-        "server_timeout_ms": timeout_ms(lb.options.server_timeout_ms),
-        "connect_timeout_ms": timeout_ms(lb.options.connect_timeout_ms),
+        "client_timeout_ms": haproxy_timeout_ms(lb.options.client_timeout_ms),
+        "server_timeout_ms": haproxy_timeout_ms(lb.options.server_timeout_ms),
+        "connect_timeout_ms": haproxy_timeout_ms(lb.options.connect_timeout_ms),
         "check_timeout_s": lb.monitor.timeout,
         "retries": lb.options.connect_retries,
         "servers": [
