@@ -3,11 +3,14 @@
 This is the single boundary where failures become FAIL replies: a validation error gets
 Libra's `badRequest` shape, a driver error its own sentence, and anything unexpected a
 generic sentence (with the traceback in the worker's log). Nothing raises out of `handle`.
+Every FAIL goes through `messages.reply`, which keeps ``hpcs_error`` within what Libra
+stores and puts the whole story in ``hpcs_error_detail``; the log gets the whole story.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,6 +62,7 @@ class LBaaSController:
         try:
             document = decode(payload)
         except InvalidMessage as exc:
+            LOG.info("Rejected payload: %s", exc)
             return bad_request({}, str(exc))
         try:
             return parse(document)
@@ -73,16 +77,22 @@ class LBaaSController:
         try:
             extra = self._actions[message.action](message)
         except WorkerError as exc:
-            LOG.warning("%s failed: %s", message.action.value, exc)
+            LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
             fields = {**self._failure_fields(message.action.value), **exc.reply_fields}
-            return Outcome(reply(document, str(exc), **fields), exc)
+            return Outcome(reply(document, str(exc), detail=exc.detail, **fields), exc)
         except OSError as exc:
-            # A full or read-only state_dir, mostly: the sentence must say which file.
+            # A full or read-only state_dir, mostly: the sentence names the directory (a
+            # temporary file's name would push the outcome out of what Libra stores), the
+            # detail the file.
             LOG.error("%s failed: %s", message.action.value, exc)
-            where = f" ({exc.filename})" if exc.filename else ""
-            sentence = (f"{message.action.value} failed: {exc.strerror or exc}{where}; "
-                        "the running load balancer was left unchanged.")
-            return Outcome(reply(document, sentence, **self._failure_fields(message.action.value)), exc)
+            outcome = "the running load balancer was left unchanged."
+            cause = f"{message.action.value} failed: {exc.strerror or exc}"
+            fields = self._failure_fields(message.action.value)
+            if not exc.filename:
+                return Outcome(reply(document, f"{cause}; {outcome}", **fields), exc)
+            sentence = f"{cause} in {os.path.dirname(exc.filename)}; {outcome}"
+            detail = f"{cause} ({exc.filename}); {outcome}"
+            return Outcome(reply(document, sentence, detail=detail, **fields), exc)
         except Exception as exc:  # noqa: BLE001 - the one catch-all: every job gets a reply
             LOG.exception("%s failed unexpectedly", message.action.value)
             sentence = (f"The worker hit an internal error during {message.action.value}; "

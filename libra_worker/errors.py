@@ -4,11 +4,14 @@
 class WorkerError(Exception):
     """Base class: its message is the human sentence that becomes ``hpcs_error``.
 
-    `reply_fields` are added to the FAIL reply beside it (e.g. STATS's ``status``).
+    `reply_fields` are added to the FAIL reply beside it (e.g. STATS's ``status``);
+    `detail` is the whole story when the sentence summarises it (HAProxy's own message),
+    for the log, the journal and ``hpcs_error_detail``.
     """
 
-    def __init__(self, message: str, **reply_fields: object) -> None:
+    def __init__(self, message: str, *, detail: str | None = None, **reply_fields: object) -> None:
         super().__init__(message)
+        self.detail = detail
         self.reply_fields = reply_fields
 
 

@@ -18,7 +18,7 @@ from libra_worker import journal
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout
 from libra_worker.journal import Journal
-from libra_worker.messages import Action, Message
+from libra_worker.messages import Action, Message, error_detail
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -62,7 +62,7 @@ class JobRunner:
     def run(self, handle: str, payload: bytes) -> dict[str, Any]:
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
-            self.journal.started(handle, "INVALID").finish(journal.FAIL, prepared["hpcs_error"])
+            self.journal.started(handle, "INVALID").finish(journal.FAIL, error_detail(prepared))
             return prepared
         ticket = self.journal.started(handle, prepared.action.value)
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
@@ -72,7 +72,7 @@ class JobRunner:
             ticket.finish(journal.COMPLETE)
         else:
             state = journal.TIMEOUT if isinstance(outcome.error, ActionTimeout) else journal.FAIL
-            ticket.finish(state, _masked(outcome.reply["hpcs_error"], prepared))
+            ticket.finish(state, _masked(error_detail(outcome.reply), prepared))
         return outcome.reply
 
 

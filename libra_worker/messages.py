@@ -17,21 +17,34 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+from urllib.parse import quote
 
 from libra_worker.errors import InvalidMessage
 
 MAX_LOAD_BALANCERS = 2
 MAX_WEIGHT = 256
+# Libra's API takes option timeouts of 0-1,000,000 ms, 0 meaning "no timeout"; a day is
+# kept as the ceiling for senders that always allowed more.
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
-MAX_MONITOR_SECONDS = 3600
-MAX_RETRIES = 100
+# The largest delay HAProxy can time (2**31 - 1 ms): Libra's API bounds monitor delays
+# only by its integer column, but HAProxy refuses `inter 0` and anything longer.
+MAX_MONITOR_SECONDS = (2**31 - 1) // 1000
+MAX_RETRIES = 256
+# Libra's monitors.path column is VARCHAR(2000).
+MAX_PATH_LENGTH = 2000
+# Libra's API percent-encodes a monitor path with urllib's quote() and keeps these as
+# they are (RFC 3986's reserved characters and '%'); the worker does the same, so a path
+# from an older API that passed it raw (blanks, quotes, backslashes, non-ASCII) means
+# what a newer one would have sent, and the health check's request line is valid HTTP.
+# '@' is kept too: it is a URI path character, and this worker always passed it as is.
+LIBRA_PATH_SAFE = "/~+*,;:!$'[]()?&=#%@"
+# Percent-encoding at most triples an ASCII path; a longer result can only come from
+# non-ASCII text and would not fit in HAProxy's check request buffer.
+MAX_ENCODED_PATH_LENGTH = 3 * MAX_PATH_LENGTH
 
 # Identifiers become HAProxy server names; this is the set HAProxy accepts in names,
 # less ':' so an id can never be confused with an address.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-# A monitor path is written into `http-check send`: no blanks, quotes, '#', '\\' or '$',
-# which HAProxy's config parser would treat as separators, quoting, comments or variables.
-_PATH_PATTERN = re.compile(r"^/[A-Za-z0-9._~!&*+,;=:@%/()-]{0,255}$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -88,6 +101,8 @@ DEFAULT_MONITOR = Monitor(type=MonitorType.CONNECT, delay=30, timeout=30, attemp
 
 @dataclass(frozen=True)
 class Options:
+    """Timeouts in milliseconds, 0 meaning "no timeout" as in Libra's API."""
+
     client_timeout_ms: int = 30000
     server_timeout_ms: int = 30000
     connect_timeout_ms: int = 30000
@@ -235,21 +250,36 @@ def _parse_monitor(value: Any, where: str) -> Monitor:
     fields = _object(value, where)
     monitor_type = _enum(MonitorType, fields.get("type"), f"{where}.type", required=True)
     delay = _int(fields.get("delay"), f"{where}.delay", 1, MAX_MONITOR_SECONDS, required=True)
+    # 0 is Libra's "no timeout of its own": the check is then bounded by the delay.
     timeout = _int(
-        fields.get("timeout"), f"{where}.timeout", 1, MAX_MONITOR_SECONDS, required=True
+        fields.get("timeout"), f"{where}.timeout", 0, MAX_MONITOR_SECONDS, required=True
     )
     attempts = _int(fields.get("attempts"), f"{where}.attempts", 1, 10, required=True)
     if timeout > delay:
         raise InvalidMessage(
             f"{where}.timeout ({timeout}) must not be greater than {where}.delay ({delay})."
         )
-    path = _text(fields.get("path"), f"{where}.path") or "/"
-    if not _PATH_PATTERN.match(path):
-        raise InvalidMessage(
-            f"{where}.path must be a plain URL path starting with '/' "
-            f"(letters, digits and - . _ ~ ! & * + , ; = : @ % / ( ) only), got {path!r}."
-        )
+    path = _monitor_path(_text(fields.get("path"), f"{where}.path") or "/", f"{where}.path")
     return Monitor(monitor_type, delay, timeout, attempts, path)
+
+
+def _monitor_path(path: str, where: str) -> str:
+    """The path percent-encoded as Libra's API does; the template quotes it for HAProxy."""
+    if not path.startswith("/"):
+        raise InvalidMessage(f"{where} must start with '/'.")
+    if len(path) > MAX_PATH_LENGTH:
+        raise InvalidMessage(
+            f"{where} has {len(path)} characters; at most {MAX_PATH_LENGTH} are allowed."
+        )
+    if _CONTROL_CHARS.search(path):
+        raise InvalidMessage(f"{where} must not contain control characters.")
+    encoded = quote(path, safe=LIBRA_PATH_SAFE)
+    if len(encoded) > MAX_ENCODED_PATH_LENGTH:
+        raise InvalidMessage(
+            f"{where} is {len(encoded)} characters long once percent-encoded; "
+            f"at most {MAX_ENCODED_PATH_LENGTH} are allowed."
+        )
+    return encoded
 
 
 def _parse_options(value: Any, where: str) -> Options:
@@ -260,15 +290,15 @@ def _parse_options(value: Any, where: str) -> Options:
     return Options(
         client_timeout_ms=_int(
             fields.get("client_timeout", defaults.client_timeout_ms),
-            f"{where}.client_timeout", 1, MAX_TIMEOUT_MS,
+            f"{where}.client_timeout", 0, MAX_TIMEOUT_MS,
         ),
         server_timeout_ms=_int(
             fields.get("server_timeout", defaults.server_timeout_ms),
-            f"{where}.server_timeout", 1, MAX_TIMEOUT_MS,
+            f"{where}.server_timeout", 0, MAX_TIMEOUT_MS,
         ),
         connect_timeout_ms=_int(
             fields.get("connect_timeout", defaults.connect_timeout_ms),
-            f"{where}.connect_timeout", 1, MAX_TIMEOUT_MS,
+            f"{where}.connect_timeout", 0, MAX_TIMEOUT_MS,
         ),
         connect_retries=_int(
             fields.get("connect_retries", defaults.connect_retries),
@@ -458,12 +488,31 @@ def _reject_duplicates(values: list[str], where: str, what: str) -> None:
 
 PASS = "PASS"
 FAIL = "FAIL"
-_REPLY_FIELDS = ("hpcs_response", "hpcs_error", "badrequest")
+# Libra's API servers store hpcs_error in LoadBalancer.errmsg, a VARCHAR(128).
+MAX_ERROR_LENGTH = 128
+_ELLIPSIS = "..."
+_REPLY_FIELDS = ("hpcs_response", "hpcs_error", "hpcs_error_detail", "badrequest")
 
 
-def reply(original: Mapping[str, Any], error: str | None = None, **extra: Any) -> dict[str, Any]:
+def short_error(sentence: str) -> str:
+    """The sentence cut to what Libra can store; sentences name the cause and field first."""
+    if len(sentence) <= MAX_ERROR_LENGTH:
+        return sentence
+    return sentence[: MAX_ERROR_LENGTH - len(_ELLIPSIS)].rstrip() + _ELLIPSIS
+
+
+def reply(
+    original: Mapping[str, Any],
+    error: str | None = None,
+    *,
+    detail: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """The original message, as received, plus the outcome.
 
+    This is the one place an error becomes reply fields: ``hpcs_error`` at most
+    MAX_ERROR_LENGTH characters, and, when there is more to say (the sentence was cut, or
+    `detail` carries HAProxy's whole message), ``hpcs_error_detail``, which Libra ignores.
     Any reply field the sender already put in the message (in whatever casing) is
     replaced, so the reply never carries two contradictory outcomes.
     """
@@ -472,8 +521,16 @@ def reply(original: Mapping[str, Any], error: str | None = None, **extra: Any) -
     answer.update(extra)
     answer["hpcs_response"] = FAIL if error else PASS
     if error:
-        answer["hpcs_error"] = error
+        answer["hpcs_error"] = short_error(error)
+        full = detail or error
+        if full != answer["hpcs_error"]:
+            answer["hpcs_error_detail"] = full
     return answer
+
+
+def error_detail(answer: Mapping[str, Any]) -> str | None:
+    """The whole error of a reply: its detail if it has one, else ``hpcs_error``."""
+    return answer.get("hpcs_error_detail") or answer.get("hpcs_error")
 
 
 def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
@@ -485,7 +542,8 @@ def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
             "code": "400",
             "message": "Validation fault",
             "details": "The object is not valid",
-            "validationErrors": {"message": error},
+            # Libra stores this one in errmsg when it is present, before hpcs_error.
+            "validationErrors": {"message": short_error(error)},
         },
     )
 

@@ -206,6 +206,7 @@ class _NamedHTTPHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # the name http.server dispatches to
         backend = self.server.backend
+        backend.request_lines.append(self.raw_requestline)
         if self.path.split("?")[0] == backend.health_path:
             backend.health_checks += 1
             status, body = backend.health_status, f"{backend.name} health\n".encode()
@@ -293,11 +294,15 @@ class Backend:
 
 @dataclass
 class HTTPBackend(Backend):
-    """An HTTP node answering its own name; `health_status` is what /health answers."""
+    """An HTTP node answering its own name; `health_status` is what /health answers.
+
+    `request_lines` keeps every request line exactly as it came, bytes and CRLF included.
+    """
 
     health_path: str = "/health"
     health_status: int = 200
     health_checks: int = 0
+    request_lines: list[bytes] = field(default_factory=list)
 
     @property
     def paths(self) -> list[str]:

@@ -155,8 +155,10 @@ BAD_UPDATES = {
     "unknown algorithm": (lambda s: _with_spare(s, algorithm="RANDOM"), "RANDOM"),
     "monitor timeout greater than delay": (
         lambda s: _with_spare(s, monitor=http_monitor(delay=2, timeout=3)), "timeout"),
-    "monitor path with a space": (
-        lambda s: _with_spare(s, monitor=http_monitor(path="/health check")), "path"),
+    "monitor path without a leading slash": (
+        lambda s: _with_spare(s, monitor=http_monitor(path="health")), "path"),
+    "monitor path longer than Libra's 2000 characters": (
+        lambda s: _with_spare(s, monitor=http_monitor(path="/" + "h" * 2000)), "path"),
     "monitor path with a newline": (
         lambda s: _with_spare(s, monitor=http_monitor(path="/health\n    server evil 127.0.0.1:1")),
         "path"),

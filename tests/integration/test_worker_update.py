@@ -132,7 +132,7 @@ def test_backup_node_takes_over_only_while_the_primary_fails_its_monitor(worker,
     reply = worker.submit(update(lb("HTTP", port, [primary.node(), backup.node(backup=True)],
                                     monitor=http_monitor("/health", delay=1, timeout=1, attempts=2))))
     assert reply["hpcs_response"] == "PASS", reply
-    assert "option httpchk GET /health" in worker.haproxy_config()
+    assert "option httpchk GET '/health'" in worker.haproxy_config()
     wait_until(lambda: primary.health_checks > 0, 15, "the first HTTP health check of the primary")
     assert traffic(url(port), 10) == ({"primary": 10}, 0)
     assert node_statuses(worker.submit("STATS")) == {"primary": "UP", "backup": "UP"}
@@ -211,7 +211,7 @@ def test_field_names_and_values_are_case_insensitive_and_the_reply_echoes_the_me
     assert traffic(url(port), 4) == ({"cased": 4}, 0)
     config = worker.haproxy_config()
     assert "balance roundrobin" in config and "weight 2" in config
-    assert "option httpchk GET /health" in config
+    assert "option httpchk GET '/health'" in config
     assert worker.submit({"hpcs_action": "sTaTs"})["hpcs_response"] == "PASS"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from typing import Any
@@ -19,7 +20,15 @@ from libra_worker.errors import (
     ReloadFailed,
     StatsUnavailable,
 )
-from libra_worker.messages import Action, ArchiveRequest, Device, Message, Protocol, bad_request
+from libra_worker.messages import (
+    MAX_ERROR_LENGTH,
+    Action,
+    ArchiveRequest,
+    Device,
+    Message,
+    Protocol,
+    bad_request,
+)
 from libra_worker.metrics import MetricsPeriod
 
 UPDATE = {
@@ -374,3 +383,98 @@ def test_an_invalid_diagnostics_still_carries_the_keys_libra_reads(driver):
     assert answer["network"] == "FAIL"
     assert answer["gearman"] == [{"host": "127.0.0.1", "port": 1, "status": "FAIL"}]
     assert driver.calls == []
+
+
+# ---------------------------------------------------------------------- what Libra can store
+
+# HAProxy's own words for a rejected file, as `haproxy -c` prints them: the location names
+# the (long) state_dir path, and several alerts follow the first.
+HAPROXY_REJECTION = (
+    "[NOTICE]   (4242) : haproxy version is 2.6.12-1+deb12u4\n"
+    "[ALERT]    (4242) : config : parsing [/var/lib/libra-worker/some/deep/state/dir/"
+    "haproxy.cfg.new:31] : 'server lb-http/n1' : invalid address: 'bogus' in 'bogus:80'\n"
+    "[ALERT]    (4242) : config : Error(s) found in configuration file : "
+    "/var/lib/libra-worker/some/deep/state/dir/haproxy.cfg.new\n"
+    "[ALERT]    (4242) : config : Fatal errors found in configuration.\n"
+)
+
+
+def _haproxy_rejection() -> ConfigCheckFailed:
+    from libra_worker.drivers.haproxy import process
+
+    return ConfigCheckFailed(
+        "HAProxy rejected the configuration: " + process._first_alert(HAPROXY_REJECTION),
+        detail="HAProxy rejected the configuration: " + process._alerts(HAPROXY_REJECTION),
+    )
+
+
+def test_haproxy_rejection_is_short_leads_with_line_and_keyword_and_keeps_the_detail(
+        controller, driver, caplog):
+    driver.failures["update"] = _haproxy_rejection()
+    with caplog.at_level(logging.WARNING, logger="libra_worker.controller"):
+        answer = handle(controller, UPDATE)
+    assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
+    assert answer["hpcs_error"].startswith(
+        "HAProxy rejected the configuration: line 31: 'server lb-http/n1' : invalid address")
+    detail = answer["hpcs_error_detail"]
+    assert "/var/lib/libra-worker/some/deep/state/dir/haproxy.cfg.new:31" in detail
+    assert "Fatal errors found in configuration." in detail
+    assert detail in caplog.text
+
+
+def _long_validation_errors():
+    lb = UPDATE["loadbalancers"][0]
+    node = lb["nodes"][0]
+    yield "hpcs_action", {"hpcs_action": "X" * 500}
+    yield "loadbalancers[0].algorithm", {**UPDATE, "loadbalancers": [{**lb, "algorithm": "Y" * 300}]}
+    yield "loadbalancers[0].monitor.path", {**UPDATE, "loadbalancers": [
+        {**lb, "monitor": {"type": "HTTP", "delay": 5, "timeout": 5, "attempts": 2, "path": "/" + "p" * 5000}}]}
+    yield "loadbalancers[0].nodes[0].address", {**UPDATE, "loadbalancers": [
+        {**lb, "nodes": [{**node, "address": "a" * 400}]}]}
+    yield "loadbalancers[0].nodes[1].id", {**UPDATE, "loadbalancers": [
+        {**lb, "nodes": [node, {**node, "port": 81, "id": "i" * 300}]}]}
+    yield "loadbalancers[0].options.client_timeout", {**UPDATE, "loadbalancers": [
+        {**lb, "options": {"client_timeout": "9" * 12}}]}
+
+
+@pytest.mark.parametrize("field, document", list(_long_validation_errors()),
+                         ids=[field for field, _ in _long_validation_errors()])
+def test_validation_errors_fit_libras_errmsg_and_name_the_field_first(controller, field, document):
+    answer = handle(controller, document)
+    stored = answer["badRequest"]["validationErrors"]["message"]  # what Libra stores first
+    assert stored == answer["hpcs_error"]
+    assert len(stored) <= MAX_ERROR_LENGTH
+    assert stored.startswith(field)
+    # The whole sentence (with the full value list or value prefix) is kept when cut.
+    detail = answer.get("hpcs_error_detail", stored)
+    assert detail.startswith(stored.removesuffix("..."))
+
+
+def test_short_errors_carry_no_detail(controller, driver):
+    driver.failures["update"] = ReloadFailed("HAProxy failed to start: port in use.")
+    answer = handle(controller, UPDATE)
+    assert answer["hpcs_error"] == "HAProxy failed to start: port in use."
+    assert "hpcs_error_detail" not in answer
+
+
+def test_a_sender_cannot_plant_its_own_error_detail(controller):
+    answer = handle(controller, {**UPDATE, "HPCS_ERROR_DETAIL": "planted"})
+    assert answer["hpcs_response"] == "PASS"
+    assert "planted" not in json.dumps(answer)
+
+
+def test_a_full_state_dir_is_named_within_errmsg_and_the_file_in_the_detail(controller, driver):
+    temporary = "/var/lib/libra-worker/.haproxy.cfg.new.q1w2e3r4.tmp"
+    driver.failures["update"] = OSError(errno.ENOSPC, "No space left on device", temporary)
+    answer = handle(controller, UPDATE)
+    assert answer["hpcs_error"] == (
+        "UPDATE failed: No space left on device in /var/lib/libra-worker; "
+        "the running load balancer was left unchanged.")
+    assert temporary in answer["hpcs_error_detail"]
+
+    deep = "/srv/" + "d" * 120 + "/.state.json.x.tmp"
+    driver.failures["update"] = OSError(errno.EROFS, "Read-only file system", deep)
+    answer = handle(controller, UPDATE)
+    assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
+    assert answer["hpcs_error"].startswith("UPDATE failed: Read-only file system in /srv/ddd")
+    assert deep in answer["hpcs_error_detail"]

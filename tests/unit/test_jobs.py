@@ -105,3 +105,16 @@ def test_job_timeout_raises_action_timeout_in_the_job():
     with pytest.raises(ActionTimeout, match="UPDATE did not finish within its 0.05 s timeout"):
         with JobTimeout(0.05, "UPDATE"):
             time.sleep(2)
+
+
+def test_the_journal_keeps_the_whole_error_the_reply_cuts_for_libra(tmp_path):
+    sentence = "HAProxy is not running: " + " ".join(["the stats socket said no."] * 10)
+
+    class LongWinded(SlowDriver):
+        def stats(self) -> Any:
+            raise WorkerError(sentence)
+
+    reply = runner(tmp_path, LongWinded()).run("H:1", b'{"hpcs_action": "STATS"}')
+    assert len(reply["hpcs_error"]) <= 128 and reply["hpcs_error_detail"] == sentence
+    [record] = Journal(tmp_path / "jobs.journal").recent(5)
+    assert record.hpcs_error == sentence

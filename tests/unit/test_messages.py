@@ -378,15 +378,37 @@ def test_monitor_unknown_type_rejected():
     assert "loadbalancers[0].monitor.type" in error and "CONNECT" in error
 
 
-@pytest.mark.parametrize("field, value", [("delay", 0), ("attempts", 11), ("attempts", 0), ("delay", 3601)])
+@pytest.mark.parametrize("field, value", [
+    ("delay", 0), ("attempts", 11), ("attempts", 0), ("delay", messages.MAX_MONITOR_SECONDS + 1),
+])
 def test_monitor_numbers_bounded(field, value):
     monitor = {**MONITOR, field: value, "timeout": 1}
     assert f"loadbalancers[0].monitor.{field}" in rejected(update(lb(monitor=monitor)))
 
 
-@pytest.mark.parametrize("path", ["/", "/healthz", "/a/b-c_d.e~f", "/status;v=1", "/%20", "/a:b@c"])
-def test_monitor_plain_paths_accepted(path):
+@pytest.mark.parametrize("path", [
+    "/", "/healthz", "/a/b-c_d.e~f", "/status;v=1", "/%20", "/a:b@c",
+    # What Libra's API passes on: query strings and RFC 3986's reserved characters.
+    "/health?full=1&fmt=text", "/a'b", "/a#b", "/a$b", "/[x]", "/x?a=$HOME&b='c'#f",
+    "/" + "a" * (messages.MAX_PATH_LENGTH - 1),
+])
+def test_monitor_paths_kept_as_sent(path):
     assert only_lb(update(lb(monitor={**MONITOR, "path": path}))).monitor.path == path
+
+
+def test_monitor_timeout_zero_accepted_negative_rejected():
+    assert only_lb(update(lb(monitor={**MONITOR, "timeout": 0}))).monitor.timeout == 0
+    assert "loadbalancers[0].monitor.timeout" in rejected(update(lb(monitor={**MONITOR, "timeout": -1})))
+
+
+@pytest.mark.parametrize("path, encoded", [
+    ("/a b", "/a%20b"), ('/a"b', "/a%22b"), ("/a\\b", "/a%5Cb"), ("/é", "/%C3%A9"),
+    ("/a<b>{c}|^`", "/a%3Cb%3E%7Bc%7D%7C%5E%60"),
+    # Already encoded by a newer Libra API: left alone, never encoded twice.
+    ("/a%20b", "/a%20b"),
+])
+def test_monitor_path_percent_encoded_as_libra_api_does(path, encoded):
+    assert only_lb(update(lb(monitor={**MONITOR, "path": path}))).monitor.path == encoded
 
 
 def test_monitor_path_defaults_to_root():
@@ -394,13 +416,16 @@ def test_monitor_path_defaults_to_root():
     assert only_lb(update(lb(monitor=monitor))).monitor.path == "/"
 
 
-@pytest.mark.parametrize("path", [
-    "/a b", '/a"b', "/a'b", "/a#b", "/a\nb", "/a\rb", "/a$b", "/a\\b", "/a\tb",
-    "health", "http://x/", "/" + "a" * 256, "/a\x00", "/é",
+@pytest.mark.parametrize("path, reason", [
+    ("/a\nb", "control characters"), ("/a\rb", "control characters"),
+    ("/a\tb", "control characters"), ("/a\x00", "control characters"),
+    ("health", "start with '/'"), ("http://x/", "start with '/'"),
+    ("/" + "a" * messages.MAX_PATH_LENGTH, "at most 2000"),
+    ("/" + "é" * 1999, "once percent-encoded"),
 ])
-def test_monitor_unsafe_paths_rejected(path):
+def test_monitor_unusable_paths_rejected(path, reason):
     error = rejected(update(lb(monitor={**MONITOR, "path": path})))
-    assert error.startswith("loadbalancers[0].monitor.path must be a plain URL path")
+    assert error.startswith("loadbalancers[0].monitor.path ") and reason in error
 
 
 # ---------------------------------------------------------------------- ids and names
@@ -534,8 +559,16 @@ def test_explicit_node_id_kept():
 
 def test_options_defaults_and_bounds():
     assert only_lb(update(lb(options={}))).options == Options()
-    assert "loadbalancers[0].options.connect_retries" in rejected(update(lb(options={"connect_retries": 101})))
-    assert "loadbalancers[0].options.client_timeout" in rejected(update(lb(options={"client_timeout": 0})))
+    assert "loadbalancers[0].options.connect_retries" in rejected(update(lb(options={"connect_retries": 257})))
+    assert "loadbalancers[0].options.client_timeout" in rejected(update(lb(options={"client_timeout": -1})))
+
+
+def test_options_libra_ranges_accepted():
+    # Libra's API: timeouts 0-1,000,000 ms with 0 meaning "no timeout", retries up to 256.
+    for timeout in (0, 1, 1_000_000):
+        options = {"client_timeout": timeout, "server_timeout": timeout,
+                   "connect_timeout": timeout, "connect_retries": 256}
+        assert only_lb(update(lb(options=options))).options == Options(timeout, timeout, timeout, 256)
     assert rejected(update(lb(options=[]))) == "loadbalancers[0].options must be a JSON object."
 
 
@@ -715,7 +748,7 @@ def test_device_document_round_trip_example():
 
 
 _ID_ALPHABET = string.ascii_letters + string.digits + "_.-"
-_PATH_ALPHABET = string.ascii_letters + string.digits + "-._~!&*+,;=:@%/()"
+_PATH_ALPHABET = string.ascii_letters + string.digits + "-._~!&*+,;=:@%/()?#$'[]"
 
 identifiers = st.text(_ID_ALPHABET, min_size=1, max_size=64)
 addresses = st.ip_addresses().filter(
@@ -725,13 +758,13 @@ ports = st.integers(1, 65535)
 
 @st.composite
 def monitors(draw):
-    delay = draw(st.integers(1, 3600))
+    delay = draw(st.integers(1, messages.MAX_MONITOR_SECONDS))
     return Monitor(
         type=draw(st.sampled_from(MonitorType)),
         delay=delay,
-        timeout=draw(st.integers(1, delay)),
+        timeout=draw(st.integers(0, delay)),
         attempts=draw(st.integers(1, 10)),
-        path="/" + draw(st.text(_PATH_ALPHABET, max_size=255)),
+        path="/" + draw(st.text(_PATH_ALPHABET, max_size=messages.MAX_PATH_LENGTH - 1)),
     )
 
 
@@ -746,9 +779,9 @@ nodes_strategy = st.builds(
 )
 options_strategy = st.builds(
     Options,
-    client_timeout_ms=st.integers(1, messages.MAX_TIMEOUT_MS),
-    server_timeout_ms=st.integers(1, messages.MAX_TIMEOUT_MS),
-    connect_timeout_ms=st.integers(1, messages.MAX_TIMEOUT_MS),
+    client_timeout_ms=st.integers(0, messages.MAX_TIMEOUT_MS),
+    server_timeout_ms=st.integers(0, messages.MAX_TIMEOUT_MS),
+    connect_timeout_ms=st.integers(0, messages.MAX_TIMEOUT_MS),
     connect_retries=st.integers(0, messages.MAX_RETRIES),
 )
 names = st.none() | st.text(
@@ -781,3 +814,40 @@ def test_device_document_round_trips_through_parse(device):
     # And through the wire: JSON text, any key casing, as an UPDATE message.
     wire = json.dumps({"HPCS_ACTION": "update", **document})
     assert parse(decode(wire)).device == device
+
+
+# ---------------------------------------------------------------------- Libra's API server
+
+
+def test_an_update_as_libras_api_server_builds_it():
+    # Integer ids from its BIGINT columns, backup as "TRUE"/"FALSE", the default CONNECT
+    # monitor without a path, one timeout for all three options.
+    document = {"hpcs_action": "UPDATE", "loadBalancers": [{
+        "name": "n" * 128, "protocol": "HTTP", "algorithm": "ROUND_ROBIN", "port": 65535,
+        "nodes": [
+            {"id": 2**63 - 1, "port": 1, "address": "10.0.0.1", "weight": 256,
+             "condition": "ENABLED", "backup": "FALSE"},
+            {"id": 1, "port": 65535, "address": "10.0.0.2", "weight": 1,
+             "condition": "ENABLED", "backup": "TRUE"},
+        ],
+        "monitor": {"type": "CONNECT", "delay": 30, "timeout": 30, "attempts": 2},
+        "options": {"client_timeout": 0, "server_timeout": 0, "connect_timeout": 0,
+                    "connect_retries": 256},
+    }]}
+    result = only_lb(document)
+    assert [(n.id, n.weight, n.backup, n.enabled) for n in result.nodes] == [
+        (str(2**63 - 1), 256, False, True), ("1", 1, True, True)]
+    assert int(result.nodes[0].id) == 2**63 - 1  # what its ping processing does with STATS ids
+    assert result.monitor == messages.DEFAULT_MONITOR
+    assert result.options == Options(0, 0, 0, 256)
+
+
+def test_an_archive_as_libras_api_server_builds_it():
+    # Its API's objectStoreType enum is "Swift"; the id is str() of its integer column.
+    message = parse({
+        "hpcs_action": "ARCHIVE", "hpcs_object_store_basepath": "lbaaslogs",
+        "hpcs_object_store_endpoint": "https://swift.example.com/v1/AUTH_1",
+        "hpcs_object_store_token": "token", "hpcs_object_store_type": "Swift",
+        "loadBalancers": [{"id": str(2**63 - 1), "name": "lb #1", "protocol": "HTTP"}],
+    })
+    assert (message.archive.lb_id, message.archive.protocol) == (str(2**63 - 1), Protocol.HTTP)

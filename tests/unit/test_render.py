@@ -13,10 +13,14 @@ would refuse cannot be accepted by review alone.
 from __future__ import annotations
 
 import os
+import shlex
+import string
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from libra_worker.drivers.haproxy import render
 from libra_worker.drivers.haproxy.process import find_binary
@@ -189,6 +193,23 @@ CASES = {
         )
     ),
     "empty_node_list": lambda: make_device(make_lb(Protocol.HTTP, 80, ())),
+    # Libra's API: timeouts of 0 ("no timeout"), 256 retries, a check timeout of 0 and a
+    # health-check path with a query string and the characters HAProxy's parser treats
+    # specially.
+    "libra_zero_timeouts_and_query_path": lambda: make_device(
+        make_lb(
+            Protocol.HTTP,
+            80,
+            (make_node("127.0.0.2", 80, id="12"),),
+            options=Options(
+                client_timeout_ms=0, server_timeout_ms=0, connect_timeout_ms=0, connect_retries=256
+            ),
+            monitor=Monitor(
+                MonitorType.HTTP, delay=30, timeout=0, attempts=2,
+                path="/health?full=1&fmt=text&u=$USER&q='a%20b'&r=[1]#top",
+            ),
+        )
+    ),
 }
 LISTEN_ADDRESS = {"ipv6": "::1"}
 
@@ -232,7 +253,7 @@ def test_server_options_words():
 
 def test_http_monitor_becomes_httpchk_and_connect_monitor_does_not():
     http = make_lb(monitor=Monitor(MonitorType.HTTP, 5, 5, 2, "/ping"))
-    assert render.backend_options(http) == ("option httpchk GET /ping",)
+    assert render.backend_options(http) == ("option httpchk GET '/ping'",)
     assert render.backend_options(make_lb()) == ()
 
 
@@ -305,7 +326,13 @@ def test_malicious_strings_never_add_config_lines(field, value, rendered):
         return  # rejected before anything is rendered: the safe outcome
     text = rendered(message.device)
     assert len(text.splitlines()) == len(baseline.splitlines())
-    assert "evil" not in text
+    if field == "monitor.path":
+        # Accepted as Libra's API would pass it on: encoded, and one quoted word.
+        (check,) = [line for line in text.splitlines() if "httpchk" in line]
+        assert "evil" not in text.replace(check, "")
+        assert shlex.split(check) == ["option", "httpchk", "GET", message.device.loadbalancers[0].monitor.path]
+    else:
+        assert "evil" not in text
 
 
 def test_injection_baseline_is_sane(rendered):
@@ -314,7 +341,7 @@ def test_injection_baseline_is_sane(rendered):
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("server ")] == [
         "server n1 127.0.0.2:80 weight 1 check inter 5s fall 2 rise 2"
     ]
-    assert "option httpchk GET /ok" in text
+    assert "option httpchk GET '/ok'" in text
 
 
 def test_name_with_spaces_is_accepted_but_never_rendered(rendered):
@@ -324,3 +351,67 @@ def test_name_with_spaces_is_accepted_but_never_rendered(rendered):
     assert message.device.loadbalancers[0].name == "lb #1"
     assert "lb #1" not in rendered(message.device)
 
+
+# ---------------------------------------------------------------------- quoting for HAProxy
+
+
+def test_zero_timeouts_render_as_haproxys_largest_timer(rendered):
+    text = rendered(CASES["libra_zero_timeouts_and_query_path"]())
+    for keyword in ("client", "server", "connect"):
+        assert f"timeout {keyword} {render.MAX_HAPROXY_TIMEOUT_MS}\n" in text
+
+
+def _haproxy_warnings(config_text: str, tmp_path: Path) -> list[str]:
+    # Without -q: `haproxy -c -q` hides warnings.
+    config_file = tmp_path / "haproxy.cfg"
+    config_file.write_text(config_text)
+    result = subprocess.run([find_binary(), "-c", "-f", str(config_file)],
+                            capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in (result.stdout + result.stderr).splitlines() if "[WARNING]" in line]
+
+
+def test_zero_timeouts_render_without_haproxys_missing_timeout_warning(tmp_path):
+    text = (GOLDEN_DIR / "libra_zero_timeouts_and_query_path.cfg").read_text()
+    assert _haproxy_warnings(text, tmp_path) == []
+    # What a literal 0 would have cost: HAProxy takes it as infinite, and warns.
+    literal = text.replace(f"timeout client {render.MAX_HAPROXY_TIMEOUT_MS}", "timeout client 0")
+    assert any("missing timeouts" in line for line in _haproxy_warnings(literal, tmp_path))
+
+
+@pytest.mark.parametrize("text", ["/plain", "/a'b", "''", "/#$\"\\ x", "'/'\\''"])
+def test_config_word_reads_back_as_one_word(text):
+    assert shlex.split(render.config_word(text)) == [text]
+
+
+# Everything a sender may put in a path: printable ASCII (blanks, quotes, backslash, '#',
+# '$' included), a few non-ASCII letters, and already percent-encoded sequences.
+_ANY_PATH_CHARACTER = st.sampled_from(string.printable.strip() + " éü€") | st.just("%2F")
+_paths = st.lists(_ANY_PATH_CHARACTER, max_size=60).map(lambda chars: "/" + "".join(chars))
+
+
+def _device_with_paths(http_path: str, tcp_path: str):
+    monitor = {"type": "HTTP", "delay": 5, "timeout": 5, "attempts": 2}
+    message = {"hpcs_action": "UPDATE", "loadBalancers": [
+        {"protocol": "HTTP", "port": 80, "monitor": {**monitor, "path": http_path},
+         "nodes": [{"id": 1, "address": "127.0.0.2", "port": 80}]},
+        {"protocol": "TCP", "port": 81, "monitor": {**monitor, "path": tcp_path},
+         "nodes": [{"id": 2, "address": "127.0.0.3", "port": 81}]},
+    ]}
+    return parse(message).device
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(http_path=_paths, tcp_path=_paths)
+# The longest paths: 2,000 characters, nearly all encoded to three, or all quotes.
+@example(http_path="/" + " " * 1998 + "x", tcp_path="/" + "'" * 1999)
+def test_any_path_is_accepted_quoted_and_passes_haproxy_check(http_path, tcp_path, rendered, tmp_path):
+    device = _device_with_paths(http_path, tcp_path)
+    text = rendered(device)
+    checks = [shlex.split(line) for line in text.splitlines() if "httpchk" in line]
+    assert checks == [["option", "httpchk", "GET", lb.monitor.path] for lb in device.loadbalancers]
+    baseline = rendered(_device_with_paths("/", "/"))
+    assert len(text.splitlines()) == len(baseline.splitlines())
+    result = haproxy_check(text, tmp_path)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")

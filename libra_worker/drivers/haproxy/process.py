@@ -135,8 +135,10 @@ class HAProxyProcess:
         """Prove a configuration with `haproxy -c`; HAProxy's own words on failure."""
         result = self._run([self.binary, "-c", "-f", str(config_file)], "haproxy -c")
         if result.returncode != 0:
+            output = result.stderr + result.stdout
             raise ConfigCheckFailed(
-                "HAProxy rejected the configuration: " + _alerts(result.stderr + result.stdout)
+                "HAProxy rejected the configuration: " + _first_alert(output),
+                detail="HAProxy rejected the configuration: " + _alerts(output),
             )
 
     def start(self) -> None:
@@ -151,7 +153,9 @@ class HAProxyProcess:
         self.pid_file.unlink(missing_ok=True)
         result = self._run(command, "HAProxy start")
         if result.returncode != 0:
-            raise ReloadFailed("HAProxy failed to start: " + _alerts(result.stderr + result.stdout))
+            output = result.stderr + result.stdout
+            raise ReloadFailed("HAProxy failed to start: " + _first_alert(output),
+                               detail="HAProxy failed to start: " + _alerts(output))
         # The daemonized master writes its pidfile a moment after the command returns, and
         # handles signals (a SUSPEND's soft stop) only once its CLI lists a worker.
         deadline = time.monotonic() + self.command_timeout
@@ -265,6 +269,18 @@ def _alerts(output: str) -> str:
     lines = [re.sub(r"^\[(ALERT|WARNING)\]\s+\(\d+\)\s*:\s*", "", line) for line in output.splitlines()]
     alerts = [line.strip() for line in lines if line.strip() and not line.startswith("[NOTICE]")]
     return " ".join(alerts) or "no error message was given."
+
+
+# "config : parsing [/var/lib/libra-worker/haproxy.cfg.new:31] : " says which line; the
+# directory would push the keyword out of the short sentence Libra stores.
+_ALERT_LOCATION = re.compile(r"^(?:config\s*:\s*)?(?:parsing\s*)?\[[^\]]*?:(\d+)\]\s*:\s*")
+
+
+def _first_alert(output: str) -> str:
+    """HAProxy's first complaint, led by its line number and keyword; `_alerts` has all."""
+    alerts = [line for line in output.splitlines() if line.startswith("[ALERT]")]
+    first = _alerts(alerts[0]) if alerts else _alerts(output)
+    return _ALERT_LOCATION.sub(lambda match: f"line {match.group(1)}: ", first)
 
 
 def _signal(pid: int, signum: int) -> None:

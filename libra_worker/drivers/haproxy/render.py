@@ -28,6 +28,11 @@ _FRONTEND_OPTIONS = {
 }
 # The log sink tells protocols apart by these names, and STATS finds nodes by them.
 PROXY_NAMES = {Protocol.HTTP: "lb-http", Protocol.TCP: "lb-tcp"}
+# HAProxy's largest timer (2**31 - 1 ms, about 24.8 days). A timeout of 0 ("no timeout"
+# in Libra's API) is rendered as this: HAProxy would read 0 as infinite too, but warns on
+# every check and start that sessions may then pile up; 24.8 days is no timeout for any
+# real connection and still lets an abandoned one go in the end.
+MAX_HAPROXY_TIMEOUT_MS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,22 @@ def bind_address(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
+def config_word(text: str) -> str:
+    """`text` as one HAProxy configuration word, read back byte for byte.
+
+    Strong quoting (section 2.2 of HAProxy's configuration manual): inside single quotes
+    nothing is interpreted, not blanks, '#', '$', '"' nor '\\'. A single quote itself
+    closes the quotes, is written escaped, and opens them again; HAProxy joins the pieces
+    into one word, as a shell does.
+    """
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def haproxy_timeout_ms(milliseconds: int) -> int:
+    """Libra's 0, "no timeout", as the largest timeout HAProxy takes."""
+    return milliseconds or MAX_HAPROXY_TIMEOUT_MS
+
+
 def server_options(node: Node, lb: LoadBalancer) -> str:
     monitor = lb.monitor
     words = [
@@ -65,7 +86,7 @@ def server_options(node: Node, lb: LoadBalancer) -> str:
 
 def backend_options(lb: LoadBalancer) -> tuple[str, ...]:
     if lb.monitor.type is MonitorType.HTTP:
-        return (f"option httpchk GET {lb.monitor.path}",)
+        return (f"option httpchk GET {config_word(lb.monitor.path)}",)
     return ()
 
 
@@ -77,9 +98,9 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str) -> dict[str, A
         "frontend_options": _FRONTEND_OPTIONS[lb.protocol],
         "backend_options": backend_options(lb),
         "balance": _BALANCE[lb.algorithm],
-        "client_timeout_ms": lb.options.client_timeout_ms,
-        "server_timeout_ms": lb.options.server_timeout_ms,
-        "connect_timeout_ms": lb.options.connect_timeout_ms,
+        "client_timeout_ms": haproxy_timeout_ms(lb.options.client_timeout_ms),
+        "server_timeout_ms": haproxy_timeout_ms(lb.options.server_timeout_ms),
+        "connect_timeout_ms": haproxy_timeout_ms(lb.options.connect_timeout_ms),
         "check_timeout_s": lb.monitor.timeout,
         "retries": lb.options.connect_retries,
         "servers": [
@@ -118,7 +139,7 @@ def template_environment(template_dir: Path | None = None) -> jinja2.Environment
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader([str(path) for path in search_path]),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,  # a config file, not HTML: values are validated, never escaped
+        autoescape=False,  # a config file, not HTML: values are validated; config_word quotes
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
