@@ -13,10 +13,17 @@ setup(
         "libra_worker.drivers",
         "libra_worker.drivers.haproxy",
         "libra_worker.templates",
+        "libra_worker.etc",
     ],
-    # The top-level templates/ directory is installed inside the package.
-    package_dir={"libra_worker.templates": "templates"},
-    package_data={"libra_worker.templates": ["*.j2"]},
+    # The top-level templates/ and etc/ directories are installed inside the package, where
+    # the worker finds its template and scripts/install-service.sh the files it installs.
+    package_dir={"libra_worker.templates": "templates", "libra_worker.etc": "etc"},
+    package_data={
+        "libra_worker.templates": ["*.j2"],
+        "libra_worker.etc": ["*.conf", "*.service", "*.logrotate"],
+    },
+    # The systemd unit's Documentation= names this file under the virtualenv's prefix.
+    data_files=[("share/doc/libra-worker", ["README.rst"])],
     install_requires=[
         "pygearman>=0.2.6",
         "Jinja2>=3.1",
