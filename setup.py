@@ -30,7 +30,8 @@ setup(
         "python-swiftclient>=4.0",
         "python-daemon>=3.0",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # build and wheel: tests/unit/test_packaging.py builds the sdist and wheel offline.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "build>=1", "wheel"]},
     entry_points={
         "console_scripts": [
             "libra-worker = libra_worker.cli:main",
