@@ -61,8 +61,10 @@ else
 fi
 
 # The package's own virtualenv: Debian's Python refuses `pip install` outside one (PEP 668).
-if [[ ! -x $root$prefix/bin/python ]]; then
-    python3 -m venv "$root$prefix"
+# Debian's python3, not whichever is first on PATH: the service user must be able to run
+# it. A virtualenv whose Python is gone (a distribution upgrade) is made again.
+if ! "$root$prefix/bin/python" -c "" 2>/dev/null; then
+    /usr/bin/python3 -m venv --clear "$root$prefix"
 fi
 "$root$prefix/bin/pip" install --quiet --disable-pip-version-check --upgrade "$checkout"
 # The installed package carries the files below; installing them from it keeps the unit,
