@@ -610,6 +610,8 @@ class _Claim:
         if _read_int(pidfile) == os.getpid():
             pidfile.unlink(missing_ok=True)
         if self.lock_fd is not None:
+            # Under the lock, so a successor writes its identity only after this.
+            (self.log_dir / IDENTITY_NAME).unlink(missing_ok=True)
             os.close(self.lock_fd)
 
 

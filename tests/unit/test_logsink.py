@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from libra_worker import __version__, logsink
+from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.logsink import (LogSink, LogStore, ProtocolWriter, SinkServer,
                                   parse_datagram)
 
@@ -250,7 +251,7 @@ def stored_numbers(sink: LogSink) -> list[int]:
 class TestUpgradeHandOver:
     """A sink started from other code is replaced by one on this code, losing no line."""
 
-    @pytest.mark.parametrize("previous", ["older release", "release before 1.1"])
+    @pytest.mark.parametrize("previous", ["older release", "sink without identity"])
     def test_replaces_the_sink_of_other_code_without_losing_a_line(
             self, sink: LogSink, previous: str) -> None:
         sink = LogSink(sink.state_dir, max_bytes=10_000_000)
@@ -267,7 +268,7 @@ class TestUpgradeHandOver:
             wait_for(lambda: sender.sent > count_at_handover + 100)
         assert new_pid not in (None, old_pid)
         assert sink.running_identity() == logsink.code_identity()
-        wait_for(lambda: not os.path.exists(f"/proc/{old_pid}"))
+        wait_for(lambda: not process_alive(old_pid))
         wait_for(lambda: len(stored_numbers(sink)) >= sender.sent)
         assert sorted(stored_numbers(sink)) == list(range(sender.sent))
         # The socket path still leads to the new sink after the old one is gone.
