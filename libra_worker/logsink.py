@@ -289,7 +289,8 @@ class SinkServer:
             writer.flush_counter()
 
     def serve(self, sock: socket.socket) -> None:
-        """Receive until :attr:`stopping` is set; flush counters every second."""
+        """Receive until :attr:`stopping` is set, then what is queued; flush counters
+        every second."""
         # Short timeout: a stop request is noticed at the next wake-up.
         sock.settimeout(STOP_POLL_INTERVAL)
         last_flush = time.monotonic()
@@ -300,6 +301,11 @@ class SinkServer:
                 if time.monotonic() - last_flush >= COUNTER_FLUSH_INTERVAL:
                     self.flush()
                     last_flush = time.monotonic()
+            # Lines HAProxy sent before the stop are not lost with the socket.
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    self.handle_datagram(sock.recv(MAX_DATAGRAM))
         finally:
             self.flush()
             for writer in self.writers.values():
@@ -409,7 +415,7 @@ class LogSink:
         return LogStore(self.log_dir)
 
     def running_identity(self) -> str | None:
-        """The code the running sink was started from; None for a sink older than 1.1."""
+        """The code the running sink was started from; None for a sink of release 1.0."""
         with contextlib.suppress(FileNotFoundError):
             return self.identity_file.read_text().strip()
         return None
@@ -455,7 +461,7 @@ class LogSink:
     def _hand_over(self, timeout: float) -> None:
         previous = self.pid()
         LOG.info("The HAProxy log sink (pid %s) runs %s; a sink on %s takes its socket over",
-                 previous, self.running_identity() or "a release before 1.1", code_identity())
+                 previous, self.running_identity() or "release 1.0 (no identity)", code_identity())
         self._launch(timeout, take_over=True)
         self._wait_until(lambda: self.running_identity() == code_identity()
                          and self.pid() not in (None, previous), timeout + HANDOVER_TIMEOUT)
@@ -568,7 +574,7 @@ class _Claim:
         once our send queue is empty, so is the previous sink's.
         """
         pid = _read_int(self.log_dir / PIDFILE_NAME)
-        # Sinks before 1.1 (no identity file) unlink the socket path when they stop, which
+        # Release 1.0 sinks (no identity file) unlink the socket path when they stop, which
         # is ours now: they are killed instead, with nothing left to write.
         knows_handover = (self.log_dir / IDENTITY_NAME).exists()
         if previous is not None:

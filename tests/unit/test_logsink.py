@@ -288,3 +288,14 @@ class TestUpgradeHandOver:
         identity = logsink.code_identity()
         assert identity.startswith(f"libra-worker {__version__}, Python {sys.version.split()[0]}")
         assert identity.split("sources ")[1].isalnum()
+
+
+def test_a_stopping_sink_writes_the_lines_still_queued(store: LogStore) -> None:
+    server = SinkServer(store, max_bytes=10_000)
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with receiver, sender:
+        for number in range(5):
+            sender.send(http_datagram(number))
+        server.stopping = True  # asked to stop before it read any of them
+        server.serve(receiver)
+    assert store.active_path("http").read_bytes().count(b"\n") == 5
