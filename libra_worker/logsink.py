@@ -24,11 +24,11 @@ Files in ``<state_dir>/logs`` (see :class:`LogStore`):
 
 Upgrades: the sink outlives the worker, so after an upgrade it still runs the old
 code.  A worker whose code differs starts a new sink that takes the socket over
-(:class:`Handover`): it binds a fresh socket and renames it over the socket path.
-HAProxy addresses every log datagram to the path (``sendmsg`` with the address,
-never a connected socket), so from that instant its lines reach the new sink; the
-old one is stopped only once it has consumed every datagram queued before the
-rename, so no line is lost.
+(``--take-over``, :class:`_Claim`): it binds a fresh socket and renames it over the
+socket path.  HAProxy addresses every log datagram to the path (``sendmsg`` with
+the address, never a connected socket), so from that instant its lines reach the
+new sink; the old one is stopped only once it has consumed every datagram queued
+before the rename, so no line is lost.
 
 Each protocol's stored lines (active + pending) are capped at ``max_bytes``;
 lines beyond the cap are counted, never silently lost.
