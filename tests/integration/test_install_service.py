@@ -112,6 +112,15 @@ def test_install_creates_the_service_user_and_says_what_to_run(installed: str) -
     assert LOGROTATE.read_text() == (SHIPPED_ETC / "libra-worker.logrotate").read_text()
 
 
+def test_logrotate_accepts_the_installed_file(installed: str, tmp_path: Path) -> None:
+    if shutil.which("logrotate") is None:
+        pytest.skip("logrotate is not installed")
+    # -d: parse and plan only; `su libra libra` needs the user the install created.
+    result = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state"), str(LOGROTATE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
+
+
 def test_systemd_analyze_verify_passes_on_the_installed_unit(installed: str) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
