@@ -66,7 +66,13 @@ fi
 if ! "$root$prefix/bin/python" -c "" 2>/dev/null; then
     /usr/bin/python3 -m venv --clear "$root$prefix"
 fi
-"$root$prefix/bin/pip" install --quiet --disable-pip-version-check --upgrade "$checkout"
+# Built from a copy: pip builds in the source tree, and root-owned build/ and *.egg-info
+# left in the operator's checkout would break a later `pip install .` there.
+source=$(mktemp -d)
+trap 'rm -rf "$source"' EXIT
+tar -C "$checkout" --exclude=./.git --exclude=./.venv --exclude=./.tox --exclude=./build \
+    --exclude=./dist --exclude=./run --exclude='*.egg-info' -cf - . | tar -C "$source" -xf -
+"$root$prefix/bin/pip" install --quiet --disable-pip-version-check --upgrade "$source"
 # The installed package carries the files below; installing them from it keeps the unit,
 # logrotate file and reference config of one version together.
 shipped=$("$root$prefix/bin/python" -I -c \
