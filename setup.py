@@ -13,17 +13,25 @@ setup(
         "libra_worker.drivers",
         "libra_worker.drivers.haproxy",
         "libra_worker.templates",
+        "libra_worker.etc",
     ],
-    # The top-level templates/ directory is installed inside the package.
-    package_dir={"libra_worker.templates": "templates"},
-    package_data={"libra_worker.templates": ["*.j2"]},
+    # The top-level templates/ and etc/ directories are installed inside the package, where
+    # the worker finds its template and scripts/install-service.sh the files it installs.
+    package_dir={"libra_worker.templates": "templates", "libra_worker.etc": "etc"},
+    package_data={
+        "libra_worker.templates": ["*.j2"],
+        "libra_worker.etc": ["*.conf", "*.service", "*.logrotate"],
+    },
+    # The systemd unit's Documentation= names this file under the virtualenv's prefix.
+    data_files=[("share/doc/libra-worker", ["README.rst"])],
     install_requires=[
         "pygearman>=0.2.6",
         "Jinja2>=3.1",
         "python-swiftclient>=4.0",
         "python-daemon>=3.0",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # build and wheel: tests/unit/test_packaging.py builds the sdist and wheel offline.
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "build>=1", "wheel"]},
     entry_points={
         "console_scripts": [
             "libra-worker = libra_worker.cli:main",

@@ -19,6 +19,16 @@ Files in ``<state_dir>/logs`` (see :class:`LogStore`):
     Cumulative number of lines dropped because the cap was reached, written by
     the sink; ``<proto>.dropped.reported`` is the total the archiver has
     already reported.
+``logsink.identity``
+    The code the running sink was started from (:func:`code_identity`).
+
+Upgrades: the sink outlives the worker, so after an upgrade it still runs the old
+code.  A worker whose code differs starts a new sink that takes the socket over
+(``--take-over``, :class:`_Claim`): it binds a fresh socket and renames it over the
+socket path.  HAProxy addresses every log datagram to the path (``sendmsg`` with
+the address, never a connected socket), so from that instant its lines reach the
+new sink; the old one is stopped only once it has consumed every datagram queued
+before the rename, so no line is lost.
 
 Each protocol's stored lines (active + pending) are capped at ``max_bytes``;
 lines beyond the cap are counted, never silently lost.
@@ -35,6 +45,8 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
+import hashlib
 import logging
 import logging.handlers
 import os
@@ -42,13 +54,17 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from libra_worker import __version__
 from libra_worker.errors import WorkerError
 from libra_worker.fileutil import atomic_write
 from libra_worker.metrics import TrafficCounter
@@ -60,6 +76,11 @@ PROTOCOLS = tuple(PROTOCOL_BY_FRONTEND.values())
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 LOG_DIR_NAME = "logs"
 SOCKET_NAME = "haproxy.sock"
+# Where a taking-over sink binds before renaming over SOCKET_NAME; no longer than it,
+# so the path-length check of SOCKET_NAME covers both.
+NEXT_SOCKET_NAME = "haproxy.next"
+IDENTITY_NAME = "logsink.identity"
+COUNTER_LOCK_NAME = "counters.lock"
 PIDFILE_NAME = "logsink.pid"
 LOCKFILE_NAME = "logsink.lock"
 SINK_LOG_NAME = "logsink.log"
@@ -72,6 +93,10 @@ COUNTER_FLUSH_INTERVAL = 1.0
 STOP_POLL_INTERVAL = 0.1
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+# After the rename, a sendmsg() that resolved the old path just before it may still be
+# queueing its datagram; the marker that proves the old queue empty goes after those.
+HANDOVER_SETTLE = 0.2
+HANDOVER_TIMEOUT = 10.0
 
 # "<134>Nov 25 20:40:00 haproxy[123]: 127.0.0.1:5555 [25/Nov/2026:...] lb-http ..."
 # The frontend of an access line follows the client address and accept date;
@@ -176,7 +201,7 @@ class ProtocolWriter:
         self.path = store.active_path(protocol)
         self.stored = store.stored_bytes(protocol)
         self.dropped = store.dropped_total(protocol)
-        self.counter_dirty = False
+        self.unflushed_drops = 0
         self.dropping = False
         self._fd: int | None = None
 
@@ -198,7 +223,7 @@ class ProtocolWriter:
 
     def _drop(self, reason: str) -> None:
         self.dropped += 1
-        self.counter_dirty = True
+        self.unflushed_drops += 1
         if not self.dropping:
             LOG.warning("dropping %s log lines: %s", self.protocol, reason)
             self.dropping = True
@@ -226,10 +251,16 @@ class ProtocolWriter:
         return (held.st_ino, held.st_dev) == (on_disk.st_ino, on_disk.st_dev)
 
     def flush_counter(self) -> None:
-        if self.counter_dirty:
-            atomic_write(self.store.dropped_path(self.protocol),
-                             b"%d\n" % self.dropped)
-            self.counter_dirty = False
+        """Add the drops not yet on disk to the on-disk total.
+
+        Added, not overwritten: during a hand-over two sinks count drops at once.
+        """
+        if not self.unflushed_drops:
+            return
+        with _locked(self.store.directory / COUNTER_LOCK_NAME):
+            self.dropped = self.store.dropped_total(self.protocol) + self.unflushed_drops
+            atomic_write(self.store.dropped_path(self.protocol), b"%d\n" % self.dropped)
+        self.unflushed_drops = 0
 
     def close(self) -> None:
         if self._fd is not None:
@@ -263,7 +294,8 @@ class SinkServer:
         self.traffic.flush()
 
     def serve(self, sock: socket.socket) -> None:
-        """Receive until :attr:`stopping` is set; flush counters every second."""
+        """Receive until :attr:`stopping` is set, then what is queued; flush counters
+        every second."""
         # Short timeout: a stop request is noticed at the next wake-up.
         sock.settimeout(STOP_POLL_INTERVAL)
         last_flush = time.monotonic()
@@ -274,6 +306,11 @@ class SinkServer:
                 if time.monotonic() - last_flush >= COUNTER_FLUSH_INTERVAL:
                     self.flush()
                     last_flush = time.monotonic()
+            # Lines HAProxy sent before the stop are not lost with the socket.
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    self.handle_datagram(sock.recv(MAX_DATAGRAM))
         finally:
             self.flush()
             for writer in self.writers.values():
@@ -283,6 +320,32 @@ class SinkServer:
 
 
 _PRIORITY = re.compile(rb"^<\d{1,3}>")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def code_identity() -> str:
+    """The code a sink started from this package runs: release, Python and sources.
+
+    A digest of every module, not just the version: a re-installed build of the same
+    version is new code too.
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return (f"libra-worker {__version__}, Python {sys.version.split()[0]}, "
+            f"sources {digest.hexdigest()[:16]}")
 
 
 def _events_logger(log_dir: Path) -> logging.Logger:
@@ -349,8 +412,18 @@ class LogSink:
         return self.log_dir / PIDFILE_NAME
 
     @property
+    def identity_file(self) -> Path:
+        return self.log_dir / IDENTITY_NAME
+
+    @property
     def store(self) -> LogStore:
         return LogStore(self.log_dir)
+
+    def running_identity(self) -> str | None:
+        """The code the running sink was started from; None for a sink of release 1.0."""
+        with contextlib.suppress(FileNotFoundError):
+            return self.identity_file.read_text().strip()
+        return None
 
     def is_running(self) -> bool:
         if not self.log_dir.is_dir():
@@ -370,10 +443,15 @@ class LogSink:
     def ensure_running(self, timeout: float = START_TIMEOUT) -> None:
         """Adopt the running sink, or start a detached one and wait for its socket.
 
+        A running sink started from other code (an upgrade) is replaced by one running
+        this code, without losing a line (see :class:`_Claim` and ``--take-over``).
+
         Raises:
             WorkerError: the sink did not come up within ``timeout`` seconds.
         """
         if self.is_running() and self.socket_path.exists():
+            if self.running_identity() != code_identity():
+                self._hand_over(timeout)
             return
         if len(os.fsencode(self.socket_path)) > MAX_SOCKET_PATH:
             raise WorkerError(f"The log socket path {self.socket_path} is too long "
@@ -382,20 +460,33 @@ class LogSink:
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
         self._launch(timeout)
+        # The sink writes its pidfile only after binding the socket.
+        self._wait_until(lambda: self.pidfile.exists() and self.is_running(), timeout)
+
+    def _hand_over(self, timeout: float) -> None:
+        previous = self.pid()
+        LOG.info("The HAProxy log sink (pid %s) runs %s; a sink on %s takes its socket over",
+                 previous, self.running_identity() or "release 1.0 (no identity)", code_identity())
+        self._launch(timeout, take_over=True)
+        self._wait_until(lambda: self.running_identity() == code_identity()
+                         and self.pid() not in (None, previous), timeout + HANDOVER_TIMEOUT)
+
+    def _wait_until(self, started: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            # The sink writes its pidfile only after binding the socket.
-            if self.pidfile.exists() and self.is_running():
+            if started():
                 return
             time.sleep(0.05)
         raise WorkerError(
             f"The HAProxy log sink did not start within {timeout:g} s; "
             f"see {self.log_dir / SINK_LOG_NAME} and {self.log_dir / SINK_STDERR_NAME}.")
 
-    def _launch(self, timeout: float) -> None:
+    def _launch(self, timeout: float, take_over: bool = False) -> None:
         argv = [sys.executable, "-m", "libra_worker.logsink",
                 "--state-dir", str(self.state_dir),
                 "--max-bytes", str(self.max_bytes), "--detach"]
+        if take_over:
+            argv.append("--take-over")
         # Lets a source checkout run the module as well as an installed package.
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
@@ -447,22 +538,109 @@ def _configure_logging(log_dir: Path) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
-@contextlib.contextmanager
-def _pidfile(path: Path) -> Iterator[None]:
-    atomic_write(path, b"%d\n" % os.getpid())
-    try:
-        yield
-    finally:
+class _Claim:
+    """What one sink process holds in its log dir: the lock, the socket, the pidfile."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.socket_path = log_dir / SOCKET_NAME
+        self.lock_fd: int | None = None
+        self.socket_inode: int | None = None
+
+    def bind(self) -> socket.socket:
+        sock = bind_socket(self.socket_path)
+        self.socket_inode = self.socket_path.stat().st_ino
+        return sock
+
+    def take_over(self) -> tuple[socket.socket, socket.socket | None]:
+        """Bind a fresh socket and rename it over the socket path (atomic for HAProxy).
+
+        Returns:
+            The new socket, and one connected to the previous sink's socket (None when
+            nothing listens there), through which its queue can still be reached.
+        """
+        next_path = self.log_dir / NEXT_SOCKET_NAME
+        sock = bind_socket(next_path)
+        self.socket_inode = next_path.stat().st_ino
+        previous: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            previous.connect(str(self.socket_path))
+        except OSError:
+            previous.close()
+            previous = None
+        os.rename(next_path, self.socket_path)
+        return sock, previous
+
+    def retire_previous(self, previous: socket.socket | None) -> None:
+        """Stop the sink we took over from once it has consumed its queue, then lock.
+
+        A marker datagram sent behind the queued lines is consumed last; the kernel
+        charges every queued datagram to its sender until the receiver reads it, so
+        once our send queue is empty, so is the previous sink's.
+        """
+        pid = _read_int(self.log_dir / PIDFILE_NAME)
+        # Release 1.0 sinks (no identity file) unlink the socket path when they stop, which
+        # is ours now: they are killed instead, with nothing left to write.
+        knows_handover = (self.log_dir / IDENTITY_NAME).exists()
+        if previous is not None:
+            with previous:
+                time.sleep(HANDOVER_SETTLE)
+                previous.settimeout(HANDOVER_TIMEOUT)
+                previous.send(b"libra-worker log sink: handing over to pid %d" % os.getpid())
+                deadline = time.monotonic() + HANDOVER_TIMEOUT
+                while _queued_bytes(previous) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if _queued_bytes(previous):
+                    LOG.error("the previous sink (pid %d) did not read its queue within %g s; "
+                              "the lines still queued there are lost", pid, HANDOVER_TIMEOUT)
+        lock_path = self.log_dir / LOCKFILE_NAME
+        for sig in (signal.SIGTERM if knows_handover else signal.SIGKILL, signal.SIGKILL):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while self.lock_fd is None and time.monotonic() < deadline:
+                self.lock_fd = try_lock(lock_path)
+                time.sleep(0.02)
+            if self.lock_fd is not None:
+                LOG.info("took the log socket over from pid %d", pid)
+                return
+        raise WorkerError(f"the previous log sink (pid {pid}) does not release {lock_path}")
+
+    def announce(self) -> None:
+        """Say which code serves, then who: the worker waits for the pidfile."""
+        atomic_write(self.log_dir / IDENTITY_NAME, code_identity().encode() + b"\n")
+        atomic_write(self.log_dir / PIDFILE_NAME, b"%d\n" % os.getpid())
+
+    def release(self) -> None:
+        """Remove what is still ours: a successor may have taken the socket over."""
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if self.socket_path.stat().st_ino == self.socket_inode:
+                self.socket_path.unlink()
+        pidfile = self.log_dir / PIDFILE_NAME
+        if _read_int(pidfile) == os.getpid():
+            pidfile.unlink(missing_ok=True)
+        if self.lock_fd is not None:
+            # Under the lock, so a successor writes its identity only after this.
+            (self.log_dir / IDENTITY_NAME).unlink(missing_ok=True)
+            os.close(self.lock_fd)
 
 
-def run_sink(state_dir: Path, max_bytes: int) -> int:
-    """Run the sink in this process until SIGTERM/SIGINT; 0 if already running."""
+def _queued_bytes(sock: socket.socket) -> int:
+    """Bytes this socket has sent that the receiver has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False) -> int:
+    """Run the sink in this process until SIGTERM/SIGINT; 0 if already running.
+
+    With ``take_over``, a running sink's socket is taken over and that sink stopped.
+    """
     log_dir = Path(state_dir) / LOG_DIR_NAME
     log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock_fd = try_lock(log_dir / LOCKFILE_NAME)
-    if lock_fd is None:
+    claim = _Claim(log_dir)
+    claim.lock_fd = try_lock(log_dir / LOCKFILE_NAME)
+    if claim.lock_fd is None and not take_over:
         LOG.info("another sink already serves %s", log_dir)
         return 0
     server = SinkServer(LogStore(log_dir), max_bytes)
@@ -472,19 +650,30 @@ def run_sink(state_dir: Path, max_bytes: int) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    socket_path = log_dir / SOCKET_NAME
-    sock = bind_socket(socket_path)
+    if claim.lock_fd is None:
+        sock, previous = claim.take_over()
+
+        def retire_then_announce() -> None:
+            try:
+                claim.retire_previous(previous)
+                claim.announce()
+            except Exception:  # the thread's end: a stuck hand-over must be seen, and stop
+                LOG.exception("taking the log socket over failed")
+                server.stopping = True
+
+        # We serve from the instant of the rename: the new socket's queue is short.
+        threading.Thread(target=retire_then_announce, name="handover", daemon=True).start()
+    else:
+        sock = claim.bind()
+        claim.announce()
     try:
-        with _pidfile(log_dir / PIDFILE_NAME):
-            LOG.info("collecting HAProxy logs on %s (cap %d bytes per protocol)",
-                     socket_path, max_bytes)
-            server.serve(sock)
+        LOG.info("collecting HAProxy logs on %s (cap %d bytes per protocol)",
+                 claim.socket_path, max_bytes)
+        server.serve(sock)
     finally:
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
+        claim.release()
         LOG.info("stopped")
-        os.close(lock_fd)
     return 0
 
 
@@ -495,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap on stored bytes per protocol (active + pending)")
     parser.add_argument("--detach", action="store_true",
                         help="fork into the background first")
+    parser.add_argument("--take-over", action="store_true",
+                        help="replace the running sink without losing a line (upgrades)")
     args = parser.parse_args(argv)
     if args.max_bytes <= 0:
         parser.error("--max-bytes must be positive")
@@ -505,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging(log_dir)
     else:
         logging.basicConfig(level=logging.INFO)
-    return run_sink(args.state_dir.resolve(), args.max_bytes)
+    return run_sink(args.state_dir.resolve(), args.max_bytes, args.take_over)
 
 
 if __name__ == "__main__":

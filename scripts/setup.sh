@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 runtime_packages=(haproxy gearman-job-server gearman-tools python3-venv python3-pip)
 test_packages=(swift swift-proxy swift-account swift-container swift-object memcached wrk)
+# systemd-analyze judges the unit, logrotate rotates for real (no systemd is started).
+test_packages+=(systemd logrotate)
 
 packages=("${runtime_packages[@]}")
 extras=""

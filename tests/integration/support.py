@@ -481,17 +481,23 @@ class Worker:
 
     # ------------------------------------------------------------------ process
 
+    def command(self) -> list[str]:
+        """The checkout's worker, with the test environment's dependencies."""
+        return [*self.launcher, self.python, "-m", "libra_worker.cli", "--config",
+                str(self.config_path), "--foreground"]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        return env
+
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the worker process without waiting for it to serve."""
         assert self.process is None or self.process.poll() is not None, "already running"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
-                [*self.launcher, self.python, "-m", "libra_worker.cli", "--config",
-                 str(self.config_path), "--foreground"],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT,
+                self.command(), cwd=REPO_ROOT, env=self.environment(),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             )
         return self.process
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from libra_worker import logsink
+from libra_worker import __version__, logsink
+from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.logsink import (LogSink, LogStore, ProtocolWriter, SinkServer,
                                   parse_datagram)
 
@@ -209,3 +213,89 @@ class TestLogSinkProcess:
     def test_rejects_a_non_positive_cap(self, tmp_path: Path) -> None:
         with pytest.raises(SystemExit):
             logsink.main(["--state-dir", str(tmp_path), "--max-bytes", "0"])
+
+
+class Sender:
+    """Sends numbered access lines to the sink's socket path, one sendto() each, as
+    HAProxy does, until stopped; blocking, so every line sent is queued somewhere."""
+
+    def __init__(self, sink: LogSink) -> None:
+        self.sink = sink
+        self.sent = 0
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            while not self.stopping:
+                client.sendto(http_datagram(self.sent), str(self.sink.socket_path))
+                self.sent += 1
+                time.sleep(0.001)
+
+    def __enter__(self) -> "Sender":
+        self.thread.start()
+        wait_for(lambda: self.sent > 50)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping = True
+        self.thread.join()
+
+
+def stored_numbers(sink: LogSink) -> list[int]:
+    """The numbers of the stored lines, in file order."""
+    text = sink.store.active_path("http").read_bytes()
+    return [int(number) for number in re.findall(rb'"GET /(-?\d+) ', text)]
+
+
+class TestUpgradeHandOver:
+    """A sink started from other code is replaced by one on this code, losing no line."""
+
+    @pytest.mark.parametrize("previous", ["older release", "sink without identity"])
+    def test_replaces_the_sink_of_other_code_without_losing_a_line(
+            self, sink: LogSink, previous: str) -> None:
+        sink = LogSink(sink.state_dir, max_bytes=10_000_000)
+        sink.ensure_running()
+        old_pid = sink.pid()
+        if previous == "older release":
+            sink.identity_file.write_text("libra-worker 1.0.9, Python 3.11.2, sources 0\n")
+        else:
+            sink.identity_file.unlink()
+        with Sender(sink) as sender:
+            sink.ensure_running()
+            new_pid = sink.pid()
+            count_at_handover = sender.sent
+            wait_for(lambda: sender.sent > count_at_handover + 100)
+        assert new_pid not in (None, old_pid)
+        assert sink.running_identity() == logsink.code_identity()
+        wait_for(lambda: not process_alive(old_pid))
+        wait_for(lambda: len(stored_numbers(sink)) >= sender.sent)
+        assert sorted(stored_numbers(sink)) == list(range(sender.sent))
+        # The socket path still leads to the new sink after the old one is gone.
+        send(sink, http_datagram(-1))
+        wait_for(lambda: len(stored_numbers(sink)) == sender.sent + 1)
+        events = (sink.log_dir / logsink.EVENTS_LOG_NAME).read_text()
+        assert f"handing over to pid {new_pid}" in events
+
+    def test_a_sink_of_the_same_code_is_adopted(self, sink: LogSink) -> None:
+        sink.ensure_running()
+        pid = sink.pid()
+        assert sink.running_identity() == logsink.code_identity()
+        sink.ensure_running()
+        assert sink.pid() == pid
+
+    def test_identity_names_release_python_and_sources(self) -> None:
+        identity = logsink.code_identity()
+        assert identity.startswith(f"libra-worker {__version__}, Python {sys.version.split()[0]}")
+        assert identity.split("sources ")[1].isalnum()
+
+
+def test_a_stopping_sink_writes_the_lines_still_queued(store: LogStore) -> None:
+    server = SinkServer(store, max_bytes=10_000)
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with receiver, sender:
+        for number in range(5):
+            sender.send(http_datagram(number))
+        server.stopping = True  # asked to stop before it read any of them
+        server.serve(receiver)
+    assert store.active_path("http").read_bytes().count(b"\n") == 5

@@ -89,6 +89,9 @@ class HAProxyDriver(LoadBalancerDriver):
         with self._exclusive():
             self._undo_interrupted_update()
             self.reconcile()
+            if self.process.is_running():
+                # An adopted sink may run the code of the release before an upgrade.
+                self.logs.ensure_running()
 
     def reconcile(self) -> None:
         """Repair any difference between the desired state and what runs."""
