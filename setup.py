@@ -22,6 +22,7 @@ setup(
         "Jinja2>=3.1",
         "python-swiftclient>=4.0",
         "python-daemon>=3.0",
+        "cryptography>=41",
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
     entry_points={

@@ -214,6 +214,19 @@ def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event
         LOG.info("Stopped serving after %d jobs", worker.jobs_done)
 
 
+def job_server_summary(status_file: Path | None) -> str:
+    """One line for `ctl status`: each job server's state as the worker last published it."""
+    try:
+        servers = json.loads(status_file.read_text())["servers"] if status_file else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown (no status published yet)"
+    return "; ".join(
+        f"{address} {state.get('state')} since {state.get('since')}"
+        + (f" ({state['error']})" if state.get("error") else "")
+        for address, state in servers.items()
+    ) or "-"
+
+
 def _wait_for_either(first: threading.Event, second: threading.Event, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while (remaining := deadline - time.monotonic()) > 0:

@@ -409,7 +409,8 @@ class Worker:
 
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", gearman_options: dict[str, str] | None = None,
+                 client_tls: client.TLSFiles | None = None) -> None:
         self.root = root
         self.servers = list(servers)
         self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
@@ -420,6 +421,9 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
+        # Extra [gearman] options (TLS, keepalive) and the TLS files submit() uses.
+        self.gearman_options = dict(gearman_options or {})
+        self.client_tls = client_tls
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -432,6 +436,7 @@ class Worker:
             f"function = {self.function}",
             f"poll_timeout = {self.poll_timeout}",
             "reconnect_delay_max = 1.0",
+            *(f"{key} = {value}" for key, value in self.gearman_options.items()),
             "",
             "[worker]",
             f"state_dir = {self.state_dir}",
@@ -523,7 +528,8 @@ class Worker:
             text = json.dumps({"hpcs_action": message.upper()})
         else:
             text = message
-        return client.submit(",".join(servers or self.servers), self.function, text, timeout)
+        return client.submit(",".join(servers or self.servers), self.function, text, timeout,
+                             self.client_tls)
 
     def submit_bytes(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
         """Send raw bytes (not necessarily UTF-8) as the job payload; the decoded reply."""
