@@ -107,15 +107,22 @@ def connection_refused(port: int, host: str = LOOPBACK) -> bool:
 class Gearmand:
     """One gearmand in the foreground, our child, stopped by pid."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, host: str = LOOPBACK,
+                 command_prefix: tuple[str, ...] = ()) -> None:
         self.root = root
         self.port = port or free_port()
+        # A gearmand in a network namespace: ("ip", "netns", "exec", NAME) and its address there.
+        self.host = host
+        self.command_prefix = command_prefix
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def accepts(self) -> bool:
+        return port_accepts(self.port, self.host)
 
     def start(self) -> "Gearmand":
         self.starts += 1
@@ -123,7 +130,7 @@ class Gearmand:
         config = self.root / f"gearmand-{self.port}.conf"
         config.touch()  # gearmand refuses to start if its config file is missing
         command = [
-            GEARMAND, "--listen", LOOPBACK, "--port", str(self.port),
+            *self.command_prefix, GEARMAND, "--listen", self.host, "--port", str(self.port),
             "--threads", "1", "--queue-type", "builtin",
             "--log-file", str(self.root / f"gearmand-{tag}.log"),
             "--pid-file", str(self.root / f"gearmand-{tag}.pid"),
@@ -134,7 +141,7 @@ class Gearmand:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                             stdout=output, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: self.process.poll() is not None or port_accepts(self.port),
+            wait_until(lambda: self.process.poll() is not None or self.accepts(),
                        START_TIMEOUT, f"gearmand on port {self.port}")
             assert self.process.poll() is None, (
                 f"gearmand exited with {self.process.returncode}: "
@@ -149,7 +156,7 @@ class Gearmand:
 
     def admin(self, command: str) -> str:
         """A text-protocol admin command ("status", "workers"); the answer ends with '.'."""
-        with socket.create_connection((LOOPBACK, self.port), timeout=5) as conn:
+        with socket.create_connection((self.host, self.port), timeout=5) as conn:
             conn.sendall(command.encode() + b"\n")
             data = b""
             while not data.endswith(b".\n"):
