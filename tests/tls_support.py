@@ -19,9 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from libra_worker.client import TLSFiles
-from tests.integration.support import START_TIMEOUT, port_accepts, stop_child, wait_until
+from tests.integration.support import (
+    REPO_ROOT,
+    START_TIMEOUT,
+    port_accepts,
+    stop_child,
+    wait_until,
+)
 
 STUNNEL = "/usr/bin/stunnel4"
+RECIPE = REPO_ROOT / "etc" / "stunnel-gearman.conf"
 _DAY = datetime.timedelta(days=1)
 
 
@@ -100,8 +107,9 @@ def gearman_tls_options(ca: Path, issued: Issued) -> dict[str, str]:
 
 
 class Stunnel:
-    """stunnel in the foreground (our child): TLS on `port`, client certificates required
-    (chained to `client_ca`), forwarding to a job server on loopback."""
+    """stunnel as the job servers' terminator, run from the shipped recipe in the foreground
+    (our child): TLS on `port`, client certificates required (chained to `client_ca`),
+    forwarding to a job server on loopback."""
 
     def __init__(self, root: Path, port: int, forward_port: int, server: Issued, client_ca: Path,
                  tls_version: str = "TLSv1.3") -> None:
@@ -119,23 +127,28 @@ class Stunnel:
         return f"127.0.0.1:{self.port}"
 
     def config_text(self) -> str:
-        return "\n".join([
-            "foreground = yes",
-            f"pid = {self.root / f'stunnel-{self.port}.pid'}",
-            "debug = info",
-            f"output = {self.root / f'stunnel-{self.port}.log'}",
-            "[gearman]",
-            f"accept = 127.0.0.1:{self.port}",
-            f"connect = 127.0.0.1:{self.forward_port}",
-            f"cert = {self.server.cert}",
-            f"key = {self.server.key}",
-            f"CAfile = {self.client_ca}",
-            "requireCert = yes",
-            "verifyChain = yes",
-            "sslVersionMin = TLSv1.2",
-            f"sslVersionMax = {self.tls_version}",
-            "",
-        ])
+        """The shipped recipe (etc/stunnel-gearman.conf) with this test's files and ports."""
+        overrides = {
+            "accept": f"127.0.0.1:{self.port}",
+            "connect": f"127.0.0.1:{self.forward_port}",
+            "cert": str(self.server.cert),
+            "key": str(self.server.key),
+            "CAfile": str(self.client_ca),
+            "debug": "info",
+        }
+        # Our child, as the test's user, logging to a file in the test's directory.
+        dropped = {"setuid", "setgid", "syslog"}
+        lines = []
+        for line in RECIPE.read_text().splitlines():
+            key = line.split("=", 1)[0].strip()
+            if line.startswith("["):
+                lines += [f"pid = {self.root / f'stunnel-{self.port}.pid'}",
+                          f"output = {self.root / f'stunnel-{self.port}.log'}"]
+            if line.startswith(";") or key in dropped:
+                continue
+            lines.append(f"{key} = {overrides[key]}" if key in overrides and "=" in line else line)
+        lines.append(f"sslVersionMax = {self.tls_version}")
+        return "\n".join(lines) + "\n"
 
     def start(self) -> "Stunnel":
         self.starts += 1

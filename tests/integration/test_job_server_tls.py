@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -99,6 +100,8 @@ def test_worker_serves_jobs_through_the_terminator(worker_factory, terminators, 
                            worker.function, "DISCOVER")
     assert by_config.returncode == 0, by_config.stderr
     assert json.loads(by_config.stdout)["hpcs_response"] == "PASS"
+    negotiated = set(re.findall(r"(TLSv1\.\d) ciphersuite:", tunnel.log()))
+    assert negotiated == {tls_version}, tunnel.log()
 
 
 def _raw_submit_job(connection: socket.socket, function: str) -> bytes:
