@@ -124,7 +124,7 @@ class JobServerConnection(GearmanConnection):
 
     def read_data_from_socket(self, bytes_to_read: int = 4096) -> int:
         if not self.connected:
-            self.throw_exception(message="disconnected")
+            raise_connection_error(self.address, "disconnected")  # last_error keeps why
         try:
             received = self.gearman_socket.recv(bytes_to_read)
             if self.use_ssl:
@@ -143,7 +143,7 @@ class JobServerConnection(GearmanConnection):
 
     def send_data_to_socket(self) -> int:
         if not self.connected:
-            self.throw_exception(message="disconnected")
+            raise_connection_error(self.address, "disconnected")  # last_error keeps why
         if not self._outgoing_buffer:
             return 0
         try:

@@ -79,15 +79,14 @@ def describe_tls_error(error: BaseException, settings: GearmanSettings) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         detail = error.verify_message or _reason(error)
         if error.verify_code in _NAME_MISMATCH:
-            return (f"TLS: the job server's certificate does not name this host ({detail}); "
-                    f"with IP-only job servers see [gearman] ssl_verify_hostname")
-        return (f"TLS: cannot verify the job server's certificate against [gearman] ssl_ca "
-                f"{settings.ssl_ca} ({detail})")
+            return (f"TLS: the job server's certificate does not name the host it was reached "
+                    f"at ({detail}); for IP-only job servers see ssl_verify_hostname")
+        return f"TLS: cannot verify the job server's certificate against ssl_ca {settings.ssl_ca} ({detail})"
     reason = _reason(error)
     if "ALERT" in reason.upper():
         # The job server's terminator refused us: our certificate, or its CA.
-        return (f"TLS: the job server refused the worker's certificate [gearman] ssl_cert "
-                f"{settings.ssl_cert} ({reason.lower().replace('_', ' ')})")
+        return (f"TLS: the job server refused our certificate, ssl_cert {settings.ssl_cert} "
+                f"({reason.lower().replace('_', ' ')})")
     return f"TLS: {reason}"
 
 
