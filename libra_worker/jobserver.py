@@ -194,7 +194,9 @@ class BackgroundJobServerConnection(JobServerConnection):
     def connect(self) -> None:
         if self.connected:
             return
-        result, self._result = self._result, None
+        result = self._result
+        if result is not None:  # the attempt has ended: nothing else writes _result now
+            self._result = None
         if isinstance(result, socket.socket):
             self.adopt(result)
             return
