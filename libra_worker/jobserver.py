@@ -28,6 +28,7 @@ does not answer SYNs never stalls jobs from the others.
 
 from __future__ import annotations
 
+import errno
 import socket
 import ssl
 import threading
@@ -53,8 +54,10 @@ def describe_error(error: BaseException, settings: GearmanSettings) -> str:
     """One readable line for why a job-server connection failed."""
     if isinstance(error, ssl.SSLError):
         return describe_tls_error(error, settings)
-    if isinstance(error, socket.timeout):
+    if isinstance(error, TimeoutError) and error.errno is None:  # the socket's own timeout
         return f"no answer within {settings.connect_timeout:g} s (connect_timeout)"
+    if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+        return "connection timed out (keepalive probes or sent data went unanswered)"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__
