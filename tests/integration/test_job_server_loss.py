@@ -258,13 +258,14 @@ class SilentJobServer:
     what a job server frozen right after waking the worker looks like from the worker."""
 
     NOOP = b"\0RES" + (6).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    GRAB_JOBS = (b"\0REQ" + (9).to_bytes(4, "big"), b"\0REQ" + (30).to_bytes(4, "big"))
 
     def __init__(self) -> None:
         self.port = free_port()
         self.listener = socket.create_server(("127.0.0.1", self.port))
         self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.received = b""
+        threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
         with contextlib.suppress(OSError):
@@ -272,6 +273,16 @@ class SilentJobServer:
                 connection, _ = self.listener.accept()
                 self.accepted.append(connection)
                 connection.sendall(self.NOOP)
+                threading.Thread(target=self._read, args=(connection,), daemon=True).start()
+
+    def _read(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := connection.recv(4096):
+                self.received += chunk
+
+    def asked_for_a_job(self) -> bool:
+        """The worker sent GRAB_JOB: it now holds its one job slot for this server."""
+        return any(packet in self.received for packet in self.GRAB_JOBS)
 
     def close(self) -> None:
         self.listener.close()
@@ -285,7 +296,8 @@ def test_a_job_server_that_never_answers_cannot_stall_the_others(worker_factory,
         worker = worker_factory(start=False, servers=[f"127.0.0.1:{silent.port}", gearmand.address],
                                 gearman_options={"answer_timeout": "1"})
         worker.spawn()
-        wait_until(lambda: silent.accepted, 10, "the worker to connect to the silent server")
+        wait_until(silent.asked_for_a_job, 10, "the worker to ask the silent server for a job")
+        # Without answer_timeout the first of these would wait forever.
         for _ in range(5):
             assert worker.submit("DISCOVER", timeout=5, servers=[gearmand.address])[
                 "hpcs_response"] == "PASS"
