@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import struct
@@ -24,6 +25,7 @@ from tests.integration.support import (
     REPO_ROOT,
     Gearmand,
     free_port,
+    make_temp_dir,
     wait_until,
 )
 from tests.integration.test_worker_transport import run_client
@@ -153,12 +155,12 @@ def test_clients_without_a_good_certificate_submit_nothing(worker_factory, termi
     assert "DISCOVER" in worker.submit("DISCOVER")["hpcs_action"]
 
 
-def start_up_error(config: Path) -> subprocess.CompletedProcess[str]:
+def start_up_error(config: Path, as_user: list[str] = []) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "libra_worker.cli", "--config", str(config),
-                           "--foreground"], capture_output=True, text=True, timeout=30,
-                          cwd=REPO_ROOT, env=env)
+    return subprocess.run([*as_user, sys.executable, "-m", "libra_worker.cli", "--config",
+                           str(config), "--foreground"], capture_output=True, text=True,
+                          timeout=30, cwd=REPO_ROOT, env=env)
 
 
 def test_bad_tls_files_are_refused_at_start_up(worker_factory, pki, tmp_path):
@@ -240,3 +242,31 @@ def test_the_job_servers_name_is_checked_with_an_opt_out_for_ip_only_servers(
                          "ssl_verify_hostname": "false"},
         client_tls=replace(authority.client_files(worker_cert), verify_hostname=False))
     assert opted_out.submit("DISCOVER")["hpcs_response"] == "PASS"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the worker as another user")
+def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up():
+    root = make_temp_dir()  # pytest's tmp_path is under a 0700 directory
+    try:
+        authority = CertificateAuthority(root / "pki", "deploy-ca")
+        worker_cert = authority.issue("worker")
+        # Everything readable by `nobody` but the key (0600, root's).
+        for path in (root, root / "pki"):
+            path.chmod(0o755)
+        for path in (authority.ca, worker_cert.cert):
+            path.chmod(0o644)
+        config = root / "worker.ini"
+        config.write_text("[gearman]\n" + "".join(
+            f"{key} = {value}\n"
+            for key, value in gearman_tls_options(authority.ca, worker_cert).items())
+            + f"[worker]\nstate_dir = {root / 'state'}\n")
+        config.chmod(0o644)
+
+        result = start_up_error(config, ["setpriv", "--reuid=nobody", "--regid=nogroup",
+                                         "--clear-groups"])
+
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == (f"libra-worker: [gearman] ssl_key {worker_cert.key}: cannot read "
+                                 f"it (Permission denied).\n")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
