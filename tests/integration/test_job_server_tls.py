@@ -270,3 +270,24 @@ def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up():
                                  f"it (Permission denied).\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("tls_version", TLS_VERSIONS)
+def test_a_worker_whose_certificate_the_terminator_refuses_says_so(worker_factory, terminators,
+                                                                  pki, tmp_path, tls_version):
+    authority, _, _ = pki
+    # With TLS 1.3 the client's handshake completes before the server checks its certificate;
+    # the refusal arrives as an alert afterwards, and must not count as "registered".
+    outsider = CertificateAuthority(tmp_path / "outsider-pki", "outsider-ca").issue("worker")
+    tunnel = terminators(tls_version)
+    worker = worker_factory(start=False, servers=[tunnel.address],
+                            gearman_options=gearman_tls_options(authority.ca, outsider))
+    worker.spawn()
+    expected = f"TLS: the job server refused our certificate, ssl_cert {outsider.cert}"
+    wait_until(lambda: expected in worker.log_text(), 20, "the refusal in the log")
+    time.sleep(2)  # a few more attempts
+    log = worker.log_text()
+    assert "Registered at job server" not in log and "is back" not in log, log
+    assert log.count(expected) == 1, log
+    state = json.loads((worker.state_dir / "gearman.status").read_text())["servers"][tunnel.address]
+    assert state["state"] == "down" and expected in state["error"], state

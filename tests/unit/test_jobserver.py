@@ -18,6 +18,7 @@ from libra_worker.config import GearmanSettings
 from libra_worker.jobserver import JobServerConnection, open_socket
 from libra_worker.tls import client_context
 from libra_worker.transport import JobServerHealth
+from tests.integration.support import free_port
 from tests.tls_support import CertificateAuthority
 
 HANG_GUARD = 10.0  # seconds; a spinning read never returns at all
@@ -32,8 +33,8 @@ class TLSServer:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.minimum_version = self.context.maximum_version = version
         self.context.load_cert_chain(str(cert), str(key))
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
         self.outgoing: list[bytes] = []
         self.send_now = threading.Event()
         self.done = threading.Event()
@@ -104,8 +105,8 @@ def test_a_tls_record_without_data_does_not_make_the_read_spin(pki, version):
 
 
 def test_keepalive_and_user_timeout_on_every_socket():
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
     settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit",
                                keepidle=7, keepintvl=3, keepcnt=4)
     try:
