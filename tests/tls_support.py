@@ -135,6 +135,7 @@ class Stunnel:
             "key": str(self.server.key),
             "CAfile": str(self.client_ca),
             "debug": "info",
+            "pid": str(self.root / f"stunnel-{self.port}.pid"),
         }
         # Our child, as the test's user, logging to a file in the test's directory.
         dropped = {"setuid", "setgid", "syslog"}
@@ -142,8 +143,7 @@ class Stunnel:
         for line in RECIPE.read_text().splitlines():
             key = line.split("=", 1)[0].strip()
             if line.startswith("["):
-                lines += [f"pid = {self.root / f'stunnel-{self.port}.pid'}",
-                          f"output = {self.root / f'stunnel-{self.port}.log'}"]
+                lines.append(f"output = {self.root / f'stunnel-{self.port}.log'}")
             if line.startswith(";") or key in dropped:
                 continue
             lines.append(f"{key} = {overrides[key]}" if key in overrides and "=" in line else line)
