@@ -29,6 +29,7 @@ does not answer SYNs never stalls jobs from the others.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import ssl
 import threading
@@ -164,8 +165,20 @@ class JobServerConnection(GearmanConnection):
         super().send_command(cmd_type, cmd_args)
 
     def unanswered_for(self) -> float:
-        """Seconds the oldest unanswered question has waited (0 when none is open)."""
-        return 0.0 if self.question_since is None else time.monotonic() - self.question_since
+        """Seconds a question has waited with nothing received since (0 when none is open).
+
+        An answer already waiting in the socket counts: the worker may have been busy with
+        a job of another server while it arrived.
+        """
+        if self.question_since is None or self._answer_waiting():
+            return 0.0
+        return time.monotonic() - self.question_since
+
+    def _answer_waiting(self) -> bool:
+        if self.use_ssl and self.gearman_socket.pending():
+            return True
+        readable, _, _ = select.select([self.gearman_socket], [], [], 0)
+        return bool(readable)
 
     def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> None:
         self.last_error = describe_error(exception, self.settings) if exception else message

@@ -13,6 +13,8 @@ from dataclasses import replace
 
 import pytest
 
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+
 from libra_worker import transport
 from libra_worker.config import GearmanSettings
 from libra_worker.jobserver import JobServerConnection, open_socket
@@ -150,3 +152,27 @@ def test_health_logs_each_change_once_and_publishes_it(tmp_path, caplog, monkeyp
     assert messages[3].startswith("Job server b:2 is back after")
     assert messages[4:] == ["Job server a:1 lost: connection lost; retrying"]
     assert published()["b:2"]["state"] == "up" and published()["a:1"]["state"] == "down"
+
+
+def test_a_question_counts_as_answered_once_the_answer_waits_in_the_socket():
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", port, settings, None)
+    try:
+        connection.connect()
+        server_side, _ = listener.accept()
+        assert connection.unanswered_for() == 0.0  # nothing asked yet
+        connection.send_command(GEARMAN_COMMAND_ECHO_REQ, {"data": b"ping"})
+        connection.question_since -= 100  # as if asked 100 s ago, while a long job ran
+        assert connection.unanswered_for() >= 100
+
+        server_side.sendall(NOOP_PACKET)
+        select.select([connection.gearman_socket], [], [], HANG_GUARD)
+        assert connection.unanswered_for() == 0.0  # not read yet, but there
+        connection.read_data_from_socket()
+        assert connection.question_since is None
+        server_side.close()
+    finally:
+        connection.close()
+        listener.close()
