@@ -1,5 +1,5 @@
 """Unit tests for libra_worker.jobserver and the job-server health in transport: the TLS read
-that must not spin, keepalive on every socket, state changes logged once."""
+that must not spin, keepalive on every socket, timed answers, state changes logged once."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import threading
 from dataclasses import replace
 
 import pytest
-
 from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
 
 from libra_worker import transport
