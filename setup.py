@@ -29,6 +29,7 @@ setup(
         "Jinja2>=3.1",
         "python-swiftclient>=4.0",
         "python-daemon>=3.0",
+        "cryptography>=41",
     ],
     # build and wheel: tests/unit/test_packaging.py builds the sdist and wheel offline.
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "build>=1", "wheel"]},

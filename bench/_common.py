@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -199,12 +200,14 @@ class PacketReader:
 
 
 class RawClient:
-    """A Gearman client on one kept-open TCP connection: SUBMIT_JOB, wait for the result."""
+    """A Gearman client on one kept-open TCP (or TLS) connection: SUBMIT_JOB, wait for the result."""
 
-    def __init__(self, address: str, timeout: float = 120.0) -> None:
+    def __init__(self, address: str, timeout: float = 120.0, tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self.conn = socket.create_connection((host, int(port)), timeout=timeout)
         self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            self.conn = tls.wrap_socket(self.conn, server_hostname=host)
         self.reader = PacketReader(self.conn)
 
     def submit(self, function: str, payload: bytes) -> bytes:
@@ -232,10 +235,14 @@ class RawClient:
 class Worker:
     """The real libra-worker (`python -m libra_worker.cli --foreground`) as our child."""
 
-    def __init__(self, root: Path, gearmand: Gearmand, log_level: str = "INFO") -> None:
+    def __init__(self, root: Path, gearmand: Gearmand, log_level: str = "INFO",
+                 servers: str | None = None, gearman_options: dict[str, str] | None = None) -> None:
         self.root = root
         self.state_dir = root / "state"
         self.gearmand = gearmand
+        # A worker that reaches `gearmand` another way (through a TLS terminator).
+        self.servers = servers or gearmand.address
+        self.gearman_options = dict(gearman_options or {})
         self.function = f"lwb-{uuid.uuid4().hex[:8]}"
         self.log_level = log_level
         self.process: subprocess.Popen[bytes] | None = None
@@ -252,9 +259,10 @@ class Worker:
         config = self.root / "worker.ini"
         config.write_text(
             "[gearman]\n"
-            f"servers = {self.gearmand.address}\n"
+            f"servers = {self.servers}\n"
             f"function = {self.function}\n"
             "poll_timeout = 2\n"
+            + "".join(f"{key} = {value}\n" for key, value in self.gearman_options.items()) +
             "[worker]\n"
             f"state_dir = {self.state_dir}\n"
             f"log_file = {self.root / 'worker.log'}\n"

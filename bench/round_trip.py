@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""DISCOVER and STATS round trips through a real gearmand, against a raw echo worker.
+"""DISCOVER and STATS round trips through a real gearmand, against a raw echo worker,
+and DISCOVER over mutual TLS (stunnel in front of the same gearmand) against plain DISCOVER.
 
 Starts gearmand, the real libra-worker (configured with one HTTP load balancer so STATS
 reads HAProxy's stats socket) and, as the floor, a minimal Gearman worker written here on
@@ -8,7 +9,12 @@ answers the message with `hpcs_response: PASS` added. One client, a raw-socket G
 client on one kept-open connection (SUBMIT_JOB -> JOB_CREATED -> WORK_COMPLETE), sends
 jobs one at a time to all three series, interleaved in blocks so noise hits them alike.
 
-Target: libra-worker p50 <= 2x the echo worker's p50.
+The TLS series is a second libra-worker configured with [gearman] ssl_ca/ssl_cert/ssl_key,
+reaching gearmand through stunnel (etc/stunnel-gearman.conf, TLS 1.3, client certificates
+required), and the same raw client speaking TLS to stunnel; certificates are made for the run.
+
+Target: libra-worker p50 <= 2x the echo worker's p50. The TLS series is a measurement (the
+cost of TLS per job), with no target.
 
 Usage: python bench/round_trip.py [--jobs 3000] [--blocks 10] [--out-dir DIR] [--no-plot]
 """
@@ -19,6 +25,7 @@ import argparse
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,9 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
+from tests.tls_support import CertificateAuthority, Stunnel, gearman_tls_options  # noqa: E402
 
 TARGET_RATIO = 2.0
-SERIES = ("DISCOVER (libra-worker)", "STATS (libra-worker)", "echo worker (floor)")
+SERIES = ("DISCOVER (libra-worker)", "STATS (libra-worker)", "echo worker (floor)",
+          "DISCOVER over TLS (libra-worker)")
 
 
 def run_echo_worker(address: str, function: str) -> None:
@@ -70,13 +79,26 @@ def start_echo_worker(gearmand: c.Gearmand, root: Path) -> tuple[subprocess.Pope
     return process, function
 
 
-def measure(client: c.RawClient, targets: dict[str, tuple[str, bytes]], jobs: int,
+def start_tls_path(run: c.Run, gearmand: c.Gearmand) -> tuple[c.Worker, c.RawClient]:
+    """stunnel in front of `gearmand`, a TLS worker behind it, a TLS client in front of it."""
+    authority = CertificateAuthority(run.root / "pki", "bench-ca")
+    jobserver, worker_cert = authority.issue("jobserver"), authority.issue("worker")
+    tunnel = run.own(Stunnel(run.root, c.free_port(), gearmand.port, jobserver, authority.ca).start())
+    (run.root / "tls-worker").mkdir()
+    worker = run.own(c.Worker(run.root / "tls-worker", gearmand, servers=tunnel.address,
+                              gearman_options=gearman_tls_options(authority.ca, worker_cert)).start())
+    context = ssl.create_default_context(cafile=str(authority.ca))
+    context.load_cert_chain(str(worker_cert.cert), str(worker_cert.key))
+    return worker, run.own(c.RawClient(tunnel.address, tls=context))
+
+
+def measure(targets: dict[str, tuple[c.RawClient, str, bytes]], jobs: int,
             blocks: int) -> dict[str, dict[str, list[float]]]:
     """Per series: each job's latency, and each block's wall time (for jobs/s)."""
     results = {name: {"latency": [], "wall": []} for name in targets}
     per_block = max(1, jobs // blocks)
     for _ in range(blocks):
-        for name, (function, payload) in targets.items():
+        for name, (client, function, payload) in targets.items():
             started_block = time.perf_counter()
             for _ in range(per_block):
                 started = time.perf_counter()
@@ -114,8 +136,11 @@ def table(rows: list[dict[str, float]]) -> str:
 def verdict(rows: list[dict[str, float]]) -> str:
     worst = max(rows[0]["ratio"], rows[1]["ratio"])
     met = "MET" if worst <= TARGET_RATIO else "MISSED"
+    tls_cost = rows[3]["p50"] - rows[0]["p50"]
     return (f"Target p50 <= {TARGET_RATIO:g}x the echo worker's p50: {met} "
-            f"(DISCOVER {c.fmt_ratio(rows[0]['ratio'])}, STATS {c.fmt_ratio(rows[1]['ratio'])}).")
+            f"(DISCOVER {c.fmt_ratio(rows[0]['ratio'])}, STATS {c.fmt_ratio(rows[1]['ratio'])}). "
+            f"TLS: DISCOVER p50 {c.fmt_ratio(c.ratio(rows[3]['p50'], rows[0]['p50']))} plain "
+            f"DISCOVER ({tls_cost * 1000:+.2f} ms per job).")
 
 
 def plot(results: dict[str, dict[str, list[float]]], plt, path: Path) -> None:
@@ -153,15 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         run.callback(c.stop_child, echo)
         client = run.own(c.RawClient(gearmand.address))
         c.configure_http_lb(client, worker)
+        tls_worker, tls_client = start_tls_path(run, gearmand)
         discover = json.dumps({"hpcs_action": "DISCOVER"}).encode()
         stats = json.dumps({"hpcs_action": "STATS"}).encode()
         targets = {
-            SERIES[0]: (worker.function, discover),
-            SERIES[1]: (worker.function, stats),
-            SERIES[2]: (echo_function, discover),
+            SERIES[0]: (client, worker.function, discover),
+            SERIES[1]: (client, worker.function, stats),
+            SERIES[2]: (client, echo_function, discover),
+            SERIES[3]: (tls_client, tls_worker.function, discover),
         }
-        measure(client, targets, min(args.warmup, args.jobs), 1)
-        results = measure(client, targets, args.jobs, min(args.blocks, args.jobs))
+        measure(targets, min(args.warmup, args.jobs), 1)
+        results = measure(targets, args.jobs, min(args.blocks, args.jobs))
 
     rows = summarize(results)
     text = table(rows)
@@ -169,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     print(verdict(rows))
     notes = (
         "Client: a raw-socket Gearman client (bench/_common.py `RawClient`) on one kept-open "
-        "TCP connection, one job at a time, the same client for all three series; series "
+        "TCP connection, one job at a time, the same client for the three plain series; series "
         f"interleaved in {min(args.blocks, args.jobs)} blocks. jobs/s is sequential "
         "(one job in flight), so it is about 1/mean latency. The worker runs with its default "
         "INFO logging to a file (one line per job). STATS reads HAProxy's stats socket "
-        "(one HTTP load balancer, 2 nodes)."
+        "(one HTTP load balancer, 2 nodes). DISCOVER over TLS: client and worker each on one "
+        "kept-open TLS 1.3 connection to stunnel (client certificates required), which "
+        "forwards to the same gearmand; the handshakes happen before the measurement, so "
+        "the figure is the per-job cost (encryption and the extra stunnel hop)."
     )
     c.publish(args, "round_trip", "Gearman round trip: DISCOVER and STATS",
               [text, verdict(rows), notes], info, "round trip CDF",

@@ -37,6 +37,7 @@ from libra_worker.errors import WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import JOURNAL_NAME, Journal
 from libra_worker.reconciler import Reconciler
+from libra_worker.tls import check_tls_files
 
 LOG = logging.getLogger("libra_worker")
 _PIDFILE_TIMEOUT = 2
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     try:
         config = load(args.config)
+        check_tls_files(config.gearman)
         config.worker.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     except (ConfigError, OSError) as exc:
         print(f"libra-worker: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from libra_worker.messages import Action
 
 
 DEFAULT_GEARMAN_PORT = 4730
+GEARMAN_STATUS_NAME = "gearman.status"
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _LONGEST_SOCKET_NAME = "haproxy-master.sock"
@@ -164,6 +165,27 @@ class GearmanSettings:
     function: str
     poll_timeout: float = 2.0
     reconnect_delay_max: float = 2.0
+    # Mutual TLS to every job server when all three are set (see libra_worker.tls).
+    ssl_ca: Path | None = None
+    ssl_cert: Path | None = None
+    ssl_key: Path | None = None
+    ssl_verify_hostname: bool = True
+    # TCP keepalive on every job-server socket: a vanished host is noticed within
+    # keepidle + keepintvl * keepcnt seconds.
+    keepalive: bool = True
+    keepidle: int = 60
+    keepintvl: int = 10
+    keepcnt: int = 5
+    connect_timeout: float = 5.0
+    # A job server that leaves a question (ECHO_REQ, GRAB_JOB) unanswered this long is
+    # dropped: pygearman takes one job at a time, so a frozen server would stall them all.
+    answer_timeout: float = 5.0
+    # Where the worker publishes each job server's connection state (ctl status reads it).
+    status_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_ca is not None
 
 
 @dataclass(frozen=True)
@@ -271,7 +293,26 @@ def _build(parser: StrictParser) -> Config:
         poll_timeout=parser.getfloat("gearman", "poll_timeout", fallback=2.0, positive=True),
         reconnect_delay_max=parser.getfloat("gearman", "reconnect_delay_max", fallback=2.0,
                                             positive=True),
+        ssl_ca=_path(parser.get("gearman", "ssl_ca", fallback="")),
+        ssl_cert=_path(parser.get("gearman", "ssl_cert", fallback="")),
+        ssl_key=_path(parser.get("gearman", "ssl_key", fallback="")),
+        ssl_verify_hostname=parser.getboolean("gearman", "ssl_verify_hostname", fallback=True),
+        keepalive=parser.getboolean("gearman", "keepalive", fallback=True),
+        keepidle=parser.getint("gearman", "keepidle", fallback=GearmanSettings.keepidle,
+                               at_least=1),
+        keepintvl=parser.getint("gearman", "keepintvl", fallback=GearmanSettings.keepintvl,
+                                at_least=1),
+        keepcnt=parser.getint("gearman", "keepcnt", fallback=GearmanSettings.keepcnt,
+                              at_least=1),
+        connect_timeout=parser.getfloat(
+            "gearman", "connect_timeout", fallback=GearmanSettings.connect_timeout, positive=True
+        ),
+        answer_timeout=parser.getfloat(
+            "gearman", "answer_timeout", fallback=GearmanSettings.answer_timeout, positive=True
+        ),
+        status_file=state_dir / GEARMAN_STATUS_NAME,
     )
+    _check_gearman(gearman)
     worker = WorkerSettings(
         state_dir=state_dir,
         pid_file=_path(parser.get("worker", "pid_file", fallback="")) or state_dir / "worker.pid",
@@ -345,6 +386,29 @@ def _timeouts(parser: StrictParser) -> TimeoutSettings:
         if value is not None:
             per_action[action] = value
     return TimeoutSettings(default=default, per_action=per_action)
+
+
+def _check_gearman(settings: GearmanSettings) -> None:
+    given = [name for name in ("ssl_ca", "ssl_cert", "ssl_key") if getattr(settings, name)]
+    if given and len(given) < 3:
+        raise ConfigError(
+            f"[gearman] ssl_ca, ssl_cert and ssl_key go together (only {', '.join(given)} is set)."
+        )
+    if not settings.ssl_verify_hostname:
+        named = [host for host, _ in settings.servers if not _is_ip_address(host)]
+        if named:
+            raise ConfigError(
+                f"[gearman] ssl_verify_hostname = false is only for job servers given by IP "
+                f"address; {short_quote(named[0])} is a host name, whose certificate must name it."
+            )
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _path(text: str) -> Path | None:

@@ -26,6 +26,7 @@ from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.errors import WorkerError
 from libra_worker.journal import JOURNAL_NAME, Journal
 from libra_worker.logsink import EVENTS_LOG_NAME
+from libra_worker.transport import job_server_summary
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -171,6 +172,7 @@ def status(config: Config, _args: argparse.Namespace) -> int:
         ("restarts", str(desired.restarts)),
         ("last error", desired.last_error or "-"),
         ("log sink", f"pid {driver.logs.pid()}" if driver.logs.pid() else "not running"),
+        ("job servers", job_server_summary(config.gearman.status_file)),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

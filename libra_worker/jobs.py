@@ -11,6 +11,7 @@ takes the next job. Nothing of a timed-out job keeps running behind the reply.
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any, Mapping
 
@@ -21,6 +22,15 @@ from libra_worker.journal import Journal
 from libra_worker.messages import Action, Message, error_detail
 
 DEFAULT_TIMEOUT = 120.0
+INVALID = "INVALID"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A job's reply, and the action it ran (INVALID when the message was refused)."""
+
+    action: str
+    reply: dict[str, Any]
 
 
 class JobTimeout:
@@ -59,11 +69,11 @@ class JobRunner:
         self.timeouts = dict(timeouts or {})
         self.default_timeout = default_timeout
 
-    def run(self, handle: str, payload: bytes) -> dict[str, Any]:
+    def run(self, handle: str, payload: bytes) -> Answer:
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
-            self.journal.started(handle, "INVALID").finish(journal.FAIL, error_detail(prepared))
-            return prepared
+            self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))
+            return Answer(INVALID, prepared)
         ticket = self.journal.started(handle, prepared.action.value)
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
         with JobTimeout(timeout, prepared.action.value):
@@ -73,7 +83,7 @@ class JobRunner:
         else:
             state = journal.TIMEOUT if isinstance(outcome.error, ActionTimeout) else journal.FAIL
             ticket.finish(state, _masked(error_detail(outcome.reply), prepared))
-        return outcome.reply
+        return Answer(prepared.action.value, outcome.reply)
 
 
 def _masked(error: str, message: Message) -> str:

@@ -3,27 +3,47 @@
 `JobServerWorker` always answers with WORK_COMPLETE carrying the JSON reply, FAIL
 included: API servers read the reply, and the gearman command-line client waits forever
 on a WORK_EXCEPTION. `serve` wraps pygearman's work loop, which gives up when no job
-server is reachable, in a loop that reconnects with backoff until a stop is requested.
+server is reachable, in a loop that reconnects until a stop is requested.
+
+Each job server's connection (`libra_worker.jobserver`) is made in the background, with
+TLS and keepalive as configured. A connection counts as up once the job server answered
+the ECHO_REQ sent right after registering (with TLS 1.3 that is also when a terminator
+that refused our certificate says so). `JobServerHealth` logs the changes (one line when a
+server is lost, rate-limited reminders while it stays down, one line when it is back) and
+publishes them in `[gearman] status_file` for `libra-worker ctl status`.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import threading
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import gearman
 from gearman.errors import GearmanError
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.worker_handler import GearmanWorkerCommandHandler
 
 from libra_worker.config import GearmanSettings
+from libra_worker.fileutil import atomic_write
+from libra_worker.jobs import Answer
+from libra_worker.jobserver import BackgroundJobServerConnection, JobServerConnection, connections
 
 LOG = logging.getLogger(__name__)
 
-# (job handle, payload) -> reply
-Handler = Callable[[str, bytes], dict[str, Any]]
+# (job handle, payload) -> the reply and the action it ran
+Handler = Callable[[str, bytes], Answer]
 _INITIAL_RECONNECT_DELAY = 0.2
+# While a job server stays down, remind the log this often (not at every attempt).
+DOWN_REMINDER_INTERVAL = 60.0
+_REGISTERED_PROBE = b"libra-worker registered"
+
+UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 
 def internal_error_reply() -> dict[str, Any]:
@@ -33,35 +53,141 @@ def internal_error_reply() -> dict[str, Any]:
     }
 
 
+@dataclass
+class ServerState:
+    state: str
+    since: str
+    error: str | None = None
+
+
+class JobServerHealth:
+    """Each job server's connection state: logged on change, written to the status file."""
+
+    def __init__(self, addresses: list[str], status_file: Path | None) -> None:
+        self.status_file = status_file
+        now = _utc_now()
+        self.servers = {address: ServerState(CONNECTING, now) for address in addresses}
+        self._down_since: dict[str, float] = {}
+        self._last_reminder: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._publish()
+
+    def up(self, address: str) -> None:
+        if self.servers[address].state == UP:
+            return
+        down_since = self._down_since.pop(address, None)
+        if down_since is None:
+            LOG.info("Registered at job server %s", address)
+        else:
+            LOG.info("Job server %s is back after %.1f s down (%d failed attempts)", address,
+                     time.monotonic() - down_since, self._failures.get(address, 0))
+        self._failures.pop(address, None)
+        self._last_reminder.pop(address, None)
+        self.servers[address] = ServerState(UP, _utc_now())
+        self._publish()
+
+    def down(self, address: str, reason: str | None) -> None:
+        reason = reason or "connection lost"
+        previous = self.servers[address]
+        now = time.monotonic()
+        self._failures[address] = self._failures.get(address, 0) + 1
+        if previous.state != DOWN:
+            self._down_since[address] = now
+            self._last_reminder[address] = now
+            what = "lost" if previous.state == UP else "unreachable"
+            LOG.warning("Job server %s %s: %s; retrying", address, what, reason)
+        elif now - self._last_reminder[address] >= DOWN_REMINDER_INTERVAL:
+            self._last_reminder[address] = now
+            LOG.warning("Job server %s still down after %.0f s (%d failed attempts): %s", address,
+                        now - self._down_since[address], self._failures[address], reason)
+        if previous.state != DOWN or previous.error != reason:
+            self.servers[address] = ServerState(DOWN, previous.since if previous.state == DOWN
+                                                else _utc_now(), reason)
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.status_file is None:
+            return
+        document = {"updated": _utc_now(),
+                    "servers": {address: asdict(state) for address, state in self.servers.items()}}
+        try:
+            atomic_write(self.status_file, json.dumps(document, indent=1) + "\n", mode=0o640)
+        except OSError as exc:
+            LOG.warning("Cannot write %s: %s", self.status_file, exc.strerror)
+
+
+class _CommandHandler(GearmanWorkerCommandHandler):
+    def recv_echo_res(self, data: bytes) -> bool:
+        self.connection_manager.on_echo(self)
+        return True
+
+
 class JobServerWorker(gearman.GearmanWorker):
+    command_handler_class = _CommandHandler
+
     def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event) -> None:
-        super().__init__([f"{host}:{port}" for host, port in settings.servers])
+        super().__init__([])
         self.settings = settings
         self.handler = handler
         self.stopping = stopping
         self.jobs_done = 0
+        # Set when a background connection attempt ends, so that serve() wakes at once.
+        self.progress = threading.Event()
+        self.connection_list = connections(settings, BackgroundJobServerConnection,
+                                           progress=self.progress)
+        self.health = JobServerHealth([c.address for c in self.connection_list], settings.status_file)
         # pygearman crashes on the first job if the task name is text.
         self.register_task(settings.function.encode("utf-8"), self._execute)
 
     def _execute(self, _worker: gearman.GearmanWorker, job: Any) -> bytes:
         started = time.monotonic()
+        action = "?"
         try:
             answer = self.handler(_text(job.handle), job.data)
+            action, reply = answer.action, answer.reply
         except Exception:  # noqa: BLE001 - the controller already catches; this is the last net
             LOG.exception("Job %s: the handler raised", _text(job.handle))
-            answer = internal_error_reply()
+            reply = internal_error_reply()
         self.jobs_done += 1
         LOG.info(
-            "Job %s answered %s in %.1f ms",
-            _text(job.handle), answer.get("hpcs_response"), (time.monotonic() - started) * 1000,
+            "Job %s %s answered %s in %.1f ms", _text(job.handle), action,
+            reply.get("hpcs_response"), (time.monotonic() - started) * 1000,
         )
-        return json.dumps(answer).encode("utf-8")
+        return json.dumps(reply).encode("utf-8")
 
     def on_job_execute(self, current_job: Any) -> bool:
         # pygearman turns a raising callback into WORK_FAIL; ours never raises.
         return self.on_job_complete(current_job, self._execute(self, current_job))
 
+    def establish_connection(self, current_connection: JobServerConnection) -> JobServerConnection:
+        if current_connection.connected:
+            return current_connection
+        try:
+            super().establish_connection(current_connection)
+        except GearmanError:
+            if current_connection.last_error is not None:
+                self.health.down(current_connection.address, current_connection.last_error)
+                current_connection.last_error = None
+            raise
+        # Registered (CAN_DO, PRE_SLEEP queued); the answer to this proves the server is there.
+        self.connection_to_handler_map[current_connection].send_command(
+            GEARMAN_COMMAND_ECHO_REQ, data=_REGISTERED_PROBE)
+        return current_connection
+
+    def on_echo(self, command_handler: _CommandHandler) -> None:
+        self.health.up(self.handler_to_connection_map[command_handler].address)
+
+    def handle_error(self, current_connection: JobServerConnection) -> None:
+        self.health.down(current_connection.address, current_connection.last_error)
+        current_connection.last_error = None
+        super().handle_error(current_connection)
+
     def after_poll(self, any_activity: bool) -> bool:
+        for connection in self.connection_list:
+            if connection.connected and connection.unanswered_for() > self.settings.answer_timeout:
+                connection.last_error = (f"no answer within {self.settings.answer_timeout:g} s "
+                                         f"(answer_timeout); is the job server frozen?")
+                self.handle_error(connection)
         return not self.stopping.is_set()
 
 
@@ -69,24 +195,49 @@ def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event
     """Serve jobs until `stopping` is set; a job in hand is finished and answered first."""
     worker = JobServerWorker(settings, handler, stopping)
     delay = _INITIAL_RECONNECT_DELAY
-    LOG.info("Serving function %r on %s", settings.function, _describe(settings))
+    LOG.info("Serving function %r on %s%s", settings.function,
+             ", ".join(worker.health.servers), " (TLS)" if settings.tls else "")
+    # Deadlines (answer_timeout) are checked after each poll, so poll at least that often.
+    poll_timeout = min(settings.poll_timeout, settings.answer_timeout)
     try:
         while not stopping.is_set():
+            worker.progress.clear()
             try:
-                # Returns every poll_timeout so that job servers that were down are retried.
-                worker.work(poll_timeout=settings.poll_timeout)
-            except (GearmanError, OSError) as exc:
-                LOG.warning("No job server reachable (%s); retrying in %.1f s", exc, delay)
-                stopping.wait(delay)
-                delay = min(delay * 2, settings.reconnect_delay_max)
+                worker.work(poll_timeout=poll_timeout)
+                delay = _INITIAL_RECONNECT_DELAY
+            except (GearmanError, OSError):
+                # No job server connected: wait for a background attempt to end.
+                if not _wait_for_either(worker.progress, stopping, delay):
+                    delay = min(delay * 2, settings.reconnect_delay_max)
     finally:
         worker.shutdown()
         LOG.info("Stopped serving after %d jobs", worker.jobs_done)
+
+
+def job_server_summary(status_file: Path | None) -> str:
+    """One line for `ctl status`: each job server's state as the worker last published it."""
+    try:
+        servers = json.loads(status_file.read_text())["servers"] if status_file else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown (no status published yet)"
+    return "; ".join(
+        f"{address} {state.get('state')} since {state.get('since')}"
+        + (f" ({state['error']})" if state.get("error") else "")
+        for address, state in servers.items()
+    ) or "-"
+
+
+def _wait_for_either(first: threading.Event, second: threading.Event, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        if first.wait(min(remaining, 0.1)) or second.is_set():
+            return True
+    return False
 
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _describe(settings: GearmanSettings) -> str:
-    return ", ".join(f"{host}:{port}" for host, port in settings.servers)
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runtime_packages=(haproxy gearman-job-server gearman-tools python3-venv python3-pip)
-test_packages=(swift swift-proxy swift-account swift-container swift-object memcached wrk)
+test_packages=(swift swift-proxy swift-account swift-container swift-object memcached wrk stunnel4 iproute2)
 # systemd-analyze judges the unit, logrotate rotates for real (no systemd is started).
 test_packages+=(systemd logrotate)
 

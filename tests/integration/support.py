@@ -122,15 +122,22 @@ def connection_refused(port: int, host: str = LOOPBACK) -> bool:
 class Gearmand:
     """One gearmand in the foreground, our child, stopped by pid."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, host: str = LOOPBACK,
+                 command_prefix: tuple[str, ...] = ()) -> None:
         self.root = root
         self.port = port or free_port()
+        # A gearmand in a network namespace: ("ip", "netns", "exec", NAME) and its address there.
+        self.host = host
+        self.command_prefix = command_prefix
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def accepts(self) -> bool:
+        return port_accepts(self.port, self.host)
 
     def start(self) -> "Gearmand":
         self.starts += 1
@@ -138,7 +145,7 @@ class Gearmand:
         config = self.root / f"gearmand-{self.port}.conf"
         config.touch()  # gearmand refuses to start if its config file is missing
         command = [
-            GEARMAND, "--listen", LOOPBACK, "--port", str(self.port),
+            *self.command_prefix, GEARMAND, "--listen", self.host, "--port", str(self.port),
             "--threads", "1", "--queue-type", "builtin",
             "--log-file", str(self.root / f"gearmand-{tag}.log"),
             "--pid-file", str(self.root / f"gearmand-{tag}.pid"),
@@ -149,7 +156,7 @@ class Gearmand:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                             stdout=output, stderr=subprocess.STDOUT)
         try:
-            wait_until(lambda: self.process.poll() is not None or port_accepts(self.port),
+            wait_until(lambda: self.process.poll() is not None or self.accepts(),
                        START_TIMEOUT, f"gearmand on port {self.port}")
             assert self.process.poll() is None, (
                 f"gearmand exited with {self.process.returncode}: "
@@ -164,7 +171,7 @@ class Gearmand:
 
     def admin(self, command: str) -> str:
         """A text-protocol admin command ("status", "workers"); the answer ends with '.'."""
-        with socket.create_connection((LOOPBACK, self.port), timeout=5) as conn:
+        with socket.create_connection((self.host, self.port), timeout=5) as conn:
             conn.sendall(command.encode() + b"\n")
             data = b""
             while not data.endswith(b".\n"):
@@ -435,7 +442,9 @@ class Worker:
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
                  log_level: str = "INFO", launcher: tuple[str, ...] = (),
                  python: str = sys.executable,
-                 sections: dict[str, dict[str, Any]] | None = None) -> None:
+                 sections: dict[str, dict[str, Any]] | None = None,
+                 gearman_options: dict[str, str] | None = None,
+                 client_tls: client.TLSFiles | None = None) -> None:
         self.root = root
         # A command the worker runs under (e.g. AS_NOBODY), and the Python it runs with.
         self.launcher = launcher
@@ -450,6 +459,9 @@ class Worker:
         self.archive_timeout = archive_timeout
         self.log_level = log_level
         self.sections = sections or {}  # more config: {"diagnostics": {"probe_timeout": 1}}
+        # Extra [gearman] options (TLS, keepalive) and the TLS files submit() uses.
+        self.gearman_options = dict(gearman_options or {})
+        self.client_tls = client_tls
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -462,6 +474,7 @@ class Worker:
             f"function = {self.function}",
             f"poll_timeout = {self.poll_timeout}",
             "reconnect_delay_max = 1.0",
+            *(f"{key} = {value}" for key, value in self.gearman_options.items()),
             "",
             "[worker]",
             f"state_dir = {self.state_dir}",
@@ -561,7 +574,8 @@ class Worker:
             text = json.dumps({"hpcs_action": message.upper()})
         else:
             text = message
-        return client.submit(",".join(servers or self.servers), self.function, text, timeout)
+        return client.submit(",".join(servers or self.servers), self.function, text, timeout,
+                             self.client_tls)
 
     def submit_bytes(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
         """Send raw bytes (not necessarily UTF-8) as the job payload; the decoded reply."""

@@ -84,11 +84,11 @@ def test_exit_2_on_unreadable_message_file(tmp_path, capsys):
 def test_exit_code_follows_reply(monkeypatch, capsys, answer, code):
     sent = []
 
-    def fake_submit(servers, function, message, timeout):
-        sent.append((servers, function, message, timeout))
+    def fake_submit(servers, function, message, timeout, tls):
+        sent.append((servers, function, message, timeout, tls))
         return answer
 
     monkeypatch.setattr(client, "submit", fake_submit)
     assert main(["--timeout", "3", "lb-7", "discover"]) == code
-    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0)]
+    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None)]
     assert json.loads(capsys.readouterr().out) == answer

@@ -404,3 +404,36 @@ def test_diagnostics_values_read(write_config, tmp_path):
 def test_bad_diagnostics_values_name_the_key(write_config, tmp_path, extra, key):
     with pytest.raises(ConfigError, match=rf"\[diagnostics\] {key}"):
         load(write_config(minimal(tmp_path / "state", f"[diagnostics]\n{extra}\n")))
+
+
+def test_job_server_tls_and_keepalive_options(write_config, tmp_path):
+    settings = load(write_config(minimal(tmp_path, (
+        "[gearman]\nservers = 10.0.0.5:4730\nssl_ca = /etc/lw/ca.pem\nssl_cert = /etc/lw/w.pem\n"
+        "ssl_key = /etc/lw/w.key\nssl_verify_hostname = false\nkeepidle = 1\nkeepintvl = 2\n"
+        "keepcnt = 3\nconnect_timeout = 1.5\nanswer_timeout = 4\n"))))
+    gearman = settings.gearman
+    assert (gearman.tls, gearman.ssl_ca, gearman.ssl_cert, gearman.ssl_key) == (
+        True, Path("/etc/lw/ca.pem"), Path("/etc/lw/w.pem"), Path("/etc/lw/w.key"))
+    assert gearman.ssl_verify_hostname is False
+    assert (gearman.keepalive, gearman.keepidle, gearman.keepintvl, gearman.keepcnt) == (True, 1, 2, 3)
+    assert (gearman.connect_timeout, gearman.answer_timeout) == (1.5, 4.0)
+    assert gearman.status_file == settings.worker.state_dir / "gearman.status"
+
+
+def test_job_server_defaults_keepalive_on_no_tls(write_config, tmp_path):
+    gearman = load(write_config(minimal(tmp_path))).gearman
+    assert not gearman.tls and gearman.ssl_verify_hostname
+    assert (gearman.keepalive, gearman.keepidle, gearman.keepintvl, gearman.keepcnt) == (True, 60, 10, 5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ssl_ca = /ca.pem\n", r"ssl_ca, ssl_cert and ssl_key go together \(only ssl_ca is set\)"),
+    ("servers = gear.example:4730\nssl_verify_hostname = false\n",
+     r"ssl_verify_hostname = false is only for job servers given by IP address; 'gear.example'"),
+    ("keepcnt = 0\n", r"\[gearman\] keepcnt: 0 must be at least 1"),
+    ("answer_timeout = 0\n", r"\[gearman\] answer_timeout: 0 must be greater than 0"),
+    ("keepalive = perhaps\n", r"\[gearman\] keepalive: 'perhaps' is not true or false"),
+])
+def test_bad_job_server_options(write_config, tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(write_config(minimal(tmp_path, "[gearman]\n" + text)))

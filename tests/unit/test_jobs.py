@@ -55,9 +55,11 @@ def test_a_job_past_its_timeout_is_answered_fail_and_journaled_timeout(tmp_path)
     jobs = runner(tmp_path, driver, stats=0.2)
 
     started = time.monotonic()
-    reply = jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+    answer = jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+    reply = answer.reply
 
     assert time.monotonic() - started < 4  # interrupted, not waited out
+    assert answer.action == "STATS"
     assert reply["hpcs_response"] == "FAIL"
     assert reply["hpcs_error"] == "STATS did not finish within its 0.2 s timeout."
     assert driver.finished_stats == 0  # nothing of it kept running
@@ -77,7 +79,7 @@ def test_each_outcome_is_journaled(tmp_path):
     jobs = runner(tmp_path, SlowDriver())
     jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
     jobs.run("H:2", b'{"hpcs_action": "STATS"}')
-    jobs.run("H:3", b"not json")
+    assert jobs.run("H:3", b"not json").action == "INVALID"
 
     records = Journal(tmp_path / "jobs.journal").recent(10)
     assert [(r.handle, r.action, r.state) for r in records] == [
@@ -87,7 +89,7 @@ def test_each_outcome_is_journaled(tmp_path):
 
 
 def test_the_token_is_masked_in_the_journal_but_echoed_in_the_reply(tmp_path):
-    reply = runner(tmp_path, SlowDriver()).run("H:1", json.dumps(ARCHIVE).encode())
+    reply = runner(tmp_path, SlowDriver()).run("H:1", json.dumps(ARCHIVE).encode()).reply
 
     assert reply["hpcs_object_store_token"] == "SECRET-TOKEN-1234"
     journal_text = (tmp_path / "jobs.journal").read_text()
@@ -114,7 +116,7 @@ def test_the_journal_keeps_the_whole_error_the_reply_cuts_for_libra(tmp_path):
         def stats(self) -> Any:
             raise WorkerError(sentence)
 
-    reply = runner(tmp_path, LongWinded()).run("H:1", b'{"hpcs_action": "STATS"}')
+    reply = runner(tmp_path, LongWinded()).run("H:1", b'{"hpcs_action": "STATS"}').reply
     assert len(reply["hpcs_error"]) <= 128 and reply["hpcs_error_detail"] == sentence
     [record] = Journal(tmp_path / "jobs.journal").recent(5)
     assert record.hpcs_error == sentence

@@ -1,0 +1,249 @@
+"""One connection to one job server: TLS, TCP keepalive, connecting without blocking the others.
+
+`JobServerConnection` replaces pygearman's `GearmanConnection` for the worker and for
+libra-client. It changes four things:
+
+* **TLS reads and writes never spin.** pygearman retries `recv`/`send` in a loop while
+  OpenSSL says SSL_ERROR_WANT_READ/WANT_WRITE. With TLS 1.3 the server sends session tickets
+  after the handshake: the socket is readable, OpenSSL consumes the ticket and has no
+  application data, so `recv` raises WANT_READ and pygearman loops at 100% CPU until the
+  job server next says something (for a sleeping worker: the next job). Here WANT_* means
+  "nothing to hand over yet"; the poll loop comes back when the socket is ready. The
+  upstream fix would be the same change in `GearmanConnection.read_data_from_socket` and
+  `send_data_to_socket` (return instead of `continue`).
+* **Keepalive**: every socket gets SO_KEEPALIVE with `keepidle/keepintvl/keepcnt`, and
+  TCP_USER_TIMEOUT of the same total, so a job server that vanished without closing the
+  connection (power loss, partition) is noticed whether the link was idle or had unacked
+  data; the poll loop then sees the error and the worker reconnects.
+* **Connect timeout, any address family**: `socket.create_connection` with
+  `connect_timeout` (pygearman connects IPv4 only and with no timeout, so one unreachable
+  server could block the worker for minutes).
+* **Answers are timed**: the time a question (ECHO_REQ, GRAB_JOB) went unanswered is
+  tracked, so the worker can drop a job server that is frozen (its TCP stack still
+  answers, keepalive cannot see it).
+
+`BackgroundJobServerConnection` (the worker's) connects in a thread, so a job server that
+does not answer SYNs never stalls jobs from the others.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import ssl
+import threading
+import time
+from typing import Any, Callable
+
+from gearman.connection import GearmanConnection
+from gearman.errors import ConnectionError as GearmanConnectionError
+from gearman.protocol import (
+    GEARMAN_COMMAND_ECHO_REQ,
+    GEARMAN_COMMAND_GRAB_JOB,
+    GEARMAN_COMMAND_GRAB_JOB_UNIQ,
+)
+
+from libra_worker.config import GearmanSettings
+from libra_worker.tls import client_context, describe_tls_error
+
+_QUESTIONS = frozenset({GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_GRAB_JOB, GEARMAN_COMMAND_GRAB_JOB_UNIQ})
+_WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)
+
+
+def describe_error(error: BaseException, settings: GearmanSettings) -> str:
+    """One readable line for why a job-server connection failed."""
+    if isinstance(error, ssl.SSLError):
+        return describe_tls_error(error, settings)
+    if isinstance(error, TimeoutError) and error.errno is None:  # the socket's own timeout
+        return f"no answer within {settings.connect_timeout:g} s (connect_timeout)"
+    if isinstance(error, OSError) and error.errno == errno.ETIMEDOUT:
+        return "connection timed out (keepalive probes or sent data went unanswered)"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def open_socket(host: str, port: int, settings: GearmanSettings,
+                context: ssl.SSLContext | None) -> socket.socket:
+    """A connected (and, with TLS, handshaken) socket with keepalive; raises OSError."""
+    connection = socket.create_connection((host, port), timeout=settings.connect_timeout)
+    try:
+        if settings.keepalive:
+            set_keepalive(connection, settings)
+        if context is not None:
+            connection = context.wrap_socket(connection, server_hostname=host)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def set_keepalive(connection: socket.socket, settings: GearmanSettings) -> None:
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, settings.keepidle)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, settings.keepintvl)
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, settings.keepcnt)
+    # Keepalive only probes an idle connection; unacked data would otherwise be retried for
+    # ~15 minutes (tcp_retries2). One limit for both.
+    dead_after = settings.keepidle + settings.keepintvl * settings.keepcnt
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, dead_after * 1000)
+
+
+class JobServerConnection(GearmanConnection):
+    """A pygearman connection with TLS that does not spin, keepalive and timed answers."""
+
+    def __init__(self, host: str, port: int, settings: GearmanSettings,
+                 context: ssl.SSLContext | None) -> None:
+        self.settings = settings
+        self.context = context
+        self.last_error: str | None = None
+        self.question_since: float | None = None
+        super().__init__(host=host, port=port)
+        self.use_ssl = context is not None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.gearman_host}]" if ":" in self.gearman_host else self.gearman_host
+        return f"{host}:{self.gearman_port}"
+
+    def _reset_connection(self) -> None:
+        super()._reset_connection()
+        self.question_since = None
+
+    def _create_client_socket(self) -> None:
+        try:
+            connection = open_socket(self.gearman_host, self.gearman_port, self.settings, self.context)
+        except OSError as exc:
+            self.throw_exception(exception=exc)
+        self.set_socket(connection)
+
+    def adopt(self, connection: socket.socket) -> None:
+        """Take a socket connected elsewhere (see BackgroundJobServerConnection)."""
+        self._reset_connection()
+        self.set_socket(connection)
+        self.connected = True
+        self._is_client_side = True
+        self._is_server_side = False
+
+    def read_data_from_socket(self, bytes_to_read: int = 4096) -> int:
+        if not self.connected:
+            raise_connection_error(self.address, "disconnected")  # last_error keeps why
+        try:
+            received = self.gearman_socket.recv(bytes_to_read)
+            if self.use_ssl:
+                # Decrypted bytes left in OpenSSL's buffer do not wake the poll loop again.
+                while pending := self.gearman_socket.pending():
+                    received += self.gearman_socket.recv(pending)
+        except _WOULD_BLOCK:
+            return len(self._incoming_buffer)  # a TLS record with no data for us (a ticket)
+        except OSError as exc:
+            self.throw_exception(exception=exc)
+        if not received:
+            self.throw_exception(message="the job server closed the connection")
+        self.question_since = None
+        self._incoming_buffer.frombytes(received)
+        return len(self._incoming_buffer)
+
+    def send_data_to_socket(self) -> int:
+        if not self.connected:
+            raise_connection_error(self.address, "disconnected")  # last_error keeps why
+        if not self._outgoing_buffer:
+            return 0
+        try:
+            sent = self.gearman_socket.send(self._outgoing_buffer)
+        except _WOULD_BLOCK:
+            return len(self._outgoing_buffer)  # the poll loop retries when writable
+        except OSError as exc:
+            self.throw_exception(exception=exc)
+        self._outgoing_buffer = self._outgoing_buffer[sent:]
+        return len(self._outgoing_buffer)
+
+    def send_command(self, cmd_type: int, cmd_args: dict[str, Any]) -> None:
+        if cmd_type in _QUESTIONS and self.question_since is None:
+            self.question_since = time.monotonic()
+        super().send_command(cmd_type, cmd_args)
+
+    def unanswered_for(self) -> float:
+        """Seconds a question has waited with nothing received since (0 when none is open).
+
+        An answer already waiting in the socket counts: the worker may have been busy with
+        a job of another server while it arrived.
+        """
+        if self.question_since is None or self._answer_waiting():
+            return 0.0
+        return time.monotonic() - self.question_since
+
+    def _answer_waiting(self) -> bool:
+        if self.use_ssl and self.gearman_socket.pending():
+            return True
+        readable, _, _ = select.select([self.gearman_socket], [], [], 0)
+        return bool(readable)
+
+    def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> None:
+        self.last_error = describe_error(exception, self.settings) if exception else message
+        self.connected = False
+        raise_connection_error(self.address, self.last_error)
+
+
+def raise_connection_error(address: str, reason: str | None) -> None:
+    raise GearmanConnectionError(f"{address}: {reason}")
+
+
+class BackgroundJobServerConnection(JobServerConnection):
+    """Connects (TCP, then the TLS handshake) in a thread; `connect` adopts a finished one.
+
+    `connect` never blocks: it starts an attempt if none runs and the cool-down has passed,
+    adopts the socket of an attempt that succeeded, and otherwise raises ConnectionError
+    (pygearman's worker then serves the other servers). `progress` is set whenever an
+    attempt ends, so the worker can wake up at once instead of polling.
+    """
+
+    def __init__(self, host: str, port: int, settings: GearmanSettings,
+                 context: ssl.SSLContext | None, progress: threading.Event) -> None:
+        self.progress = progress
+        self._attempt: threading.Thread | None = None
+        self._result: socket.socket | BaseException | None = None
+        self._next_attempt = 0.0
+        super().__init__(host, port, settings, context)
+
+    def connect(self) -> None:
+        if self.connected:
+            return
+        result = self._result
+        if result is not None:  # the attempt has ended: nothing else writes _result now
+            self._result = None
+        if isinstance(result, socket.socket):
+            self.adopt(result)
+            return
+        if isinstance(result, BaseException):
+            self.throw_exception(exception=result)
+        if self._attempt is None or not self._attempt.is_alive():
+            if time.monotonic() >= self._next_attempt:
+                self._next_attempt = time.monotonic() + self.connect_cooldown_seconds
+                self._attempt = threading.Thread(target=self._connect_in_background,
+                                                 name=f"connect-{self.address}", daemon=True)
+                self._attempt.start()
+        raise_connection_error(self.address, "connecting")
+
+    def _connect_in_background(self) -> None:
+        try:
+            self._result = open_socket(self.gearman_host, self.gearman_port, self.settings,
+                                       self.context)
+        except OSError as exc:
+            self._result = exc
+        finally:
+            self.progress.set()
+
+    def close(self) -> None:
+        super().close()
+        leftover, self._result = self._result, None
+        if isinstance(leftover, socket.socket):
+            leftover.close()
+
+
+def connections(settings: GearmanSettings, make: Callable[..., JobServerConnection],
+                **extra: Any) -> list[JobServerConnection]:
+    """One connection per configured job server, sharing one TLS context."""
+    context = client_context(settings)
+    return [make(host, port, settings, context, **extra) for host, port in settings.servers]

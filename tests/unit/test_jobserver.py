@@ -1,0 +1,177 @@
+"""Unit tests for libra_worker.jobserver and the job-server health in transport: the TLS read
+that must not spin, keepalive on every socket, timed answers, state changes logged once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import select
+import socket
+import ssl
+import threading
+from dataclasses import replace
+
+import pytest
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+
+from libra_worker import transport
+from libra_worker.config import GearmanSettings
+from libra_worker.jobserver import JobServerConnection, open_socket
+from libra_worker.tls import client_context
+from libra_worker.transport import JobServerHealth
+from tests.integration.support import free_port
+from tests.tls_support import CertificateAuthority
+
+HANG_GUARD = 10.0  # seconds; a spinning read never returns at all
+NOOP_PACKET = b"\0RES" + (6).to_bytes(4, "big") + (0).to_bytes(4, "big")
+
+
+class TLSServer:
+    """A loopback TLS server: handshakes (TLS 1.3 sends session tickets right after), then
+    sends only what the test tells it to."""
+
+    def __init__(self, cert, key, version: ssl.TLSVersion) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = self.context.maximum_version = version
+        self.context.load_cert_chain(str(cert), str(key))
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.outgoing: list[bytes] = []
+        self.send_now = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        raw, _ = self.listener.accept()
+        with self.context.wrap_socket(raw, server_side=True) as connection:
+            while not self.done.is_set():
+                if self.send_now.wait(0.05):
+                    self.send_now.clear()
+                    connection.sendall(self.outgoing.pop(0))
+
+    def send(self, data: bytes) -> None:
+        self.outgoing.append(data)
+        self.send_now.set()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(HANG_GUARD)
+        self.listener.close()
+
+
+@pytest.fixture
+def pki(tmp_path):
+    authority = CertificateAuthority(tmp_path, "unit-ca")
+    return authority, authority.issue("server"), authority.issue("client")
+
+
+def settings_for(port: int, authority, issued, **extra) -> GearmanSettings:
+    return GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit", ssl_ca=authority.ca,
+                           ssl_cert=issued.cert, ssl_key=issued.key, **extra)
+
+
+def read_in_thread(connection: JobServerConnection) -> list[object]:
+    outcome: list[object] = []
+    reader = threading.Thread(target=lambda: outcome.append(connection.read_data_from_socket()),
+                              daemon=True)
+    reader.start()
+    reader.join(HANG_GUARD)
+    assert not reader.is_alive(), "read_data_from_socket did not return (spinning on WANT_READ)"
+    return outcome
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2],
+                         ids=["TLSv1.3", "TLSv1.2"])
+def test_a_tls_record_without_data_does_not_make_the_read_spin(pki, version):
+    authority, server_cert, client_cert = pki
+    server = TLSServer(server_cert.cert, server_cert.key, version)
+    try:
+        settings = settings_for(server.port, authority, client_cert)
+        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+        connection.connect()
+        assert connection.gearman_socket.version() == version.name.replace("v1_", "v1.")
+        if version is ssl.TLSVersion.TLSv1_3:
+            # The session tickets make the socket readable with nothing in them for us.
+            readable, _, _ = select.select([connection.gearman_socket], [], [], HANG_GUARD)
+            assert readable
+            assert read_in_thread(connection) == [0]
+        server.send(NOOP_PACKET)
+        select.select([connection.gearman_socket], [], [], HANG_GUARD)
+        assert read_in_thread(connection) == [len(NOOP_PACKET)]
+        assert connection.read_commands_from_buffer() == 1
+        connection.close()
+    finally:
+        server.close()
+
+
+def test_keepalive_and_user_timeout_on_every_socket():
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit",
+                               keepidle=7, keepintvl=3, keepcnt=4)
+    try:
+        with open_socket("127.0.0.1", port, settings, None) as connection:
+            assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+            assert connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 19000
+        with open_socket("127.0.0.1", port, replace(settings, keepalive=False), None) as connection:
+            assert connection.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+    finally:
+        listener.close()
+
+
+def test_health_logs_each_change_once_and_publishes_it(tmp_path, caplog, monkeypatch):
+    status_file = tmp_path / "gearman.status"
+    health = JobServerHealth(["a:1", "b:2"], status_file)
+    caplog.set_level(logging.INFO, logger="libra_worker.transport")
+
+    def published():
+        return json.loads(status_file.read_text())["servers"]
+
+    assert {a: s["state"] for a, s in published().items()} == {"a:1": "connecting", "b:2": "connecting"}
+    health.up("a:1")
+    health.down("b:2", "Connection refused")
+    for _ in range(5):
+        health.down("b:2", "Connection refused")
+    assert published()["b:2"] == {"state": "down", "since": published()["b:2"]["since"],
+                                  "error": "Connection refused"}
+    monkeypatch.setattr(transport, "DOWN_REMINDER_INTERVAL", 0.0)
+    health.down("b:2", "Connection refused")
+    health.up("b:2")
+    health.down("a:1", None)
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[:2] == ["Registered at job server a:1",
+                            "Job server b:2 unreachable: Connection refused; retrying"]
+    assert messages[2].startswith("Job server b:2 still down after")
+    assert messages[2].endswith("(7 failed attempts): Connection refused")
+    assert messages[3].startswith("Job server b:2 is back after")
+    assert messages[4:] == ["Job server a:1 lost: connection lost; retrying"]
+    assert published()["b:2"]["state"] == "up" and published()["a:1"]["state"] == "down"
+
+
+def test_a_question_counts_as_answered_once_the_answer_waits_in_the_socket():
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", port, settings, None)
+    try:
+        connection.connect()
+        server_side, _ = listener.accept()
+        assert connection.unanswered_for() == 0.0  # nothing asked yet
+        connection.send_command(GEARMAN_COMMAND_ECHO_REQ, {"data": b"ping"})
+        connection.question_since -= 100  # as if asked 100 s ago, while a long job ran
+        assert connection.unanswered_for() >= 100
+
+        server_side.sendall(NOOP_PACKET)
+        select.select([connection.gearman_socket], [], [], HANG_GUARD)
+        assert connection.unanswered_for() == 0.0  # not read yet, but there
+        connection.read_data_from_socket()
+        assert connection.question_since is None
+        server_side.close()
+    finally:
+        connection.close()
+        listener.close()
