@@ -34,11 +34,13 @@ def internal_error_reply() -> dict[str, Any]:
 
 
 class JobServerWorker(gearman.GearmanWorker):
-    def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event) -> None:
+    def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+                 heartbeat: Callable[[], None] = lambda: None) -> None:
         super().__init__([f"{host}:{port}" for host, port in settings.servers])
         self.settings = settings
         self.handler = handler
         self.stopping = stopping
+        self.heartbeat = heartbeat
         self.jobs_done = 0
         # pygearman crashes on the first job if the task name is text.
         self.register_task(settings.function.encode("utf-8"), self._execute)
@@ -62,12 +64,17 @@ class JobServerWorker(gearman.GearmanWorker):
         return self.on_job_complete(current_job, self._execute(self, current_job))
 
     def after_poll(self, any_activity: bool) -> bool:
+        # Called at least every poll_timeout, job servers up or not: proof the loop is alive.
+        self.heartbeat()
         return not self.stopping.is_set()
 
 
-def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event) -> None:
-    """Serve jobs until `stopping` is set; a job in hand is finished and answered first."""
-    worker = JobServerWorker(settings, handler, stopping)
+def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+          heartbeat: Callable[[], None] = lambda: None) -> None:
+    """Serve jobs until `stopping` is set; a job in hand is finished and answered first.
+
+    `heartbeat` is called after every poll of the job servers (systemd's watchdog)."""
+    worker = JobServerWorker(settings, handler, stopping, heartbeat)
     delay = _INITIAL_RECONNECT_DELAY
     LOG.info("Serving function %r on %s", settings.function, _describe(settings))
     try:
