@@ -409,7 +409,7 @@ class Worker:
 
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", env: dict[str, str] | None = None) -> None:
         self.root = root
         self.servers = list(servers)
         self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
@@ -420,6 +420,7 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
+        self.env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -452,16 +453,21 @@ class Worker:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the worker process without waiting for it to serve."""
         assert self.process is None or self.process.poll() is not None, "already running"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "libra_worker.cli", "--config", str(self.config_path),
                  "--foreground"],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                cwd=REPO_ROOT, env=self.environment(), stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT,
             )
         return self.process
+
+    def environment(self) -> dict[str, str]:
+        """The worker's environment: ours, the source tree first on the path, `env` on top."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env.update(self.env)
+        return env
 
     def start(self, ready_timeout: float = START_TIMEOUT) -> "Worker":
         """Start the worker and wait until it answers DISCOVER through the job server."""
