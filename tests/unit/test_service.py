@@ -1,0 +1,71 @@
+"""Unit tests for libra_worker.service: who the worker runs as, the pidfile, exit codes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from libra_worker import cli, service
+from libra_worker.service import EXIT_RUNNING, PidFile, StartupError, resolve_identity
+from tests.unit.test_logsetup import settings
+
+
+def test_an_unknown_user_or_group_is_a_sentence_naming_the_key(tmp_path):
+    with pytest.raises(StartupError, match=r"^\[worker\] user 'no-such-user-lw' does not exist"):
+        resolve_identity(settings(tmp_path, user="no-such-user-lw"))
+    with pytest.raises(StartupError, match=r"^\[worker\] group 'no-such-group-lw' does not exist"):
+        resolve_identity(settings(tmp_path, group="no-such-group-lw"))
+
+
+def test_root_may_run_as_another_user(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    identity = resolve_identity(settings(tmp_path, user="nobody"), euid=0)
+    assert (identity.name, identity.uid, identity.gid) == ("nobody", nobody.pw_uid, nobody.pw_gid)
+
+
+def test_only_root_may_switch_users(tmp_path):
+    with pytest.raises(StartupError, match=r"^\[worker\] user asks to run as root .* only root can switch"):
+        resolve_identity(settings(tmp_path, user="root"), euid=pwd.getpwnam("nobody").pw_uid)
+
+
+def test_no_user_means_the_current_one(tmp_path):
+    identity = resolve_identity(settings(tmp_path))
+    assert identity.is_current and identity.uid == os.geteuid()
+
+
+def test_the_pidfile_is_held_and_a_second_holder_gets_exit_3(tmp_path):
+    first = PidFile(tmp_path / "worker.pid")
+    first.acquire()
+    try:
+        assert (tmp_path / "worker.pid").read_text() == f"{os.getpid()}\n"
+        assert PidFile(tmp_path / "worker.pid").holder() == os.getpid()
+        with pytest.raises(StartupError) as error:
+            PidFile(tmp_path / "worker.pid").acquire()
+        assert error.value.exit_code == EXIT_RUNNING and f"pid {os.getpid()}" in str(error.value)
+    finally:
+        first.release()
+    assert not (tmp_path / "worker.pid").exists()
+
+
+def test_a_left_over_pidfile_is_not_a_running_worker(tmp_path):
+    (tmp_path / "worker.pid").write_text("1\n")
+    pidfile = PidFile(tmp_path / "worker.pid")
+    assert pidfile.holder() is None
+    pidfile.acquire()
+    pidfile.release()
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0" in text and "2 usage or configuration error" in text
+    assert "3 another worker already runs" in text
+
+
+def test_a_missing_config_file_is_exit_2_and_one_line(tmp_path, capsys):
+    assert cli.main(["--config", str(tmp_path / "missing.conf"), "--foreground"]) == service.EXIT_CONFIG
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
