@@ -133,3 +133,13 @@ def test_a_logging_config_that_is_not_one_names_the_key(tmp_path):
     config.write_text("[loggers]\nkeys = root\n")
     with pytest.raises(LoggingSetupError, match=r"\[worker\] logging_config .* is not a usable"):
         logsetup.configure(settings(tmp_path, logging_config=config), foreground=True)
+
+
+def test_the_shipped_logging_config_logs_utc_and_caps_records(tmp_path):
+    shipped = (Path(__file__).resolve().parents[2] / "etc" / "logging.conf").read_text()
+    config = tmp_path / "logging.conf"
+    config.write_text(shipped.replace("/var/log/libra-worker/worker.log", str(tmp_path / "w.log")))
+    logsetup.configure(settings(tmp_path, logging_config=config), foreground=True)
+    (handler,) = logging.getLogger().handlers
+    assert isinstance(handler.formatter, UTCFormatter)
+    assert any(isinstance(item, RecordCap) for item in handler.filters)
