@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from libra_worker import __version__, ctl, logsetup, notify, service, transport
 from libra_worker.config import Config, ConfigError, load
@@ -128,14 +129,28 @@ def start(config: Config, identity: Identity, pidfile: PidFile, foreground: bool
 def serve(config: Config, report: service.StartupReport, notifier: notify.Notifier,
           progress: notify.Progress, watchdog: float | None, stopping: threading.Event) -> int:
     LOG.info("libra-worker %s starting, state in %s", __version__, config.worker.state_dir)
-    notifier.status("starting: restoring the desired state")
+    serving = threading.Event()
     try:
         driver = HAProxyDriver(config.haproxy)
-        try:
-            driver.restore()
-        except WorkerError as exc:
-            # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
-            LOG.error("Could not restore the desired state: %s", exc)
+
+        def describe() -> str:
+            if not serving.is_set():
+                return "starting: restoring the desired state"
+            servers = ", ".join(f"{host}:{port}" for host, port in config.gearman.servers)
+            return (f"serving function {config.gearman.function!r} on job servers {servers}; "
+                    f"LB {driver.store.load().lifecycle.value}")
+
+        # Started now: systemd's watchdog may already run while the state is restored,
+        # which counts as a job in hand (bounded by the longest job timeout).
+        notify.ServiceMonitor(notifier, progress, describe, watchdog, stopping).start()
+        notifier.status(describe())
+        with progress.job():
+            try:
+                driver.restore()
+            except WorkerError as exc:
+                # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
+                LOG.error("Could not restore the desired state: %s", exc)
+        progress.reconciled()  # restoring was a reconcile round
 
         def reconcile() -> None:
             try:
@@ -151,24 +166,17 @@ def serve(config: Config, report: service.StartupReport, notifier: notify.Notifi
             config.timeouts.default,
         )
 
-        def run_job(handle: str, payload: bytes) -> dict:
+        def run_job(handle: str, payload: bytes) -> dict[str, Any]:
             with progress.job():
                 return runner.run(handle, payload)
 
-        def describe() -> str:
-            servers = ", ".join(f"{host}:{port}" for host, port in config.gearman.servers)
-            return (f"serving function {config.gearman.function!r} on job servers {servers}; "
-                    f"LB {driver.store.load().lifecycle.value}")
-
-        monitor = notify.ServiceMonitor(notifier, progress, describe, watchdog, stopping)
-
         def heartbeat() -> None:
             progress.polled()
-            if monitor.ident is None and not stopping.is_set():  # the first poll: serving
+            if not serving.is_set() and not stopping.is_set():  # the first poll: serving
+                serving.set()
                 LOG.info("Ready: %s", describe())
                 report.ready()
                 notifier.ready(describe())
-                monitor.start()
 
         transport.serve(config.gearman, run_job, stopping, heartbeat)
     except Exception:
