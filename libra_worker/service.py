@@ -57,11 +57,13 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    """The user and group the worker runs as; `name` for messages."""
+    """The user and group the worker runs as; `name` for messages, `groups` the user's
+    supplementary groups (e.g. one that may read TLS keys)."""
 
     name: str
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
     @property
     def is_current(self) -> bool:
@@ -84,7 +86,8 @@ def resolve_identity(settings: WorkerSettings, euid: int | None = None) -> Ident
             gid = grp.getgrnam(settings.group).gr_gid
         except KeyError:
             raise StartupError(f"[worker] group {settings.group[:40]!r} does not exist on this host.") from None
-    identity = Identity(name, uid, gid)
+    groups = tuple(os.getgrouplist(name, gid)) if settings.user else ()
+    identity = Identity(name, uid, gid, groups)
     if euid != 0 and (uid, gid) != (euid, os.getegid()):
         key = "user" if uid != euid else "group"
         raise StartupError(
@@ -114,7 +117,7 @@ def prepare_directories(settings: WorkerSettings, identity: Identity) -> None:
         if settings.log_file is not None and settings.logging_config is None:
             _open_log_file_for(settings.log_file, identity)
         with contextlib.suppress(FileNotFoundError):  # left by a worker that ran as root
-            os.chown(settings.pid_file, identity.uid, identity.gid)
+            os.chown(settings.pid_file, identity.uid, identity.gid, follow_symlinks=False)
 
 
 def _directories(settings: WorkerSettings) -> list[tuple[str, Path]]:
@@ -138,7 +141,8 @@ def _make_directory(key: str, directory: Path) -> list[Path]:
 
 def _open_log_file_for(path: Path, identity: Identity) -> None:
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        # Never through a symlink: the directory may belong to the service user.
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
         try:
             os.fchown(descriptor, identity.uid, identity.gid)
         finally:
@@ -148,10 +152,10 @@ def _open_log_file_for(path: Path, identity: Identity) -> None:
 
 
 def drop_privileges(identity: Identity) -> None:
-    """Become `identity` for good (supplementary groups dropped first, then gid, uid)."""
+    """Become `identity` for good (supplementary groups first, then gid, uid)."""
     if identity.is_current:
         return
-    os.setgroups([])
+    os.setgroups(list(identity.groups))
     os.setgid(identity.gid)
     os.setuid(identity.uid)
 
