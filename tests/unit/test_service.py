@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
 
 import pytest
 
 from libra_worker import cli, service
+from libra_worker.config import load
 from libra_worker.service import EXIT_RUNNING, PidFile, StartupError, resolve_identity
 from tests.unit.test_logsetup import settings
 
@@ -69,3 +71,29 @@ def test_help_documents_the_exit_codes(capsys):
 def test_a_missing_config_file_is_exit_2_and_one_line(tmp_path, capsys):
     assert cli.main(["--config", str(tmp_path / "missing.conf"), "--foreground"]) == service.EXIT_CONFIG
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def resolver_failing_with(code: int):
+    def getaddrinfo(host, *_args, **_kwargs):
+        raise socket.gaierror(code, "resolver says no")
+
+    return getaddrinfo
+
+
+def test_a_job_server_name_that_does_not_exist_is_refused(monkeypatch, tmp_path):
+    # A fake resolver: a real lookup of a made-up name would leave loopback.
+    monkeypatch.setattr(socket, "getaddrinfo", resolver_failing_with(socket.EAI_NONAME))
+    config = load_config(tmp_path, "[gearman]\nservers = gearmn.example:4730\n")
+    with pytest.raises(StartupError, match=r"^\[gearman\] servers: the host 'gearmn.example' is unknown"):
+        service.check_job_servers(config)
+
+
+def test_a_temporary_resolver_failure_is_left_to_the_reconnect_loop(monkeypatch, tmp_path):
+    monkeypatch.setattr(socket, "getaddrinfo", resolver_failing_with(socket.EAI_AGAIN))
+    service.check_job_servers(load_config(tmp_path, "[gearman]\nservers = gearman.example:4730\n"))
+
+
+def load_config(tmp_path, text: str):
+    path = tmp_path / "worker.conf"
+    path.write_text(f"{text}[worker]\nstate_dir = {tmp_path}\n")
+    return load(path)
