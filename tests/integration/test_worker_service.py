@@ -469,3 +469,19 @@ def test_foreground_logs_to_stderr_with_utc_timestamps_without_journald(service_
     stamp, level, rest = last.split(" ", 2)
     assert stamp.endswith("Z") and time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"), last
     assert (level, rest) == ("INFO", "libra_worker: libra-worker stopped; HAProxy keeps serving")
+
+
+def test_a_job_server_that_is_down_is_no_reason_for_the_watchdog_to_restart(service_workers, notify_socket):
+    """Restarting would not bring the job server back: the loop retries, and pings."""
+    worker = service_workers.make()
+    worker.servers = [f"127.0.0.1:{free_port()}"]  # nothing listens there
+    worker.write_config()
+    worker.env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "3000000"}
+    worker.spawn()
+    wait_until(lambda: notify_socket.lines("READY=1"), 20, "READY=1")
+    started = time.monotonic()
+    time.sleep(4.5)  # more than one watchdog timeout (3 s)
+    assert len(notify_socket.pings(started)) >= 3, notify_socket.messages
+    assert "No job server reachable" in worker.log_text()
+    worker.terminate()
+    assert worker.wait() == 0
