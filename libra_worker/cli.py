@@ -119,6 +119,8 @@ def start(config: Config, identity: Identity, pidfile: PidFile, foreground: bool
         service.check_access(config, identity)
         pidfile.acquire()
         logsetup.configure(config.worker, foreground)
+        if os.geteuid() == 0:
+            LOG.warning("Running as root: set [worker] user (or the unit's User=) to a service user")
     except logsetup.LoggingSetupError as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:  # a chown or setuid refused: name what we were doing

@@ -329,6 +329,23 @@ def test_sighup_rereads_the_logging_config(service_workers):
     assert worker.stop() == 0
 
 
+def test_a_broken_logging_config_on_sighup_falls_back_and_says_why(service_workers):
+    worker = service_workers.make()
+    logging_config = worker.root / "logging.conf"
+    shipped = (REPO_ROOT / "etc" / "logging.conf").read_text()
+    logging_config.write_text(shipped.replace("/var/log/libra-worker/worker.log", str(worker.root / "a.log")))
+    worker.settings["worker"] = {"logging_config": str(logging_config)}  # log_file stays set
+    worker.write_config()
+    worker.start()
+    logging_config.write_text("[loggers]\nkeys = root\n")
+    worker.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "is not a usable logging configuration" in worker.log_text(), 10,
+               "the fallback to log_file saying why")
+    assert "SIGHUP: [worker] logging_config" in worker.log_text()
+    assert worker.is_running() and passed(worker.submit("DISCOVER", timeout=10))
+    assert worker.stop() == 0
+
+
 # --------------------------------------------------------------------------- systemd
 
 
