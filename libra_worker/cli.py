@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="libra-worker",
         description=__doc__.splitlines()[0],
-        epilog=f"{service.EXIT_STATUS_HELP} "
+        epilog=f"{service.EXIT_STATUS_HELP} Signals: SIGTERM/SIGINT finish the job in hand, "
+               "then exit (a second one exits at once); SIGHUP re-opens the log files and "
+               "re-reads logging_config. "
                "Operators: `libra-worker ctl --config FILE status|restart|logs|jobs`.",
     )
     parser.add_argument("--config", required=True, type=Path, help="the worker's INI file")

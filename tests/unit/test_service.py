@@ -97,3 +97,30 @@ def load_config(tmp_path, text: str):
     path = tmp_path / "worker.conf"
     path.write_text(f"{text}[worker]\nstate_dir = {tmp_path}\n")
     return load(path)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="handing files to another user needs root")
+
+
+@needs_root
+def test_root_hands_what_it_creates_to_the_service_user(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    worker = settings(tmp_path / "state", pid_file=tmp_path / "run" / "w.pid",
+                      log_file=tmp_path / "log" / "w.log", user="nobody")
+    service.prepare_directories(worker, resolve_identity(worker))
+    for path in (tmp_path / "state", tmp_path / "run", tmp_path / "log", tmp_path / "log" / "w.log"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid), path
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o750
+    assert tmp_path.stat().st_uid == 0  # existing directories are left alone
+
+
+@needs_root
+def test_a_log_file_planted_as_a_symlink_is_not_followed(tmp_path):
+    precious = tmp_path / "precious"
+    precious.write_text("root's\n")
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "w.log").symlink_to(precious)
+    worker = settings(tmp_path / "state", log_file=tmp_path / "log" / "w.log", user="nobody")
+    with pytest.raises(StartupError, match=r"^\[worker\] log_file .*w\.log: Too many levels of symbolic links"):
+        service.prepare_directories(worker, resolve_identity(worker))
+    assert precious.stat().st_uid == 0 and precious.read_text() == "root's\n"
