@@ -28,7 +28,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from libra_worker import client
@@ -407,9 +408,12 @@ class Worker:
     everything it led to (worker, HAProxy, log sink) by pid.
     """
 
+    # Set on an instance to add variables to the worker's environment (NOTIFY_SOCKET...).
+    env: Mapping[str, str] = MappingProxyType({})
+
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
-                 log_level: str = "INFO", env: dict[str, str] | None = None) -> None:
+                 log_level: str = "INFO") -> None:
         self.root = root
         self.servers = list(servers)
         self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
@@ -420,7 +424,6 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
-        self.env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -453,11 +456,12 @@ class Worker:
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the worker process without waiting for it to serve."""
         assert self.process is None or self.process.poll() is not None, "already running"
+        env = self.environment()
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "libra_worker.cli", "--config", str(self.config_path),
                  "--foreground"],
-                cwd=REPO_ROOT, env=self.environment(), stdin=subprocess.DEVNULL, stdout=output,
+                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=output,
                 stderr=subprocess.STDOUT,
             )
         return self.process
