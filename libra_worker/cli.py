@@ -1,46 +1,38 @@
 """libra-worker: the daemon's command line.
 
-`libra-worker --config FILE` daemonizes with python-daemon (pidfile, umask, working
-directory, optional user/group); `--foreground` stays attached, for systemd's
-Type=simple and for tests. Either way the steps are the same: load the config, set up
-logging, put the load balancer back into its desired state, then serve jobs until
-SIGTERM/SIGINT. The first signal finishes the job in hand (warm shutdown); a second one
-exits at once (cold). HAProxy keeps serving after the worker exits.
+`libra-worker --config FILE` daemonizes with python-daemon and returns once the daemon
+serves (see `service`); `--foreground` stays attached, for systemd (Type=notify) and for
+tests. Either way the steps are the same: check the configuration, prepare directories
+and drop privileges, take the pidfile, set up logging, put the load balancer back into
+its desired state, then serve jobs until SIGTERM/SIGINT. The first signal finishes the
+job in hand (warm shutdown); a second one exits at once (cold). SIGHUP re-opens the log
+files. HAProxy keeps serving after the worker exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import grp
 import logging
-import logging.config
-import logging.handlers
 import os
-import pwd
-import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
-import daemon
-import daemon.pidfile
-import lockfile
-
-from libra_worker import __version__, ctl, transport
+from libra_worker import __version__, ctl, logsetup, notify, service, transport
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.controller import LBaaSController
 from libra_worker.diagnostics import Diagnostics
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
-from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.errors import WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import JOURNAL_NAME, Journal
 from libra_worker.reconciler import Reconciler
-from libra_worker.tls import check_tls_files
+from libra_worker.service import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, Identity, PidFile, StartupError
 
 LOG = logging.getLogger("libra_worker")
-_PIDFILE_TIMEOUT = 2
+# Without systemd's watchdog, a loop idle this long is reported as stalled in STATUS.
+_STALL_LIMIT = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,115 +43,156 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="libra-worker",
         description=__doc__.splitlines()[0],
-        epilog="Operators: `libra-worker ctl --config FILE status|restart|logs|jobs`.",
+        epilog=f"{service.EXIT_STATUS_HELP} Signals: SIGTERM/SIGINT finish the job in hand, "
+               "then exit (a second one exits at once); SIGHUP re-opens the log files and "
+               "re-reads logging_config. "
+               "Operators: `libra-worker ctl --config FILE status|restart|logs|jobs`.",
     )
     parser.add_argument("--config", required=True, type=Path, help="the worker's INI file")
-    parser.add_argument("--foreground", action="store_true", help="do not daemonize")
+    parser.add_argument("--foreground", action="store_true",
+                        help="do not daemonize (systemd Type=notify, tests)")
     parser.add_argument("--version", action="version", version=f"libra-worker {__version__}")
     args = parser.parse_args(arguments)
     try:
         config = load(args.config)
-        check_tls_files(config.gearman)
-        config.worker.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    except (ConfigError, OSError) as exc:
-        print(f"libra-worker: {exc}", file=sys.stderr)
-        return 2
-    pidfile = worker_pidfile(config.worker.pid_file)
-    try:
-        if args.foreground:
-            with pidfile:
-                return run(config, log_to_stderr=True)
-        with daemon_context(config, pidfile):
-            return run(config, log_to_stderr=False)
-    except lockfile.LockTimeout:
-        print(f"libra-worker: another worker holds {config.worker.pid_file} "
-              f"(pid {pidfile.read_pid()}); one worker per state_dir.", file=sys.stderr)
-        return 2
+        identity = preflight(config)
+    except (ConfigError, logsetup.LoggingSetupError) as exc:
+        service.print_error(exc)
+        return EXIT_CONFIG
+    except StartupError as exc:
+        service.print_error(exc)
+        return exc.exit_code
+    if args.foreground:
+        return run(config, identity, service.ConsoleReport(), foreground=True)
+    return service.daemonize(config, lambda report: run(config, identity, report, foreground=False))
 
 
-def worker_pidfile(path: Path) -> daemon.pidfile.TimeoutPIDLockFile:
-    """The worker's pidfile lock; a file left by a killed worker is cleared first."""
-    pidfile = daemon.pidfile.TimeoutPIDLockFile(str(path), _PIDFILE_TIMEOUT)
-    pid = pidfile.read_pid()
-    if pid is not None and not process_alive(pid):
-        pidfile.break_lock()
-    return pidfile
+def preflight(config: Config) -> Identity:
+    """The checks that need neither the service user nor the daemon; who to run as."""
+    identity = service.resolve_identity(config.worker)
+    if config.worker.logging_config is None:
+        logsetup.check_level(config.worker.log_level)
+    service.check_job_servers(config)
+    holder = PidFile(config.worker.pid_file).holder()
+    if holder is not None:
+        raise service.already_running(config.worker.pid_file, holder)
+    return identity
 
 
-def daemon_context(config: Config, pidfile: daemon.pidfile.TimeoutPIDLockFile) -> daemon.DaemonContext:
-    settings = config.worker
-    context = daemon.DaemonContext(
-        working_directory=str(settings.state_dir),
-        umask=settings.umask,
-        pidfile=pidfile,
-        # Our own handlers are installed in run(); python-daemon's would exit at once.
-        signal_map={signal.SIGTERM: None, signal.SIGINT: None},
-    )
-    if settings.user:
-        context.uid = pwd.getpwnam(settings.user).pw_uid
-        context.gid = pwd.getpwnam(settings.user).pw_gid
-    if settings.group:
-        context.gid = grp.getgrnam(settings.group).gr_gid
-    return context
-
-
-def run(config: Config, log_to_stderr: bool) -> int:
-    """The worker's life: bootstrap, install signal handlers, serve, tear down."""
-    configure_logging(config, log_to_stderr)
+def run(config: Config, identity: Identity, report: service.StartupReport, foreground: bool) -> int:
+    """The worker's life: start up, install signal handlers, serve, tear down."""
+    notifier = notify.Notifier.from_environment()
+    watchdog = notify.watchdog_interval()
     stopping = threading.Event()
-    install_signal_handlers(stopping)
+    progress = notify.Progress(
+        limit=watchdog or _STALL_LIMIT,
+        reconcile_interval=config.worker.reconcile_interval,
+        job_limit=max([config.timeouts.default, *config.timeouts.per_action.values()]),
+    )
+    reopener = logsetup.LogReopener(config.worker, foreground)
+
+    def on_stop(sentence: str) -> None:
+        progress.reconciler_stopped = True  # it ends its loop on the same event
+        LOG.info("%s", sentence)
+        notifier.stopping("stopping: finishing the job in hand; HAProxy keeps serving")
+
+    service.install_signal_handlers(stopping, on_stop, reopener.request)
+    pidfile = PidFile(config.worker.pid_file)
+    try:
+        start(config, identity, pidfile, foreground)
+    except StartupError as exc:
+        pidfile.release()
+        if logging.getLogger().handlers:
+            LOG.error("Not starting: %s", exc)
+        report.failed(exc)
+        return exc.exit_code
+    reopener.start()
+    try:
+        return serve(config, report, notifier, progress, watchdog, stopping)
+    finally:
+        pidfile.release()
+
+
+def start(config: Config, identity: Identity, pidfile: PidFile, foreground: bool) -> None:
+    """Directories (as root), then as the service user: access, pidfile, logging."""
+    try:
+        service.prepare_directories(config.worker, identity)
+        if not foreground:
+            os.chdir(config.worker.state_dir)  # a daemon holds no other directory busy
+        service.drop_privileges(identity)
+        service.check_access(config, identity)
+        pidfile.acquire()
+        logsetup.configure(config.worker, foreground)
+        if os.geteuid() == 0:
+            LOG.warning("Running as root: set [worker] user (or the unit's User=) to a service user")
+    except logsetup.LoggingSetupError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:  # a chown or setuid refused: name what we were doing
+        raise StartupError(f"[worker] user/group: cannot prepare for user {identity.name}: "
+                           f"{exc.strerror}.") from None
+
+
+def serve(config: Config, report: service.StartupReport, notifier: notify.Notifier,
+          progress: notify.Progress, watchdog: float | None, stopping: threading.Event) -> int:
     LOG.info("libra-worker %s starting, state in %s", __version__, config.worker.state_dir)
+    serving = threading.Event()
     try:
         driver = HAProxyDriver(config.haproxy)
-        try:
-            driver.restore()
-        except WorkerError as exc:
-            # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
-            LOG.error("Could not restore the desired state: %s", exc)
-        Reconciler(driver.reconcile, config.worker.reconcile_interval, stopping).start()
+
+        def describe() -> str:
+            if not serving.is_set():
+                return "starting: restoring the desired state"
+            servers = ", ".join(f"{host}:{port}" for host, port in config.gearman.servers)
+            return (f"serving function {config.gearman.function!r} on job servers {servers}; "
+                    f"LB {driver.store.load().lifecycle.value}")
+
+        # Started now: systemd's watchdog may already run while the state is restored,
+        # which counts as a job in hand (bounded by the longest job timeout).
+        notify.ServiceMonitor(notifier, progress, describe, watchdog, stopping).start()
+        notifier.status(describe())
+        with progress.job():
+            try:
+                driver.restore()
+            except WorkerError as exc:
+                # Keep serving jobs: an UPDATE or ENABLE can still repair the device.
+                LOG.error("Could not restore the desired state: %s", exc)
+        progress.reconciled()  # restoring was a reconcile round
+
+        def reconcile() -> None:
+            try:
+                driver.reconcile()
+            finally:  # a failed round is logged by the reconciler; the loop still moved
+                progress.reconciled()
+
+        Reconciler(reconcile, config.worker.reconcile_interval, stopping).start()
         runner = JobRunner(
             LBaaSController(driver, Diagnostics(config.gearman.servers, config.diagnostics)),
             Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),
             config.timeouts.per_action,
             config.timeouts.default,
         )
-        transport.serve(config.gearman, runner.run, stopping)
+
+        def run_job(handle: str, payload: bytes) -> dict[str, Any]:
+            with progress.job():
+                return runner.run(handle, payload)
+
+        def heartbeat() -> None:
+            progress.polled()
+            if not serving.is_set() and not stopping.is_set():  # the first poll: serving
+                serving.set()
+                LOG.info("Ready: %s", describe())
+                report.ready()
+                notifier.ready(describe())
+
+        transport.serve(config.gearman, run_job, stopping, heartbeat)
     except Exception:
         LOG.exception("libra-worker stopped on an unexpected error")
-        return 1
+        report.failed(StartupError("stopped on an unexpected error; see its log.", EXIT_FAILURE))
+        notifier.stopping("stopped on an unexpected error; see the log")
+        return EXIT_FAILURE
+    notifier.stopping("stopped; HAProxy keeps serving")
     LOG.info("libra-worker stopped; HAProxy keeps serving")
-    return 0
-
-
-def install_signal_handlers(stopping: threading.Event) -> None:
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        if stopping.is_set():
-            LOG.warning("Second %s: exiting now", signal.Signals(signum).name)
-            os._exit(1)
-        LOG.info("%s: finishing the job in hand, then exiting", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
-
-def configure_logging(config: Config, log_to_stderr: bool) -> None:
-    settings = config.worker
-    if settings.logging_config is not None:
-        logging.config.fileConfig(settings.logging_config, disable_existing_loggers=False)
-        return
-    handler: logging.Handler
-    if settings.log_file is not None:
-        # Reopens the file after logrotate moves it.
-        handler = logging.handlers.WatchedFileHandler(settings.log_file)
-    elif log_to_stderr:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = logging.handlers.WatchedFileHandler(settings.state_dir / "worker.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -125,11 +125,13 @@ class _CommandHandler(GearmanWorkerCommandHandler):
 class JobServerWorker(gearman.GearmanWorker):
     command_handler_class = _CommandHandler
 
-    def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event) -> None:
+    def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+                 heartbeat: Callable[[], None] = lambda: None) -> None:
         super().__init__([])
         self.settings = settings
         self.handler = handler
         self.stopping = stopping
+        self.heartbeat = heartbeat
         self.jobs_done = 0
         # Set when a background connection attempt ends, so that serve() wakes at once.
         self.progress = threading.Event()
@@ -188,12 +190,17 @@ class JobServerWorker(gearman.GearmanWorker):
                 connection.last_error = (f"no answer within {self.settings.answer_timeout:g} s "
                                          f"(answer_timeout); is the job server frozen?")
                 self.handle_error(connection)
+        # Called at least every poll_timeout, job servers up or not: proof the loop is alive.
+        self.heartbeat()
         return not self.stopping.is_set()
 
 
-def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event) -> None:
-    """Serve jobs until `stopping` is set; a job in hand is finished and answered first."""
-    worker = JobServerWorker(settings, handler, stopping)
+def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+          heartbeat: Callable[[], None] = lambda: None) -> None:
+    """Serve jobs until `stopping` is set; a job in hand is finished and answered first.
+
+    `heartbeat` is called after every poll of the job servers (systemd's watchdog)."""
+    worker = JobServerWorker(settings, handler, stopping, heartbeat)
     delay = _INITIAL_RECONNECT_DELAY
     LOG.info("Serving function %r on %s%s", settings.function,
              ", ".join(worker.health.servers), " (TLS)" if settings.tls else "")

@@ -31,7 +31,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 from libra_worker import client
@@ -438,6 +439,9 @@ class Worker:
     everything it led to (worker, HAProxy, log sink) by pid.
     """
 
+    # Set on an instance to add variables to the worker's environment (NOTIFY_SOCKET...).
+    env: Mapping[str, str] = MappingProxyType({})
+
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
                  log_level: str = "INFO", launcher: tuple[str, ...] = (),
@@ -499,11 +503,6 @@ class Worker:
         return [*self.launcher, self.python, "-m", "libra_worker.cli", "--config",
                 str(self.config_path), "--foreground"]
 
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        return env
-
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the worker process without waiting for it to serve."""
         assert self.process is None or self.process.poll() is not None, "already running"
@@ -513,6 +512,13 @@ class Worker:
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             )
         return self.process
+
+    def environment(self) -> dict[str, str]:
+        """The worker's environment: ours, the source tree first on the path, `env` on top."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env.update(self.env)
+        return env
 
     def start(self, ready_timeout: float = START_TIMEOUT) -> "Worker":
         """Start the worker and wait until it answers DISCOVER through the job server."""

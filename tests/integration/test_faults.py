@@ -80,7 +80,8 @@ def make_fault_dir() -> Path:
 
 
 class FaultWorker(Worker):
-    """`support.Worker` with extra INI settings, e.g. {"timeouts": {"update": "0.5"}}."""
+    """`support.Worker` with extra INI settings, e.g. {"timeouts": {"update": "0.5"}};
+    a value of None removes the option."""
 
     def __init__(self, root: Path, servers: list[str], *,
                  settings: dict[str, dict[str, str]] | None = None, **options: Any) -> None:
@@ -95,7 +96,10 @@ class FaultWorker(Worker):
             if not parser.has_section(section):
                 parser.add_section(section)
             for key, value in values.items():
-                parser.set(section, key, value)
+                if value is None:
+                    parser.remove_option(section, key)
+                else:
+                    parser.set(section, key, value)
         with open(self.config_path, "w") as handle:
             parser.write(handle)
 
@@ -120,6 +124,8 @@ class FaultWorker(Worker):
 class FaultWorkers:
     """Makes `FaultWorker`s on lwf-* temp dirs; stops everything by pid, then removes them."""
 
+    worker_class = FaultWorker
+
     def __init__(self, servers: list[str]) -> None:
         self.servers = servers
         self.workers: list[FaultWorker] = []
@@ -131,7 +137,7 @@ class FaultWorkers:
         if root is None:
             root = make_fault_dir()
             self.roots.append(root)
-        worker = FaultWorker(root, servers or self.servers, **options)
+        worker = self.worker_class(root, servers or self.servers, **options)
         self.workers.append(worker)
         return worker.start() if start else worker
 
@@ -234,8 +240,8 @@ def haproxy_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 class StandInHAProxy:
     """A `[haproxy] binary` that runs the real HAProxy, except that `-c` can be made to
-    hang (`exec sleep 30`) or be slow (1 s, then the real check) while a mode file says
-    so. Each such check appends its pid to `check-pids` first and keeps that pid (exec),
+    hang (`exec sleep 30`) or be slow (1 s, then the real check), and a start (`-D`) to
+    hang (`hang-start`), while a mode file says so. Each such check appends its pid to `check-pids` first and keeps that pid (exec),
     so it can be killed by pid. `hang-child` is a wrapper that waits for a `sleep 30`
     child of its own (pid in `child-pids`), as a shell wrapper around HAProxy would."""
 
@@ -255,6 +261,12 @@ case " $* " in
     elif [ "$mode" = slow ]; then
       echo $$ >> "$dir/check-pids"
       exec %(python)s -c 'import os, sys, time; time.sleep(1); os.execv(sys.argv[1], sys.argv[1:])' %(haproxy)s "$@"
+    fi
+    ;;
+  *" -D "*)
+    if [ "$(cat "$dir/check-mode" 2>/dev/null)" = hang-start ]; then
+      echo $$ >> "$dir/check-pids"
+      exec sleep 30
     fi
     ;;
 esac
