@@ -87,8 +87,10 @@ class JobServerHealth:
         self._publish()
 
     def down(self, address: str, reason: str | None) -> None:
-        reason = reason or "connection lost"
         previous = self.servers[address]
+        # A later attempt that ends without a reason (a TLS 1.3 refusal's alert can be lost
+        # in the teardown) must not hide the reason an earlier attempt gave.
+        reason = reason or (previous.error if previous.state == DOWN else None) or "connection lost"
         now = time.monotonic()
         self._failures[address] = self._failures.get(address, 0) + 1
         if previous.state != DOWN:

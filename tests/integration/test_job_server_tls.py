@@ -261,6 +261,9 @@ def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up():
             for key, value in gearman_tls_options(authority.ca, worker_cert).items())
             + f"[worker]\nstate_dir = {root / 'state'}\n")
         config.chmod(0o644)
+        # The state_dir is nobody's: what start-up refuses is the key alone.
+        (root / "state").mkdir()
+        shutil.chown(root / "state", "nobody", "nogroup")
 
         result = start_up_error(config, ["setpriv", "--reuid=nobody", "--regid=nogroup",
                                          "--clear-groups"])

@@ -21,7 +21,7 @@ import pytest
 from tests.integration.support import REPO_ROOT, Worker, wait_until
 
 SHIPPED = REPO_ROOT / "etc" / "libra-worker.logrotate"
-JOB_LINE = re.compile(r"^\S+ \S+ \S+ libra_worker\S*: Job \S+ .*answered ", re.MULTILINE)
+JOB_LINE = re.compile(r"^\S+ [A-Z]+ libra_worker\S*: Job \S+ .*answered ", re.MULTILINE)
 
 pytestmark = pytest.mark.skipif(shutil.which("logrotate") is None,
                                 reason="logrotate is not installed")

@@ -500,6 +500,6 @@ def test_a_job_server_that_is_down_is_no_reason_for_the_watchdog_to_restart(serv
     pings = [started, *notify_socket.pings(started), time.monotonic()]
     gaps = [later - earlier for earlier, later in zip(pings, pings[1:])]
     assert len(pings) >= 5 and max(gaps) < 3, notify_socket.messages
-    assert "No job server reachable" in worker.log_text()
+    assert f"Job server {worker.servers[0]} unreachable" in worker.log_text()
     worker.terminate()
     assert worker.wait() == 0
