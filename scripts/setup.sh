@@ -37,4 +37,6 @@ if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check ".${extras}"
-echo "setup: ready ($(.venv/bin/libra-worker --version), $(haproxy -v 2>/dev/null | head -1 || /usr/sbin/haproxy -v | head -1))"
+# sed reads all of haproxy's output: `head -1` would end it with SIGPIPE (a failure under pipefail).
+haproxy=$(PATH="$PATH:/usr/sbin" command -v haproxy)
+echo "setup: ready ($(.venv/bin/libra-worker --version), $("$haproxy" -v | sed -n 1p))"
