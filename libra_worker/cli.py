@@ -114,7 +114,7 @@ def run(config: Config, log_to_stderr: bool) -> int:
             LOG.error("Could not restore the desired state: %s", exc)
         Reconciler(driver.reconcile, config.worker.reconcile_interval, stopping).start()
         runner = JobRunner(
-            LBaaSController(driver),
+            LBaaSController(driver, config.worker.max_message_bytes),
             Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),
             config.timeouts.per_action,
             config.timeouts.default,

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libra_worker.messages import Action
+from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
 
 DEFAULT_GEARMAN_PORT = 4730
@@ -60,6 +60,7 @@ class WorkerSettings:
     umask: int
     journal_entries: int = 1000
     reconcile_interval: float = 1.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def _build(parser: configparser.ConfigParser) -> Config:
         umask=int(parser.get("worker", "umask", fallback="022"), 8),
         journal_entries=parser.getint("worker", "journal_entries", fallback=1000),
         reconcile_interval=parser.getfloat("worker", "reconcile_interval", fallback=1.0),
+        max_message_bytes=parser.getint(
+            "worker", "max_message_bytes", fallback=DEFAULT_MAX_MESSAGE_BYTES
+        ),
     )
     defaults = HAProxySettings(state_dir=state_dir)
     haproxy = HAProxySettings(

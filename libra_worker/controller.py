@@ -14,7 +14,15 @@ from typing import Any, Callable
 from libra_worker import __version__
 from libra_worker.drivers.base import LoadBalancerDriver
 from libra_worker.errors import InvalidMessage, WorkerError
-from libra_worker.messages import Action, Message, bad_request, decode, parse, reply
+from libra_worker.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Action,
+    Message,
+    bad_request,
+    decode,
+    parse,
+    reply,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -30,8 +38,10 @@ class Outcome:
 
 
 class LBaaSController:
-    def __init__(self, driver: LoadBalancerDriver) -> None:
+    def __init__(self, driver: LoadBalancerDriver,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.driver = driver
+        self.max_message_bytes = max_message_bytes
         self._actions: dict[Action, Callable[[Message], dict[str, Any]]] = {
             Action.UPDATE: self._update,
             Action.SUSPEND: self._suspend,
@@ -52,7 +62,7 @@ class LBaaSController:
     def prepare(self, payload: bytes | str) -> Message | dict[str, Any]:
         """The validated message, or the FAIL reply saying why it is not valid."""
         try:
-            document = decode(payload)
+            document = decode(payload, self.max_message_bytes)
         except InvalidMessage as exc:
             return bad_request({}, str(exc))
         try:

@@ -8,7 +8,6 @@ server is reachable, in a loop that reconnects with backoff until a stop is requ
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ import gearman
 from gearman.errors import GearmanError
 
 from libra_worker.config import GearmanSettings
+from libra_worker.messages import encode_reply
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class JobServerWorker(gearman.GearmanWorker):
             "Job %s answered %s in %.1f ms",
             _text(job.handle), answer.get("hpcs_response"), (time.monotonic() - started) * 1000,
         )
-        return json.dumps(answer).encode("utf-8")
+        return encode_reply(answer)
 
     def on_job_execute(self, current_job: Any) -> bool:
         # pygearman turns a raising callback into WORK_FAIL; ours never raises.
