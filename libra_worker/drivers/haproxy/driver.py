@@ -27,7 +27,13 @@ from libra_worker.drivers.base import DeviceStats, LoadBalancerDriver, NodeStatu
 from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import server_statuses
-from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
+from libra_worker.errors import (
+    ActionTimeout,
+    ConfigCheckFailed,
+    InvalidMessage,
+    StatsUnavailable,
+    WorkerError,
+)
 from libra_worker.fileutil import atomic_write, fsync_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
@@ -150,8 +156,8 @@ class HAProxyDriver(LoadBalancerDriver):
                     self._apply_to_running(desired, accepted, previous, device)
                 else:
                     self._start()
-            except WorkerError:
-                self._put_back(previous)
+            except WorkerError as exc:
+                self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
                 raise
             lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
             saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
@@ -347,8 +353,12 @@ class HAProxyDriver(LoadBalancerDriver):
                     "another program; the load balancer was left unchanged."
                 )
 
-    def _put_back(self, previous: str | None) -> None:
-        """After a failed reload or start: the live file goes back to what HAProxy serves."""
+    def _put_back(self, previous: str | None, hurry: bool = False) -> None:
+        """After a failed reload or start: the live file goes back to what HAProxy serves.
+
+        `hurry`: the job's time is up, so the reload of the previous file is requested and
+        not waited for (nor retried); the job ends at once.
+        """
         if previous is None:
             self.files.config.unlink(missing_ok=True)
             return
@@ -357,8 +367,12 @@ class HAProxyDriver(LoadBalancerDriver):
             try:
                 # The master is left in its failed-reload state; reloading the old file
                 # gives it a clean worker generation again.
-                self._reload()
-            except WorkerError as exc:
+                if hurry:
+                    self.process.request_reload()
+                    self._retired.clear()
+                else:
+                    self._reload()
+            except (WorkerError, OSError) as exc:
                 LOG.error("Reloading the previous configuration failed too: %s", exc)
 
     def _start(self) -> None:
