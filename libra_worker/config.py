@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
@@ -38,6 +40,9 @@ class HAProxySettings:
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
+    # Where ARCHIVE may upload: host names or URL prefixes; empty means any host.
+    archive_allowed_endpoints: tuple[str, ...] = ()
+    archive_allow_plain_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,10 @@ def _build(parser: configparser.ConfigParser) -> Config:
         template_dir=_path(parser.get("haproxy", "template_dir", fallback="")),
         log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes),
         archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout),
+        archive_allowed_endpoints=_allowed_endpoints(
+            parser.get("archive", "allowed_endpoints", fallback="")
+        ),
+        archive_allow_plain_http=parser.getboolean("archive", "allow_plain_http", fallback=False),
     )
     _check_bind_address(haproxy.bind_address)
     return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser))
@@ -177,6 +186,21 @@ def _timeouts(parser: configparser.ConfigParser) -> TimeoutSettings:
         if value <= 0:
             raise ConfigError("[timeouts] values must be positive numbers of seconds.")
     return TimeoutSettings(default=default, per_action=per_action)
+
+
+def _allowed_endpoints(text: str) -> tuple[str, ...]:
+    """Comma- or blank-separated host names and http(s) URL prefixes."""
+    entries = tuple(entry for entry in re.split(r"[\s,]+", text.strip()) if entry)
+    for entry in entries:
+        if "://" in entry:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"[archive] allowed_endpoints: {entry!r} is not an http(s) URL prefix."
+                )
+        elif not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", entry):
+            raise ConfigError(f"[archive] allowed_endpoints: {entry!r} is not a host name.")
+    return entries
 
 
 def _path(text: str) -> Path | None:

@@ -10,6 +10,7 @@ log sink daemonize themselves, so they are found through the worker's state dir
 from __future__ import annotations
 
 import collections
+import configparser
 import contextlib
 import http.client
 import http.server
@@ -409,7 +410,8 @@ class Worker:
 
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO",
+                 settings: dict[str, dict[str, str]] | None = None) -> None:
         self.root = root
         self.servers = list(servers)
         self.function = function or f"lw-{uuid.uuid4().hex[:10]}"
@@ -420,6 +422,8 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
+        # Extra INI values, e.g. {"timeouts": {"update": "0.5"}}; they win over the above.
+        self.settings = settings or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -442,10 +446,22 @@ class Worker:
             f"bind_address = {LOOPBACK}",
             "command_timeout = 15",
             "stop_grace = 3",
+            "",
+            "[archive]",
+            # The test Swift (tests/swift_server.py) speaks plain http on loopback.
+            "allow_plain_http = true",
         ]
         if self.archive_timeout is not None:
-            lines += ["", "[archive]", f"timeout = {self.archive_timeout}"]
-        self.config_path.write_text("\n".join(lines) + "\n")
+            lines.append(f"timeout = {self.archive_timeout}")
+        parser = configparser.ConfigParser()
+        parser.read_string("\n".join(lines) + "\n")
+        for section, values in self.settings.items():
+            if not parser.has_section(section):
+                parser.add_section(section)
+            for key, value in values.items():
+                parser.set(section, key, value)
+        with open(self.config_path, "w") as handle:
+            parser.write(handle)
 
     # ------------------------------------------------------------------ process
 

@@ -19,7 +19,6 @@ Recovery bounds are the only timing assertions, with their slack stated where th
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import hashlib
 import http.client
@@ -78,24 +77,7 @@ def make_fault_dir() -> Path:
 
 
 class FaultWorker(Worker):
-    """`support.Worker` with extra INI settings, e.g. {"timeouts": {"update": "0.5"}}."""
-
-    def __init__(self, root: Path, servers: list[str], *,
-                 settings: dict[str, dict[str, str]] | None = None, **options: Any) -> None:
-        self.settings = settings or {}
-        super().__init__(root, servers, **options)
-
-    def write_config(self) -> None:
-        super().write_config()
-        parser = configparser.ConfigParser()
-        parser.read(self.config_path)
-        for section, values in self.settings.items():
-            if not parser.has_section(section):
-                parser.add_section(section)
-            for key, value in values.items():
-                parser.set(section, key, value)
-        with open(self.config_path, "w") as handle:
-            parser.write(handle)
+    """`support.Worker` with helpers to change its settings and read its files."""
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.state_dir / "state.json").read_text())

@@ -34,7 +34,7 @@ from libra_worker.errors import (
     StatsUnavailable,
     WorkerError,
 )
-from libra_worker.fileutil import atomic_write, fsync_directory
+from libra_worker.fileutil import atomic_write, fsync_directory, restrict_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
 from libra_worker.reconciler import Repair, decide
@@ -85,6 +85,9 @@ class HAProxyDriver(LoadBalancerDriver):
             reload_retry_wait=settings.reload_retry_wait,
         )
         self.templates = render.template_environment(settings.template_dir)
+        self.endpoint_policy = archive.EndpointPolicy(
+            settings.archive_allowed_endpoints, settings.archive_allow_plain_http
+        )
         # Jobs, the reconciler and `ctl restart` (another process) must not interleave
         # their file swaps and reloads.
         self._lock = threading.RLock()
@@ -100,7 +103,11 @@ class HAProxyDriver(LoadBalancerDriver):
     # ------------------------------------------------------------------ actions
 
     def restore(self) -> None:
-        """At start-up: finish what a killed worker left, then reconcile."""
+        """At start-up: tighten the state dir, finish what a killed worker left, reconcile."""
+        try:
+            restrict_directory(self.files.root)
+        except OSError as exc:
+            LOG.warning("Cannot restrict the mode of %s: %s", self.files.root, exc)
         with self._exclusive():
             self._undo_interrupted_update()
             self.reconcile()
@@ -222,6 +229,7 @@ class HAProxyDriver(LoadBalancerDriver):
         )
 
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+        self.endpoint_policy.check(request.endpoint)  # before any connection is made
         return archive.archive_logs(
             self.logs.log_dir,
             protocol=request.protocol.value,
