@@ -396,6 +396,14 @@ def http_monitor(path: str = "/health", delay: int = 1, timeout: int = 1, attemp
     return {"type": "HTTP", "delay": delay, "timeout": timeout, "attempts": attempts, "path": path}
 
 
+def strict_json(data: bytes | str) -> Any:
+    """Parse JSON as other languages' parsers would: NaN and Infinity are not JSON."""
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"non-JSON token {token} in {str(data)[:200]}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
 def node_statuses(reply: dict[str, Any]) -> dict[str, str]:
     assert reply.get("hpcs_response") == "PASS", reply
     return {node["id"]: node["status"] for node in reply["nodes"]}
@@ -542,7 +550,12 @@ class Worker:
         return client.submit(",".join(servers or self.servers), self.function, text, timeout)
 
     def submit_bytes(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
-        """Send raw bytes (not necessarily UTF-8) as the job payload; the decoded reply."""
+        """Send raw bytes (not necessarily UTF-8) as the job payload; the reply, read as
+        strict JSON (a NaN or Infinity token in it fails the test)."""
+        return strict_json(self.submit_raw(payload, timeout))
+
+    def submit_raw(self, payload: bytes, timeout: float = 30.0) -> bytes:
+        """Send raw bytes as the job payload; the reply's bytes, after a WORK_COMPLETE."""
         import gearman
 
         job_client = gearman.GearmanClient(self.servers)
@@ -551,7 +564,8 @@ class Worker:
         finally:
             job_client.shutdown()
         assert request.complete and not request.timed_out, f"no reply (state {request.state})"
-        return json.loads(request.result)
+        assert request.state == gearman.constants.JOB_COMPLETE, f"job ended {request.state}"
+        return request.result
 
     # ------------------------------------------------------------------ what it runs
 
