@@ -10,6 +10,8 @@ takes the next job. Nothing of a timed-out job keeps running behind the reply.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import signal
 from types import FrameType, TracebackType
 from typing import Any, Mapping
@@ -21,6 +23,20 @@ from libra_worker.journal import Journal
 from libra_worker.messages import Action, Message
 
 DEFAULT_TIMEOUT = 120.0
+# A job whose payload is at least this large leaves the C heap grown (the payload, its
+# decoding, the reply); the next job hands the freed part back to the system first.
+LARGE_PAYLOAD_BYTES = 256 * 1024
+
+
+def _malloc_trim() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system. Measured: without it a
+    9 MB message left the worker ~25 MB larger for good (freed, but kept by malloc)."""
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+if hasattr(_LIBC, "malloc_trim"):
+    def _malloc_trim() -> None:  # noqa: F811 - glibc's, where there is one
+        _LIBC.malloc_trim(0)
 
 
 class JobTimeout:
@@ -58,8 +74,12 @@ class JobRunner:
         self.journal = job_journal
         self.timeouts = dict(timeouts or {})
         self.default_timeout = default_timeout
+        self._heap_grown = False
 
     def run(self, handle: str, payload: bytes) -> dict[str, Any]:
+        if self._heap_grown:
+            _malloc_trim()
+        self._heap_grown = len(payload) >= LARGE_PAYLOAD_BYTES
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
             self.journal.started(handle, "INVALID").finish(journal.FAIL, prepared["hpcs_error"])

@@ -102,6 +102,14 @@ def connection_refused(port: int, host: str = LOOPBACK) -> bool:
         return True
 
 
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in KiB (`field="VmHWM"`: its peak so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
 # --------------------------------------------------------------------------- gearmand
 
 
