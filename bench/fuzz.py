@@ -11,7 +11,7 @@
    largest UPDATE supported (two load balancers of 10,000 nodes with 64-character ids,
    pretty-printed), against the same worker's peak after a small UPDATE.
 
-Usage: python bench/fuzz.py [--messages 10000] [--skip-largest] [--out-dir DIR]
+Usage: python bench/fuzz.py [--messages 10000] [--out-dir DIR] [--no-plot]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
@@ -88,10 +89,21 @@ def largest_messages(run: c.Run) -> list[list[str]]:
     return rows
 
 
+def plot_peaks(rows: list[list[str]]) -> Callable[[Any, Path], None]:
+    def plot(plt: Any, path: Path) -> None:
+        figure, axes = plt.subplots(figsize=(6, 3.5))
+        names = ["small UPDATE"] + [row[0] for row in rows]
+        peaks = [float(rows[0][3])] + [float(row[4]) for row in rows]
+        axes.bar(names, peaks, color=["#888"] + ["#c44"] * len(rows))
+        axes.set_ylabel("worker peak RSS (MiB)")
+        axes.set_title("Worker memory for the largest accepted messages")
+        c.save_figure(plt, figure, path)
+    return plot
+
+
 def main() -> int:
     parser = c.argument_parser(__doc__)
     parser.add_argument("--messages", type=int, default=10_000)
-    parser.add_argument("--skip-largest", action="store_true")
     args = parser.parse_args()
     info = c.machine_info()
     passed, lines, seconds = campaign(args.messages)
@@ -99,16 +111,15 @@ def main() -> int:
                 f"in {seconds:.0f} s (pytest, including set-up).",
                 "\n".join(f"- {line.removeprefix('fuzz: ')}" for line in lines)]
     print("\n".join(sections))
-    if not args.skip_largest:
-        with c.Run() as run:
-            rows = largest_messages(run)
-        table = c.markdown_table(
-            ["message", "MiB", "reply", "peak after a small UPDATE (MiB)", "peak after it (MiB)",
-             "growth / payload"], rows)
-        print(table)
-        sections.append("Worker peak memory (VmHWM) for the largest accepted messages:\n\n" + table)
-    path = c.write_results("fuzz", "Hostile input at volume", sections, info, args.out_dir)
-    print(f"Results in {path}")
+    with c.Run() as run:
+        rows = largest_messages(run)
+    table = c.markdown_table(
+        ["message", "MiB", "reply", "peak after a small UPDATE (MiB)", "peak after it (MiB)",
+         "growth / payload"], rows)
+    print(table)
+    sections.append("Worker peak memory (VmHWM) for the largest accepted messages:\n\n" + table)
+    c.publish(args, "fuzz", "Hostile input at volume", sections, info,
+              "worker peak memory for the largest accepted messages", plot_peaks(rows))
     return 0 if passed else 1
 
 
