@@ -44,9 +44,10 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 _WHOLE_NUMBER = re.compile(r"[ \t]*[+-]?[0-9]{1,12}[ \t]*")
 
-# Refused before decoding: json.loads needs about 15 times the payload in memory. The
-# default holds the largest UPDATE supported (two load balancers of 10,000 nodes with
-# 64-character ids and IPv6 addresses, pretty-printed: about 6.3 MB) with room to spare.
+# Refused before decoding: decoding, validating and echoing a message takes 6-8 times its
+# size in memory (bench/fuzz.py). The default holds the largest UPDATE supported (two load
+# balancers of 10,000 nodes with 64-character ids and IPv6 addresses, pretty-printed:
+# 5.6 MB) with room to spare.
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 # Arrays and objects inside one another; a valid message uses four levels
 # (message, loadBalancers, a load balancer, its monitor), extra fields may use more.
@@ -224,13 +225,14 @@ def _finite_float(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
-    digits = text.lstrip("-")
-    if len(digits) > _MAX_INTEGER_DIGITS or int(text) > _MAX_INTEGER or int(text) < -_MAX_INTEGER - 1:
+    # Long digit strings are refused unread: int() of 20 MB of digits takes seconds.
+    number = int(text) if len(text.lstrip("-")) <= _MAX_INTEGER_DIGITS else None
+    if number is None or not -_MAX_INTEGER - 1 <= number <= _MAX_INTEGER:
         raise _Refused(
             f"The message is not valid JSON: the number {quoted(text)} is out of range "
             "(integers must fit in 64 bits)."
         )
-    return int(text)
+    return number
 
 
 def too_deep_fields(document: Mapping[str, Any]) -> list[str]:

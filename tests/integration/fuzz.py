@@ -270,7 +270,8 @@ def send_case(worker: Worker, case: Case, report: Report) -> None:
     """One job, and the checks every reply must pass."""
     raw = worker.submit_raw(case.payload, timeout=120)  # WORK_COMPLETE, asserted there
     reply = strict_json(raw)
-    where = f"{case.kind}: {case.payload[:120]!r} -> {raw[:300]!r}"
+    where = (f"{case.kind}: {case.payload[:120]!r} -> {raw[:200]!r}, error "
+             f"{reply.get('hpcs_error') if isinstance(reply, dict) else None!r}")
     assert isinstance(reply, dict) and reply.get("hpcs_response") in ("PASS", "FAIL"), where
     if reply["hpcs_response"] == "FAIL":
         error = reply.get("hpcs_error")
