@@ -11,6 +11,7 @@ import pytest
 
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout, WorkerError
+from libra_worker import jobs as jobs_module
 from libra_worker.jobs import JobRunner, JobTimeout
 from libra_worker.journal import Journal
 from libra_worker.messages import Action
@@ -105,3 +106,18 @@ def test_job_timeout_raises_action_timeout_in_the_job():
     with pytest.raises(ActionTimeout, match="UPDATE did not finish within its 0.05 s timeout"):
         with JobTimeout(0.05, "UPDATE"):
             time.sleep(2)
+
+
+def test_the_job_after_a_large_payload_gives_the_freed_heap_back(tmp_path, monkeypatch):
+    trims = []
+    monkeypatch.setattr(jobs_module, "release_freed_heap", lambda: trims.append(1))
+    jobs = runner(tmp_path, SlowDriver())
+    large = b'{"hpcs_action": "DISCOVER", "pad": "' + b"p" * jobs_module.LARGE_PAYLOAD_BYTES + b'"}'
+
+    jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
+    jobs.run("H:2", large)
+    assert trims == []  # its own reply still holds the memory
+    jobs.run("H:3", b'{"hpcs_action": "DISCOVER"}')
+    assert trims == [1]
+    jobs.run("H:4", b'{"hpcs_action": "DISCOVER"}')
+    assert trims == [1]

@@ -28,6 +28,7 @@ _POLL_INTERVAL = 0.01
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
 
+
 class ReloadUnsettled(Exception):
     """One reload attempt did not show a new worker in time; another attempt may."""
 
