@@ -172,6 +172,8 @@ def _build(parser: configparser.ConfigParser) -> Config:
         archive_allow_plain_http=parser.getboolean("archive", "allow_plain_http", fallback=False),
     )
     _check_bind_address(haproxy.bind_address)
+    if worker.max_message_bytes < 1024:
+        raise ConfigError("[worker] max_message_bytes must be at least 1024.")
     return Config(gearman=gearman, worker=worker, haproxy=haproxy, timeouts=_timeouts(parser))
 
 

@@ -260,3 +260,9 @@ def test_archive_allow_list_read(write_config, tmp_path):
 def test_archive_allow_list_entries_must_be_hosts_or_http_prefixes(write_config, tmp_path, entry):
     with pytest.raises(ConfigError, match=r"\[archive\] allowed_endpoints"):
         load(write_config(minimal(tmp_path, f"[archive]\nallowed_endpoints = {entry}\n")))
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1023"])
+def test_a_message_limit_that_refuses_every_message_is_refused(write_config, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"\[worker\] max_message_bytes"):
+        load(write_config(minimal(tmp_path, f"max_message_bytes = {value}\n")))
