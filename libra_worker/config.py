@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from libra_worker.errors import quoted
 from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
 
@@ -198,10 +199,12 @@ def _allowed_endpoints(text: str) -> tuple[str, ...]:
             parts = urlsplit(entry)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(
-                    f"[archive] allowed_endpoints: {entry!r} is not an http(s) URL prefix."
+                    f"[archive] allowed_endpoints: {quoted(entry)} is not an http(s) URL prefix."
                 )
         elif not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", entry):
-            raise ConfigError(f"[archive] allowed_endpoints: {entry!r} is not a host name.")
+            raise ConfigError(
+                f"[archive] allowed_endpoints: {quoted(entry)} is not a host name."
+            )
     return entries
 
 
