@@ -55,6 +55,7 @@ from tests.integration.support import (  # noqa: E402
     START_TIMEOUT,
     Gearmand,
     port_accepts,
+    rss_kib,
     stop_child,
     wait_until,
 )
@@ -126,13 +127,6 @@ def haproxy_handle(pid_file: Path, config_file: Path | None = None,
 def has_workers(gearmand: Gearmand, function: str) -> bool:
     """Whether gearmand lists at least one available worker for `function`."""
     return gearmand.function_status(function)[2] > 0
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 # --------------------------------------------------------------------------- statistics

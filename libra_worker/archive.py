@@ -15,6 +15,10 @@ Flow of :func:`archive_logs`:
 
 The token is never logged nor put in an error message: swiftclient's own debug
 log is filtered while we talk to Swift.
+
+Before any of it, :class:`EndpointPolicy` decides whether the message's endpoint is one
+the operator allows (``[archive] allowed_endpoints``, ``allow_plain_http``): whoever can
+submit a job must not be able to make the device upload tenant logs anywhere.
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Iterator
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 import swiftclient.client
 from swiftclient.exceptions import ClientException
 
-from libra_worker.errors import ArchiveFailed
+from libra_worker.errors import ArchiveFailed, quoted
 from libra_worker.logsink import LOG_DIR_NAME, LogStore
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +55,62 @@ REDACTED = "<token>"
 # swiftclient logs request headers at debug level, revealing the first 16
 # characters of X-Auth-Token by default; reveal none of it.
 swiftclient.client.logger_settings["reveal_sensitive_prefix"] = 0
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    """Where ARCHIVE may upload.
+
+    `allowed` holds host names (any URL on that host) and URL prefixes (same scheme, host
+    and port, and a path at or below the prefix's, cut at a '/'); empty allows any host.
+    Plain http is refused unless `allow_plain_http`, whatever `allowed` says.
+    """
+
+    allowed: tuple[str, ...] = ()
+    allow_plain_http: bool = False
+
+    def check(self, endpoint: str) -> None:
+        """Raise ArchiveFailed, naming the setting, for an endpoint that is not allowed."""
+        try:
+            url = urlsplit(endpoint)
+            url.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ArchiveFailed(
+                f"The object store endpoint {quoted(endpoint)} is not a valid URL."
+            ) from None
+        if url.scheme == "http" and not self.allow_plain_http:
+            raise ArchiveFailed(
+                "The object store endpoint uses plain http, which would send the token and "
+                "the logs in clear; this worker uploads over https only ([archive] "
+                "allow_plain_http = false). Nothing was uploaded."
+            )
+        if url.scheme not in _DEFAULT_PORTS or not url.hostname:
+            raise ArchiveFailed("The object store endpoint must be an http(s) URL.")
+        if self.allowed and not any(_matches(url, entry) for entry in self.allowed):
+            raise ArchiveFailed(
+                f"The object store endpoint {quoted(_without_credentials(url))} is not in "
+                "[archive] allowed_endpoints of this worker; nothing was uploaded."
+            )
+
+
+def _matches(url: SplitResult, entry: str) -> bool:
+    if "://" not in entry:
+        return url.hostname == entry.lower().strip("[]")
+    prefix = urlsplit(entry)
+    if (url.scheme, url.hostname) != (prefix.scheme, prefix.hostname):
+        return False
+    if (url.port or _DEFAULT_PORTS[url.scheme]) != (prefix.port or _DEFAULT_PORTS[prefix.scheme]):
+        return False
+    base = prefix.path.rstrip("/")
+    return url.path == base or url.path.startswith(base + "/")
+
+
+def _without_credentials(url: SplitResult) -> str:
+    """The endpoint for a sentence: user:password@ in a URL is nobody else's business."""
+    return url._replace(netloc=url.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def serve(config: Config, report: service.StartupReport, notifier: notify.Notifi
 
         Reconciler(reconcile, config.worker.reconcile_interval, stopping).start()
         runner = JobRunner(
-            LBaaSController(driver, Diagnostics(config.gearman.servers, config.diagnostics)),
+            LBaaSController(driver, Diagnostics(config.gearman.servers, config.diagnostics),
+                            config.worker.max_message_bytes),
             Journal(config.worker.state_dir / JOURNAL_NAME, config.worker.journal_entries),
             config.timeouts.per_action,
             config.timeouts.default,

@@ -13,13 +13,16 @@ import difflib
 import ipaddress
 import logging
 import math
+import re
 import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from libra_worker.messages import Action
+from libra_worker.errors import quoted
+from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
 
 DEFAULT_GEARMAN_PORT = 4730
@@ -157,6 +160,9 @@ class HAProxySettings:
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
+    # Where ARCHIVE may upload: host names or URL prefixes; empty means any host.
+    archive_allowed_endpoints: tuple[str, ...] = ()
+    archive_allow_plain_http: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,7 @@ class WorkerSettings:
     umask: int
     journal_entries: int = 1000
     reconcile_interval: float = 1.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -325,6 +332,9 @@ def _build(parser: StrictParser) -> Config:
         journal_entries=parser.getint("worker", "journal_entries", fallback=1000, at_least=1),
         reconcile_interval=parser.getfloat("worker", "reconcile_interval", fallback=1.0,
                                            positive=True),
+        max_message_bytes=parser.getint(
+            "worker", "max_message_bytes", fallback=DEFAULT_MAX_MESSAGE_BYTES, at_least=1024
+        ),
     )
     _check_file_location("[worker] pid_file", worker.pid_file)
     _check_file_location("[worker] log_file", worker.log_file)
@@ -349,6 +359,10 @@ def _build(parser: StrictParser) -> Config:
                                     at_least=1),
         archive_timeout=parser.getfloat("archive", "timeout", fallback=defaults.archive_timeout,
                                         positive=True),
+        archive_allowed_endpoints=_allowed_endpoints(
+            parser.get("archive", "allowed_endpoints", fallback="")
+        ),
+        archive_allow_plain_http=parser.getboolean("archive", "allow_plain_http", fallback=False),
     )
     _check_bind_address(haproxy.bind_address)
     if haproxy.template_dir is not None:
@@ -409,6 +423,23 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _allowed_endpoints(text: str) -> tuple[str, ...]:
+    """Comma- or blank-separated host names and http(s) URL prefixes."""
+    entries = tuple(entry for entry in re.split(r"[\s,]+", text.strip()) if entry)
+    for entry in entries:
+        if "://" in entry:
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"[archive] allowed_endpoints: {quoted(entry)} is not an http(s) URL prefix."
+                )
+        elif not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", entry):
+            raise ConfigError(
+                f"[archive] allowed_endpoints: {quoted(entry)} is not a host name."
+            )
+    return entries
 
 
 def _path(text: str) -> Path | None:

@@ -18,7 +18,16 @@ from libra_worker import __version__
 from libra_worker.diagnostics import Diagnostics
 from libra_worker.drivers.base import LoadBalancerDriver
 from libra_worker.errors import InvalidMessage, WorkerError
-from libra_worker.messages import Action, Message, bad_request, decode, parse, reply
+from libra_worker.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Action,
+    Message,
+    bad_request,
+    decode,
+    parse,
+    reply,
+    sniff_action,
+)
 from libra_worker.metrics import format_time, utc_now
 
 LOG = logging.getLogger(__name__)
@@ -35,9 +44,11 @@ class Outcome:
 
 
 class LBaaSController:
-    def __init__(self, driver: LoadBalancerDriver, diagnostics: Diagnostics | None = None) -> None:
+    def __init__(self, driver: LoadBalancerDriver, diagnostics: Diagnostics | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.driver = driver
         self.diagnostics = diagnostics or Diagnostics(servers=())
+        self.max_message_bytes = max_message_bytes
         self._actions: dict[Action, Callable[[Message], dict[str, Any]]] = {
             Action.UPDATE: self._update,
             Action.SUSPEND: self._suspend,
@@ -60,10 +71,10 @@ class LBaaSController:
     def prepare(self, payload: bytes | str) -> Message | dict[str, Any]:
         """The validated message, or the FAIL reply saying why it is not valid."""
         try:
-            document = decode(payload)
+            document = decode(payload, self.max_message_bytes)
         except InvalidMessage as exc:
             LOG.info("Rejected payload: %s", exc)
-            return bad_request({}, str(exc))
+            return {**bad_request({}, str(exc)), **self._failure_fields(sniff_action(payload))}
         try:
             return parse(document)
         except InvalidMessage as exc:

@@ -37,3 +37,16 @@ class ArchiveFailed(WorkerError):
 
 class ActionTimeout(WorkerError):
     """An action took longer than its configured timeout."""
+
+
+QUOTE_LIMIT = 40
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A value the worker did not create, as it may appear in a sentence: quoted, and cut
+    to a short prefix with its full length when longer, so that a hostile 20 MB field
+    never reaches a reply, the journal or the log whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"

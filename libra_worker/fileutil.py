@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -44,3 +45,14 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def restrict_directory(path: Path, allowed: int = 0o750) -> None:
+    """Clear any permission bit of `path` outside `allowed`; a tighter mode is kept.
+
+    The state dir holds the device's configuration, sockets and tenant access logs:
+    nobody but the worker's user (and its group, read-only) may look inside.
+    """
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & ~allowed:
+        os.chmod(path, mode & allowed)

@@ -10,6 +10,8 @@ takes the next job. Nothing of a timed-out job keeps running behind the reply.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import signal
 from dataclasses import dataclass
 from types import FrameType, TracebackType
@@ -22,6 +24,25 @@ from libra_worker.journal import Journal
 from libra_worker.messages import Action, Message, error_detail
 
 DEFAULT_TIMEOUT = 120.0
+# A job whose payload is at least this large leaves the C heap grown (the payload, its
+# decoding, the reply); the next job hands the freed part back to the system first.
+LARGE_PAYLOAD_BYTES = 256 * 1024
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+def release_freed_heap() -> None:
+    """glibc's malloc_trim(0), where there is one: give free heap pages back to the system.
+
+    Measured: without it, three 9 MB messages left the worker ~20 MB larger (freed by
+    Python, kept by malloc) until some later allocation pattern trimmed the heap.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 INVALID = "INVALID"
 
 
@@ -68,8 +89,12 @@ class JobRunner:
         self.journal = job_journal
         self.timeouts = dict(timeouts or {})
         self.default_timeout = default_timeout
+        self._heap_grown = False
 
     def run(self, handle: str, payload: bytes) -> Answer:
+        if self._heap_grown:
+            release_freed_heap()
+        self._heap_grown = len(payload) >= LARGE_PAYLOAD_BYTES
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
             self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))

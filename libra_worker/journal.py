@@ -5,6 +5,10 @@ state (COMPLETE, FAIL or TIMEOUT). A worker killed mid-job therefore leaves a RU
 behind, which is what an operator needs to see. When the file holds `max_entries` jobs it
 becomes `<name>.1` (replacing the older one) and a new file starts, so between
 `max_entries` and twice that many jobs are kept, and no job pays for a rewrite.
+
+Bounded in bytes too, whatever the messages hold: an error is kept to its first
+`MAX_ERROR_CHARS` characters, and a file that reaches `max_bytes` rotates early. Both
+files are the worker's own (0600): errors may name the device's configuration.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from libra_worker.state import utc_now
 LOG = logging.getLogger(__name__)
 
 JOURNAL_NAME = "jobs.journal"
+MAX_ERROR_CHARS = 1024
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 RUNNING, COMPLETE, FAIL, TIMEOUT = "RUNNING", "COMPLETE", "FAIL", "TIMEOUT"
 
 
@@ -38,11 +44,14 @@ class JobRecord:
 
 
 class Journal:
-    def __init__(self, path: Path, max_entries: int = 1000) -> None:
+    def __init__(self, path: Path, max_entries: int = 1000,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = path
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._lines = self._count_lines()
+        self._bytes = self._size()
         self._file: TextIO | None = None
 
     def started(self, handle: str, action: str) -> "JobTicket":
@@ -63,11 +72,14 @@ class Journal:
         with self._lock:
             try:
                 if self._file is None:
-                    self._file = open(self.path, "a", encoding="utf-8")
+                    descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    self._file = os.fdopen(descriptor, "a", encoding="utf-8")
                 self._file.write(line)
                 self._file.flush()  # readable by `ctl jobs` at once; no fsync: not state
                 self._lines += 1
-                if self._lines >= 2 * self.max_entries:  # two lines a job
+                self._bytes += len(line)
+                # Two lines a job.
+                if self._lines >= 2 * self.max_entries or self._bytes >= self.max_bytes:
                     self._rotate()
             except OSError as exc:
                 # The journal is for operators; a full disk must not fail the job itself.
@@ -79,6 +91,7 @@ class Journal:
             self._file = None
         os.replace(self.path, self._older)
         self._lines = 0
+        self._bytes = 0
 
     @property
     def _older(self) -> Path:
@@ -97,6 +110,12 @@ class Journal:
                 except (ValueError, TypeError):
                     continue  # a line torn by a crash mid-write
         return records
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _count_lines(self) -> int:
         try:
@@ -121,6 +140,12 @@ class JobTicket:
                 state=state,
                 finished=utc_now(),
                 duration_ms=round((time.monotonic() - self.started) * 1000, 1),
-                hpcs_error=error,
+                hpcs_error=_bounded(error),
             )
         )
+
+
+def _bounded(error: str | None) -> str | None:
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return f"{error[:MAX_ERROR_CHARS]}… ({len(error)} characters)"

@@ -371,6 +371,7 @@ def bind_socket(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old_umask)
+    os.chmod(path, 0o600)  # the umask leaves the (meaningless) x bit on a socket
     return sock
 
 
@@ -492,7 +493,9 @@ class LogSink:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [package_root, env.get("PYTHONPATH")]))
-        with open(self.log_dir / SINK_STDERR_NAME, "ab") as stderr:
+        stderr_fd = os.open(self.log_dir / SINK_STDERR_NAME,
+                            os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(stderr_fd, "ab") as stderr:
             # Returns once the launcher has forked the daemon off and exited.
             subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=stderr, env=env, check=True, timeout=timeout)

@@ -14,12 +14,17 @@ from __future__ import annotations
 import enum
 import ipaddress
 import json
+import logging
+import math
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 from urllib.parse import quote
 
-from libra_worker.errors import InvalidMessage
+from libra_worker.errors import InvalidMessage, quoted
+
+LOG = logging.getLogger(__name__)
 
 MAX_LOAD_BALANCERS = 2
 MAX_WEIGHT = 256
@@ -46,6 +51,23 @@ MAX_ENCODED_PATH_LENGTH = 3 * MAX_PATH_LENGTH
 # less ':' so an id can never be confused with an address.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# Field names, enumerated values and numbers are ASCII: str.lower() would make the
+# Kelvin sign a 'k' and str.upper() 'ſtats' STATS, and int() reads full-width digits.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+_WHOLE_NUMBER = re.compile(r"[ \t]*[+-]?[0-9]{1,12}[ \t]*")
+
+# Refused before decoding: decoding, validating and echoing a message takes 6-8 times its
+# size in memory (bench/fuzz.py). The default holds the largest UPDATE supported (two load
+# balancers of 10,000 nodes with 64-character ids and IPv6 addresses, pretty-printed:
+# 5.6 MB) with room to spare.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# Arrays and objects inside one another; a valid message uses four levels
+# (message, loadBalancers, a load balancer, its monitor), extra fields may use more.
+MAX_DEPTH = 32
+# Integers must fit in 64 bits, as every JSON parser an API server may use can read them.
+_MAX_INTEGER_DIGITS = 19
+_MAX_INTEGER = 2**63 - 1
 
 
 class Action(enum.Enum):
@@ -150,11 +172,51 @@ class Message:
 # --------------------------------------------------------------------------- parsing
 
 
-def decode(payload: bytes | str) -> dict[str, Any]:
-    """Decode a job payload into the JSON object it must be."""
+class _Refused(ValueError):
+    """Raised by the JSON decoder's hooks; its text is the whole sentence for the reply."""
+
+
+
+_ACTION_FIELD = re.compile(rb'"hpcs_action"\s*:\s*"([A-Za-z]{1,20})"', re.IGNORECASE)
+
+
+def sniff_action(payload: bytes | str) -> str:
+    """The action a payload that cannot be decoded seems to name ("" if none): only to
+    give its FAIL reply the keys that action's readers expect, never to run anything."""
+    head = payload[:4096]
+    found = _ACTION_FIELD.search(head.encode("utf-8", "replace") if isinstance(head, str) else head)
+    return found.group(1).decode("ascii").upper() if found else ""
+
+
+def decode(payload: bytes | str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Decode a job payload into the JSON object it must be.
+
+    Strict where Python's json module is lenient: NaN, Infinity, numbers that overflow a
+    double or 64-bit integer, and a field given twice (in any casing) are refused, so a
+    reply can never carry a token that other JSON parsers reject, nor act on a guess.
+    """
+    size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
+    if size > max_bytes:
+        raise InvalidMessage(
+            f"The message is {size} bytes long, more than the {max_bytes} bytes this worker "
+            "accepts ([worker] max_message_bytes)."
+        )
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        document = json.loads(text)
+        document = json.loads(
+            text,
+            object_pairs_hook=_fields_given_once,
+            parse_constant=_non_finite,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except _Refused as exc:
+        raise InvalidMessage(str(exc)) from None
+    except RecursionError:
+        raise InvalidMessage(
+            "The message is not valid JSON: its arrays and objects are nested too deeply "
+            "to decode."
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidMessage(f"The message is not valid JSON: {exc}.") from None
     if not isinstance(document, dict):
@@ -162,8 +224,75 @@ def decode(payload: bytes | str) -> dict[str, Any]:
     return document
 
 
+def _fields_given_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for key, value in pairs:
+        name = key.translate(_ASCII_LOWER)
+        if name in names:
+            also = "" if names[name] == key else f" (also as {quoted(names[name])})"
+            raise _Refused(
+                f"The field {quoted(key)} is given twice{also}; which value was meant is a "
+                "guess, so the message is refused (and not echoed)."
+            )
+        names[name] = key
+        fields[key] = value
+    return fields
+
+
+def _non_finite(token: str) -> float:
+    raise _Refused(f"The message is not valid JSON: {token} is not a JSON number.")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise _Refused(
+            f"The message is not valid JSON: the number {quoted(text)} is out of range."
+        )
+    return number
+
+
+def _bounded_int(text: str) -> int:
+    # Long digit strings are refused unread: int() of 20 MB of digits takes seconds.
+    number = int(text) if len(text.lstrip("-")) <= _MAX_INTEGER_DIGITS else None
+    if number is None or not -_MAX_INTEGER - 1 <= number <= _MAX_INTEGER:
+        raise _Refused(
+            f"The message is not valid JSON: the number {quoted(text)} is out of range "
+            "(integers must fit in 64 bits)."
+        )
+    return number
+
+
+def too_deep_fields(document: Mapping[str, Any]) -> list[str]:
+    """The top-level fields whose values nest arrays and objects beyond `MAX_DEPTH`.
+
+    Iterative, so that depth itself cannot exhaust the interpreter's stack.
+    """
+    deep = []
+    for key, value in document.items():
+        stack = [(value, 2)]  # the message itself is level 1
+        while stack:
+            item, level = stack.pop()
+            if not isinstance(item, (dict, list)):
+                continue
+            if level > MAX_DEPTH:
+                deep.append(key)
+                break
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deep
+
+
 def parse(document: dict[str, Any]) -> Message:
     """Validate a decoded message whole, before anything is touched."""
+    deep = too_deep_fields(document)
+    if deep:
+        names = ", ".join(quoted(name) for name in deep[:3])
+        raise InvalidMessage(
+            f"The message nests arrays or objects more than {MAX_DEPTH} levels deep (in "
+            f"{names}); the reply does not echo such fields."
+        )
     fields = _lower_keys(document)
     action = _enum(Action, fields.get("hpcs_action"), "hpcs_action", required=True)
     if action is Action.UPDATE:
@@ -226,8 +355,12 @@ def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
     address = _address(fields.get("address"), f"{where}.address")
     port = _int(fields.get("port"), f"{where}.port", 1, 65535, required=True)
     condition = _text(fields.get("condition"), f"{where}.condition")
-    if condition is not None and condition.upper() not in ("ENABLED", "DISABLED"):
-        raise InvalidMessage(f"{where}.condition must be ENABLED or DISABLED, got {condition!r}.")
+    if condition is not None:
+        condition = condition.translate(_ASCII_UPPER)
+    if condition is not None and condition not in ("ENABLED", "DISABLED"):
+        raise InvalidMessage(
+            f"{where}.condition must be ENABLED or DISABLED, got {quoted(condition)}."
+        )
     return Node(
         # A stable name when the API gives none, so STATS and reloads keep matching it.
         id=_identifier(fields.get("id"), f"{where}.id") or derived_node_id(address, port),
@@ -235,7 +368,7 @@ def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
         port=port,
         weight=_int(fields.get("weight", 1), f"{where}.weight", 1, MAX_WEIGHT),
         backup=_bool(fields.get("backup", False), f"{where}.backup"),
-        enabled=condition is None or condition.upper() == "ENABLED",
+        enabled=condition is None or condition == "ENABLED",
     )
 
 
@@ -309,9 +442,9 @@ def _parse_options(value: Any, where: str) -> Options:
 
 def _parse_archive(fields: Mapping[str, Any]) -> ArchiveRequest:
     store_type = _text(fields.get("hpcs_object_store_type"), "hpcs_object_store_type", True)
-    if store_type.lower() != "swift":
+    if store_type.translate(_ASCII_LOWER) != "swift":
         raise InvalidMessage(
-            f"hpcs_object_store_type {store_type!r} is not supported; supported types: swift."
+            f"hpcs_object_store_type {quoted(store_type)} is not supported; supported types: swift."
         )
     basepath = _text(fields.get("hpcs_object_store_basepath"), "hpcs_object_store_basepath", True)
     if "/" in basepath or _CONTROL_CHARS.search(basepath) or len(basepath) > 256:
@@ -353,9 +486,11 @@ def _lower_keys(value: Any) -> Any:
     if isinstance(value, dict):
         lowered: dict[str, Any] = {}
         for key, item in value.items():
-            name = str(key).lower()
+            name = str(key).translate(_ASCII_LOWER)
             if name in lowered:
-                raise InvalidMessage(f"The field {name!r} is given twice, in different casings.")
+                raise InvalidMessage(
+                    f"The field {quoted(name)} is given twice, in different casings."
+                )
             lowered[name] = _lower_keys(item)
         return lowered
     if isinstance(value, list):
@@ -408,10 +543,12 @@ def _enum(kind: type[enum.Enum], value: Any, where: str, required: bool = False)
     if text is None:
         return None
     try:
-        return kind(text.upper())
+        return kind(text.translate(_ASCII_UPPER))
     except ValueError:
         choices = ", ".join(member.value for member in kind)
-        raise InvalidMessage(f"{where} {text!r} is not supported; use one of: {choices}.") from None
+        raise InvalidMessage(
+            f"{where} {quoted(text)} is not supported; use one of: {choices}."
+        ) from None
 
 
 def _int(value: Any, where: str, low: int, high: int, required: bool = False) -> int:
@@ -424,10 +561,10 @@ def _int(value: Any, where: str, low: int, high: int, required: bool = False) ->
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,12}\s*", value):
+    elif isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):
         number = int(value)
     if number is None:
-        raise InvalidMessage(f"{where} must be a whole number, got {json.dumps(value)}.")
+        raise InvalidMessage(f"{where} must be a whole number, got {_shown(value)}.")
     if not low <= number <= high:
         raise InvalidMessage(f"{where} must be between {low} and {high}, got {number}.")
     return number
@@ -436,9 +573,16 @@ def _int(value: Any, where: str, low: int, high: int, required: bool = False) ->
 def _bool(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().upper() in ("TRUE", "FALSE"):
-        return value.strip().upper() == "TRUE"
-    raise InvalidMessage(f"{where} must be true or false, got {json.dumps(value)}.")
+    if isinstance(value, str) and value.strip().translate(_ASCII_UPPER) in ("TRUE", "FALSE"):
+        return value.strip().translate(_ASCII_UPPER) == "TRUE"
+    raise InvalidMessage(f"{where} must be true or false, got {_shown(value)}.")
+
+
+def _shown(value: Any) -> str:
+    """A wrong value for a sentence: containers by their type, anything else as a prefix."""
+    if isinstance(value, (dict, list)):
+        return _json_type(value)
+    return quoted(value if isinstance(value, str) else json.dumps(value))
 
 
 def _address(value: Any, where: str) -> str:
@@ -446,12 +590,12 @@ def _address(value: Any, where: str) -> str:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        raise InvalidMessage(f"{where} {text!r} is not an IPv4 or IPv6 address.") from None
+        raise InvalidMessage(f"{where} {quoted(text)} is not an IPv4 or IPv6 address.") from None
     # ipaddress accepts any text after '%' as an IPv6 zone; none belongs in a server line.
     if getattr(address, "scope_id", None) is not None:
-        raise InvalidMessage(f"{where} {text!r} must not carry an IPv6 zone ('%...').")
+        raise InvalidMessage(f"{where} {quoted(text)} must not carry an IPv6 zone ('%...').")
     if address.is_unspecified or address.is_multicast:
-        raise InvalidMessage(f"{where} {text!r} is not the address of a single host.")
+        raise InvalidMessage(f"{where} {quoted(text)} is not the address of a single host.")
     return str(address)
 
 
@@ -461,7 +605,7 @@ def _identifier(value: Any, where: str) -> str | None:
         return None
     if not _ID_PATTERN.match(text):
         raise InvalidMessage(
-            f"{where} {text!r} may only contain letters, digits, '-', '_' and '.' "
+            f"{where} {quoted(text)} may only contain letters, digits, '-', '_' and '.' "
             "(at most 64 characters)."
         )
     return text
@@ -516,8 +660,9 @@ def reply(
     Any reply field the sender already put in the message (in whatever casing) is
     replaced, so the reply never carries two contradictory outcomes.
     """
-    added = {key.lower() for key in extra} | set(_REPLY_FIELDS)
-    answer = {key: value for key, value in original.items() if key.lower() not in added}
+    added = {key.translate(_ASCII_LOWER) for key in extra} | set(_REPLY_FIELDS)
+    answer = {key: value for key, value in original.items()
+              if key.translate(_ASCII_LOWER) not in added}
     answer.update(extra)
     answer["hpcs_response"] = FAIL if error else PASS
     if error:
@@ -534,9 +679,13 @@ def error_detail(answer: Mapping[str, Any]) -> str | None:
 
 
 def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
-    """A FAIL reply for a validation error, in the shape deployed Libra API servers read first."""
+    """A FAIL reply for a validation error, in the shape deployed Libra API servers read first.
+
+    Fields nested beyond `MAX_DEPTH` are left out of the echo (the sentence says so).
+    """
+    deep = set(too_deep_fields(original))
     return reply(
-        original,
+        {key: value for key, value in original.items() if key not in deep},
         error,
         badRequest={
             "code": "400",
@@ -546,6 +695,19 @@ def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
             "validationErrors": {"message": short_error(error)},
         },
     )
+
+
+def encode_reply(answer: Mapping[str, Any]) -> bytes:
+    """The reply as JSON bytes; strict JSON always, whatever a handler put in it."""
+    try:
+        return json.dumps(answer, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        # Unreachable for a decoded message; the guard that no reply is ever invalid JSON.
+        LOG.error("A reply could not be encoded as strict JSON: %s", exc)
+        return json.dumps({
+            "hpcs_response": FAIL,
+            "hpcs_error": "The worker could not encode its reply as JSON; see its log.",
+        }).encode("utf-8")
 
 
 def device_document(device: Device) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from libra_worker.config import GearmanSettings
 from libra_worker.fileutil import atomic_write
 from libra_worker.jobs import Answer
 from libra_worker.jobserver import BackgroundJobServerConnection, JobServerConnection, connections
+from libra_worker.messages import encode_reply
 
 LOG = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class JobServerWorker(gearman.GearmanWorker):
             "Job %s %s answered %s in %.1f ms", _text(job.handle), action,
             reply.get("hpcs_response"), (time.monotonic() - started) * 1000,
         )
-        return json.dumps(reply).encode("utf-8")
+        return encode_reply(reply)
 
     def on_job_execute(self, current_job: Any) -> bool:
         # pygearman turns a raising callback into WORK_FAIL; ours never raises.

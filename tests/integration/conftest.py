@@ -26,6 +26,7 @@ from tests.integration.support import (
     make_temp_dir,
     traffic as _traffic,
 )
+from tests.swift_server import SwiftServer
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,6 +49,16 @@ def gearmand() -> Iterator[Gearmand]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def swift() -> Iterator[SwiftServer]:
+    """A real all-in-one Swift on loopback for the module (tests/swift_server.py)."""
+    server = SwiftServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ log sink daemonize themselves, so they are found through the worker's state dir
 from __future__ import annotations
 
 import collections
+import configparser
 import contextlib
 import grp
 import http.client
@@ -115,6 +116,14 @@ def connection_refused(port: int, host: str = LOOPBACK) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+
+
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in KiB (`field="VmHWM"`: its peak so far)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 # --------------------------------------------------------------------------- gearmand
@@ -427,6 +436,14 @@ def http_monitor(path: str = "/health", delay: int = 1, timeout: int = 1, attemp
     return {"type": "HTTP", "delay": delay, "timeout": timeout, "attempts": attempts, "path": path}
 
 
+def strict_json(data: bytes | str) -> Any:
+    """Parse JSON as other languages' parsers would: NaN and Infinity are not JSON."""
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"non-JSON token {token} in {str(data)[:200]}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
 def node_statuses(reply: dict[str, Any]) -> dict[str, str]:
     assert reply.get("hpcs_response") == "PASS", reply
     return {node["id"]: node["status"] for node in reply["nodes"]}
@@ -446,7 +463,7 @@ class Worker:
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
                  log_level: str = "INFO", launcher: tuple[str, ...] = (),
                  python: str = sys.executable,
-                 sections: dict[str, dict[str, Any]] | None = None,
+                 settings: dict[str, dict[str, Any]] | None = None,
                  gearman_options: dict[str, str] | None = None,
                  client_tls: client.TLSFiles | None = None) -> None:
         self.root = root
@@ -462,7 +479,9 @@ class Worker:
         self.poll_timeout = poll_timeout
         self.archive_timeout = archive_timeout
         self.log_level = log_level
-        self.sections = sections or {}  # more config: {"diagnostics": {"probe_timeout": 1}}
+        # Extra INI values, e.g. {"timeouts": {"update": "0.5"}}; they win over the above,
+        # and None removes an option.
+        self.settings = settings or {}
         # Extra [gearman] options (TLS, keepalive) and the TLS files submit() uses.
         self.gearman_options = dict(gearman_options or {})
         self.client_tls = client_tls
@@ -489,12 +508,25 @@ class Worker:
             f"bind_address = {LOOPBACK}",
             "command_timeout = 15",
             "stop_grace = 3",
+            "",
+            "[archive]",
+            # The test Swift (tests/swift_server.py) speaks plain http on loopback.
+            "allow_plain_http = true",
         ]
         if self.archive_timeout is not None:
-            lines += ["", "[archive]", f"timeout = {self.archive_timeout}"]
-        for section, options in self.sections.items():
-            lines += ["", f"[{section}]", *(f"{key} = {value}" for key, value in options.items())]
-        self.config_path.write_text("\n".join(lines) + "\n")
+            lines.append(f"timeout = {self.archive_timeout}")
+        parser = configparser.ConfigParser()
+        parser.read_string("\n".join(lines) + "\n")
+        for section, values in self.settings.items():
+            if not parser.has_section(section):
+                parser.add_section(section)
+            for key, value in values.items():
+                if value is None:
+                    parser.remove_option(section, key)
+                else:
+                    parser.set(section, key, str(value))
+        with open(self.config_path, "w") as handle:
+            parser.write(handle)
 
     # ------------------------------------------------------------------ process
 
@@ -584,7 +616,12 @@ class Worker:
                              self.client_tls)
 
     def submit_bytes(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
-        """Send raw bytes (not necessarily UTF-8) as the job payload; the decoded reply."""
+        """Send raw bytes (not necessarily UTF-8) as the job payload; the reply, read as
+        strict JSON (a NaN or Infinity token in it fails the test)."""
+        return strict_json(self.submit_raw(payload, timeout))
+
+    def submit_raw(self, payload: bytes, timeout: float = 30.0) -> bytes:
+        """Send raw bytes as the job payload; the reply's bytes, after a WORK_COMPLETE."""
         import gearman
 
         job_client = gearman.GearmanClient(self.servers)
@@ -593,7 +630,8 @@ class Worker:
         finally:
             job_client.shutdown()
         assert request.complete and not request.timed_out, f"no reply (state {request.state})"
-        return json.loads(request.result)
+        assert request.state == gearman.constants.JOB_COMPLETE, f"job ended {request.state}"
+        return request.result
 
     # ------------------------------------------------------------------ what it runs
 

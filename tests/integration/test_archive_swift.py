@@ -76,13 +76,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def swift() -> Iterator[SwiftServer]:
-    server = SwiftServer.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def backend_port() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port(set())), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

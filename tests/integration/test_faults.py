@@ -19,7 +19,6 @@ Recovery bounds are the only timing assertions, with their slack stated where th
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import hashlib
 import http.client
@@ -80,28 +79,7 @@ def make_fault_dir() -> Path:
 
 
 class FaultWorker(Worker):
-    """`support.Worker` with extra INI settings, e.g. {"timeouts": {"update": "0.5"}};
-    a value of None removes the option."""
-
-    def __init__(self, root: Path, servers: list[str], *,
-                 settings: dict[str, dict[str, str]] | None = None, **options: Any) -> None:
-        self.settings = settings or {}
-        super().__init__(root, servers, **options)
-
-    def write_config(self) -> None:
-        super().write_config()
-        parser = configparser.ConfigParser()
-        parser.read(self.config_path)
-        for section, values in self.settings.items():
-            if not parser.has_section(section):
-                parser.add_section(section)
-            for key, value in values.items():
-                if value is None:
-                    parser.remove_option(section, key)
-                else:
-                    parser.set(section, key, value)
-        with open(self.config_path, "w") as handle:
-            parser.write(handle)
+    """`support.Worker` with helpers to change its settings and read its files."""
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.state_dir / "state.json").read_text())
@@ -146,10 +124,11 @@ class FaultWorkers:
         self.roots.append(root)
         return root
 
-    def with_stand_in(self, **options: Any) -> tuple[FaultWorker, "StandInHAProxy"]:
-        """A started worker whose `[haproxy] binary` is a StandInHAProxy of its own."""
+    def with_stand_in(self, kind: type["StandInHAProxy"] | None = None,
+                      **options: Any) -> tuple[FaultWorker, "StandInHAProxy"]:
+        """A started worker whose `[haproxy] binary` is a StandInHAProxy (or `kind`) of its own."""
         root = self.new_root()
-        stand_in = StandInHAProxy(root / "bin")
+        stand_in = (kind or StandInHAProxy)(root / "bin")
         self.cleanups.append(stand_in.kill_leftovers)
         worker = self(root=root, settings={"haproxy": {"binary": str(stand_in.path)}}, **options)
         return worker, stand_in
@@ -296,6 +275,26 @@ exec %(haproxy)s "$@"
     def kill_leftovers(self) -> None:
         pids = self.check_pids() + self.check_pids("child-pids")
         kill_pids([pid for pid in pids if process_alive(pid)])
+
+
+class ReexecStandIn(StandInHAProxy):
+    """A wrapper HAProxy's master re-executes on every reload (it keeps the wrapper's path
+    as argv[0]). Its `-c` passes, then removes the wrapper (`vanish`) or its x bits
+    (`unexecutable`): the binary is gone between the check and the reload."""
+
+    SCRIPT = """#!/bin/bash
+dir=$(dirname "$0")
+case " $* " in
+  *" -c "*)
+    mode=$(cat "$dir/check-mode" 2>/dev/null)
+    %(haproxy)s "$@"; status=$?
+    if [ "$mode" = vanish ]; then rm -f "$0"; fi
+    if [ "$mode" = unexecutable ]; then chmod 644 "$0"; fi
+    exit $status
+    ;;
+esac
+exec -a "$0" %(haproxy)s "$@"
+"""
 
 
 def run_in_thread(action: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -732,6 +731,66 @@ def test_a_timed_out_check_leaves_no_process_of_a_wrapper_binary(workers, http_b
     assert len(children) == 1
     wait_until(lambda: not process_alive(children[0]), 3,
                f"the wrapper's `sleep 30` (pid {children[0]}) to be gone")
+
+
+def test_a_job_timeout_during_a_reload_retry_ends_the_job_at_once(workers, http_backend):
+    """The reload retry loop must not swallow the job's timeout: with the master CLI gone
+    (its socket path removed), every reload attempt would wait `command_timeout` (15 s
+    here) three times over; the job ends at its 2 s timeout instead, journaled TIMEOUT."""
+    worker = workers()
+    a, b = http_backend("tmo-a"), http_backend("tmo-b")
+    port = free_port()
+    passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
+    worker.set_timeout("update", 2)
+    old_config, old_state = worker.files()
+    socket_path = worker.state_dir / "haproxy-master.sock"
+    hidden = worker.state_dir / "hidden-master.sock"
+    socket_path.rename(hidden)
+    try:
+        sent = time.monotonic()
+        reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node()],
+                                        algorithm="LEAST_CONNECTIONS")), timeout=60)
+        answered_after = time.monotonic() - sent
+    finally:
+        hidden.rename(socket_path)
+
+    assert reply["hpcs_response"] == "FAIL", reply
+    assert "2 s timeout" in reply["hpcs_error"], reply
+    # 2 s timeout + a DISCOVER-sized round trip; one command_timeout (15 s) would be a swallow.
+    assert answered_after < 10, answered_after
+    assert last_job(worker, "UPDATE")[1] == "TIMEOUT"
+    assert worker.files() == (old_config, old_state)
+    served_by(port, {"tmo-a", "tmo-b"})
+    passed(worker.submit("DISCOVER", timeout=10))
+
+
+@pytest.mark.parametrize("fault", ["vanish", "unexecutable"])
+def test_a_reload_that_cannot_succeed_fails_at_once_and_keeps_serving(workers, http_backend, fault):
+    """A missing or unexecutable HAProxy binary: HAProxy's master would exit trying to
+    re-execute it (measured), so the reload is refused at once, not retried, and the
+    running HAProxy keeps serving the previous configuration."""
+    worker, stand_in = workers.with_stand_in(ReexecStandIn)
+    a, b = http_backend("bin-a"), http_backend("bin-b")
+    port = free_port()
+    passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
+    old_config, old_state = worker.files()
+    master = worker.haproxy.master_pid()
+
+    stand_in.mode(fault)
+    sent = time.monotonic()
+    reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node()],
+                                    algorithm="LEAST_CONNECTIONS")), timeout=60)
+    answered_after = time.monotonic() - sent
+
+    assert reply["hpcs_response"] == "FAIL", reply
+    assert "missing or not executable" in reply["hpcs_error"], reply
+    assert str(stand_in.path) in reply["hpcs_error"]
+    # One command_timeout is 15 s here; three retries of it were the fault.
+    assert answered_after < 10, answered_after
+    assert last_job(worker, "UPDATE")[1] == "FAIL"
+    assert worker.files() == (old_config, old_state)
+    assert worker.haproxy.master_pid() == master
+    served_by(port, {"bin-a", "bin-b"})
 
 
 # --------------------------------------------------------------------------- 7. job server loss

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gzip
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import swiftclient.client
@@ -28,15 +28,6 @@ from tests.integration.support import (
 from tests.swift_server import SwiftServer
 
 CONTAINER = "lbaaslogs"
-
-
-@pytest.fixture(scope="module")
-def swift() -> Iterator[SwiftServer]:
-    server = SwiftServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 class Archived:

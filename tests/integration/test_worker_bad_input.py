@@ -25,6 +25,7 @@ from tests.integration.support import (
     http_monitor,
     lb,
     node_statuses,
+    strict_json,
     traffic,
     update,
 )
@@ -228,6 +229,42 @@ def test_a_reply_field_in_the_message_cannot_fake_the_outcome(serving):
 
     assert_bad_request(reply)
     assert "HPCS_RESPONSE" not in reply
+    serving.assert_untouched()
+
+
+HOSTILE = {
+    "an overflowing number": (b'{"hpcs_action": "DISCOVER", "x": 1e309}', "not valid JSON"),
+    "a NaN token": (b'{"hpcs_action": "DISCOVER", "x": NaN}', "not valid JSON"),
+    "an exact duplicate key": (b'{"hpcs_action": "STATS", "hpcs_action": "DELETE"}', "twice"),
+    "500 levels of nesting": (
+        b'{"hpcs_action": "STATS", "x": ' + b"[" * 500 + b"]" * 500 + b"}", "levels deep"),
+    "a look-alike action": ('{"hpcs_action": "\u017ftats"}'.encode(), "hpcs_action"),
+    "a 5 MB node address": (
+        json.dumps({"hpcs_action": "UPDATE", "loadBalancers": [
+            {"protocol": "HTTP", "nodes": [{"address": "9" * 5_000_000, "port": 80}]}]}).encode(),
+        "(5000000 characters)"),
+    "a payload above max_message_bytes": (
+        b'{"hpcs_action": "DISCOVER", "pad": "' + b"p" * 9_000_000 + b'"}', "max_message_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_payloads_get_a_short_strict_json_fail(serving, case):
+    payload, words = HOSTILE[case]
+    log_before = serving.worker.log_file.stat().st_size
+    journal = serving.worker.state_dir / "jobs.journal"
+    journal_before = journal.stat().st_size
+
+    raw = serving.worker.submit_raw(payload)
+
+    reply = strict_json(raw)  # no NaN/Infinity token, whatever came in
+    assert_bad_request(reply, words)
+    assert len(reply["hpcs_error"]) < 300, reply["hpcs_error"][:400]
+    # Neither the reply, nor the log, nor the journal holds the hostile value whole.
+    assert len(raw) < max(len(payload), 2000) + 2000
+    assert serving.worker.log_file.stat().st_size - log_before < 5000
+    assert journal.stat().st_size - journal_before < 5000
+    assert serving.worker.submit("STATS")["hpcs_response"] == "PASS"
     serving.assert_untouched()
 
 

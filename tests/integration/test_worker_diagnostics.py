@@ -62,7 +62,7 @@ def test_diagnostics_probes_each_job_server_and_ends_within_5_s_when_all_blackho
         worker_factory, gearmand, free_port, dead_port):
     with silent_listener(free_port()) as silent, full_backlog_listener(free_port()) as full:
         servers = [gearmand.address, f"{LOOPBACK}:{dead_port}", f"{LOOPBACK}:{silent}"]
-        worker = worker_factory(servers=servers, sections={
+        worker = worker_factory(servers=servers, settings={
             "diagnostics": {"network_target": f"{LOOPBACK}:{full}", "probe_timeout": 3}})
         started = time.monotonic()
         reply = passed(worker.submit("DIAGNOSTICS", servers=[gearmand.address]))

@@ -270,3 +270,46 @@ def test_basepath_may_carry_a_prefix(swift: FakeSwift, store: LogStore) -> None:
                                   basepath="/logs/device-1/", endpoint=ENDPOINT,
                                   token=TOKEN)
     assert re.match(r"^logs/device-1/9/haproxy-\d{8}-\d{6}\.log\.gz$", result["object"])
+
+
+# ---------------------------------------------------------------------- endpoint policy
+
+
+@pytest.mark.parametrize("allowed, endpoint", [
+    ((), "https://anything.example.com/v1/AUTH_x"),
+    (("swift.example.com",), "https://swift.example.com/v1/AUTH_x"),
+    (("swift.example.com",), "https://SWIFT.example.com:8443/v1/AUTH_x"),
+    (("https://swift.example.com/v1/AUTH_x",), "https://swift.example.com/v1/AUTH_x"),
+    (("https://swift.example.com/v1/AUTH_x/",), "https://swift.example.com/v1/AUTH_x/sub"),
+    (("https://swift.example.com:443/v1",), "https://swift.example.com/v1/AUTH_x"),
+    (("other.example.com", "[fd00::5]"), "https://[fd00::5]/v1/AUTH_x"),
+])
+def test_allowed_endpoints(allowed, endpoint):
+    archive.EndpointPolicy(allowed).check(endpoint)
+
+
+@pytest.mark.parametrize("allowed, endpoint", [
+    (("swift.example.com",), "https://swift.example.com.evil.org/v1/AUTH_x"),
+    (("swift.example.com",), "https://swift.example.com@evil.org/v1/AUTH_x"),
+    (("swift.example.com",), "https://evil.org/swift.example.com"),
+    (("https://swift.example.com/v1/AUTH_x",), "https://swift.example.com/v1/AUTH_xy"),
+    (("https://swift.example.com/v1/AUTH_x",), "https://swift.example.com/v1/AUTH_y"),
+    (("https://swift.example.com/v1",), "https://swift.example.com:8443/v1/AUTH_x"),
+])
+def test_endpoints_outside_the_allow_list_are_refused_naming_the_setting(allowed, endpoint):
+    with pytest.raises(ArchiveFailed, match=r"\[archive\] allowed_endpoints") as caught:
+        archive.EndpointPolicy(allowed).check(endpoint)
+    assert "evil.org@" not in str(caught.value)
+
+
+def test_plain_http_is_refused_unless_allowed():
+    with pytest.raises(ArchiveFailed, match=r"allow_plain_http = false"):
+        archive.EndpointPolicy(("swift.example.com",)).check("http://swift.example.com/v1/a")
+    archive.EndpointPolicy(("swift.example.com",), allow_plain_http=True).check(
+        "http://swift.example.com/v1/a")
+
+
+def test_credentials_in_a_refused_endpoint_are_not_repeated():
+    with pytest.raises(ArchiveFailed) as caught:
+        archive.EndpointPolicy(("swift.example.com",)).check("https://user:pw@evil.org/v1?k=v")
+    assert "pw" not in str(caught.value) and "'https://evil.org/v1'" in str(caught.value)

@@ -437,3 +437,36 @@ def test_job_server_defaults_keepalive_on_no_tls(write_config, tmp_path):
 def test_bad_job_server_options(write_config, tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load(write_config(minimal(tmp_path, "[gearman]\n" + text)))
+
+
+# ---------------------------------------------------------------------- hostile input, ARCHIVE
+
+
+def test_hostile_input_and_archive_defaults(write_config, tmp_path):
+    settings = load(write_config(minimal(tmp_path)))
+    assert settings.worker.max_message_bytes == 8 * 1024 * 1024
+    assert settings.haproxy.archive_allowed_endpoints == ()
+    assert settings.haproxy.archive_allow_plain_http is False
+
+
+def test_archive_allow_list_read(write_config, tmp_path):
+    text = minimal(tmp_path, "max_message_bytes = 1000000\n[archive]\n"
+                   "allowed_endpoints = swift.example.com, https://10.0.0.5:8080/v1/AUTH_a\n"
+                   "    objects.example.org\nallow_plain_http = true\n")
+    settings = load(write_config(text))
+    assert settings.worker.max_message_bytes == 1_000_000
+    assert settings.haproxy.archive_allowed_endpoints == (
+        "swift.example.com", "https://10.0.0.5:8080/v1/AUTH_a", "objects.example.org")
+    assert settings.haproxy.archive_allow_plain_http is True
+
+
+@pytest.mark.parametrize("entry", ["ftp://swift.example.com/", "https:///v1", "swift example!"])
+def test_archive_allow_list_entries_must_be_hosts_or_http_prefixes(write_config, tmp_path, entry):
+    with pytest.raises(ConfigError, match=r"\[archive\] allowed_endpoints"):
+        load(write_config(minimal(tmp_path, f"[archive]\nallowed_endpoints = {entry}\n")))
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1023"])
+def test_a_message_limit_that_refuses_every_message_is_refused(write_config, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"\[worker\] max_message_bytes"):
+        load(write_config(minimal(tmp_path, f"max_message_bytes = {value}\n")))

@@ -478,3 +478,14 @@ def test_a_full_state_dir_is_named_within_errmsg_and_the_file_in_the_detail(cont
     assert len(answer["hpcs_error"]) <= MAX_ERROR_LENGTH
     assert answer["hpcs_error"].startswith("UPDATE failed: Read-only file system in /srv/ddd")
     assert deep in answer["hpcs_error_detail"]
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"hpcs_action": "METRICS", "x": NaN}',
+    b'{"hpcs_action": "metrics", "hpcs_action": "METRICS"}',
+])
+def test_an_undecodable_metrics_still_carries_the_keys_billing_reads(controller, driver, payload):
+    answer = controller.handle(payload)
+    assert answer["hpcs_response"] == "FAIL" and answer["badRequest"]
+    assert answer["loadBalancers"] == [] and answer["utc_start"] == answer["utc_end"]
+    assert driver.calls == []

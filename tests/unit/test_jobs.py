@@ -11,6 +11,7 @@ import pytest
 
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout, WorkerError
+from libra_worker import jobs as jobs_module
 from libra_worker.jobs import JobRunner, JobTimeout
 from libra_worker.journal import Journal
 from libra_worker.messages import Action
@@ -120,3 +121,18 @@ def test_the_journal_keeps_the_whole_error_the_reply_cuts_for_libra(tmp_path):
     assert len(reply["hpcs_error"]) <= 128 and reply["hpcs_error_detail"] == sentence
     [record] = Journal(tmp_path / "jobs.journal").recent(5)
     assert record.hpcs_error == sentence
+
+
+def test_the_job_after_a_large_payload_gives_the_freed_heap_back(tmp_path, monkeypatch):
+    trims = []
+    monkeypatch.setattr(jobs_module, "release_freed_heap", lambda: trims.append(1))
+    jobs = runner(tmp_path, SlowDriver())
+    large = b'{"hpcs_action": "DISCOVER", "pad": "' + b"p" * jobs_module.LARGE_PAYLOAD_BYTES + b'"}'
+
+    jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
+    jobs.run("H:2", large)
+    assert trims == []  # its own reply still holds the memory
+    jobs.run("H:3", b'{"hpcs_action": "DISCOVER"}')
+    assert trims == [1]
+    jobs.run("H:4", b'{"hpcs_action": "DISCOVER"}')
+    assert trims == [1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from libra_worker.journal import COMPLETE, FAIL, RUNNING, Journal
+import stat
+
+from libra_worker.journal import COMPLETE, FAIL, MAX_ERROR_CHARS, RUNNING, Journal
 
 
 def test_a_job_shows_its_latest_state(tmp_path):
@@ -49,3 +51,32 @@ def test_a_torn_line_is_skipped(tmp_path):
         handle.write('{"handle": "H:2", "act')
 
     assert [r.handle for r in Journal(path).recent(5)] == ["H:1"]
+
+
+def test_the_journal_is_the_workers_own(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal", max_entries=1)
+    journal.started("H:1", "STATS").finish(COMPLETE)  # rotates: .1 exists too
+    journal.started("H:2", "STATS")
+
+    for name in ("jobs.journal", "jobs.journal.1"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+def test_a_huge_error_is_kept_to_a_bounded_prefix(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal")
+    journal.started("H:1", "UPDATE").finish(FAIL, "x" * 5_000_000)
+
+    [record] = journal.recent(1)
+    assert len(record.hpcs_error) <= MAX_ERROR_CHARS + 40
+    assert record.hpcs_error.endswith("(5000000 characters)")
+    assert (tmp_path / "jobs.journal").stat().st_size < 2 * MAX_ERROR_CHARS
+
+
+def test_the_journal_rotates_by_bytes_as_well_as_by_jobs(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal", max_entries=1000, max_bytes=20_000)
+    for number in range(100):
+        journal.started(f"H:{number}", "UPDATE").finish(FAIL, "e" * MAX_ERROR_CHARS)
+
+    sizes = [path.stat().st_size for path in tmp_path.iterdir()]
+    assert len(sizes) == 2 and max(sizes) < 20_000 + 2 * MAX_ERROR_CHARS, sizes
+    assert journal.recent(1)[0].handle == "H:99"

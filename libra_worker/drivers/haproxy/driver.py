@@ -26,8 +26,14 @@ from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDri
 from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
-from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
-from libra_worker.fileutil import atomic_write, fsync_directory
+from libra_worker.errors import (
+    ActionTimeout,
+    ConfigCheckFailed,
+    InvalidMessage,
+    StatsUnavailable,
+    WorkerError,
+)
+from libra_worker.fileutil import atomic_write, fsync_directory, restrict_directory
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
 from libra_worker.netcheck import bind_problem
@@ -70,6 +76,9 @@ class HAProxyDriver(LoadBalancerDriver):
             reload_retry_wait=settings.reload_retry_wait,
         )
         self.templates = render.template_environment(settings.template_dir)
+        self.endpoint_policy = archive.EndpointPolicy(
+            settings.archive_allowed_endpoints, settings.archive_allow_plain_http
+        )
         # Jobs, the reconciler and `ctl restart` (another process) must not interleave
         # their file swaps and reloads.
         self._lock = threading.RLock()
@@ -85,7 +94,11 @@ class HAProxyDriver(LoadBalancerDriver):
     # ------------------------------------------------------------------ actions
 
     def restore(self) -> None:
-        """At start-up: finish what a killed worker left, then reconcile."""
+        """At start-up: tighten the state dir, finish what a killed worker left, reconcile."""
+        try:
+            restrict_directory(self.files.root)
+        except OSError as exc:
+            LOG.warning("Cannot restrict the mode of %s: %s", self.files.root, exc)
         with self._exclusive():
             self._undo_interrupted_update()
             self.reconcile()
@@ -150,8 +163,8 @@ class HAProxyDriver(LoadBalancerDriver):
                     self._apply_to_running(desired, accepted, previous, device)
                 else:
                     self._start()
-            except WorkerError:
-                self._put_back(previous)
+            except WorkerError as exc:
+                self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
                 raise
             lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
             saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
@@ -248,6 +261,7 @@ class HAProxyDriver(LoadBalancerDriver):
         )
 
     def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+        self.endpoint_policy.check(request.endpoint)  # before any connection is made
         return archive.archive_logs(
             self.logs.log_dir,
             protocol=request.protocol.value,
@@ -378,8 +392,12 @@ class HAProxyDriver(LoadBalancerDriver):
             if problem:
                 raise WorkerError(f"{problem}; the load balancer was left unchanged.")
 
-    def _put_back(self, previous: str | None) -> None:
-        """After a failed reload or start: the live file goes back to what HAProxy serves."""
+    def _put_back(self, previous: str | None, hurry: bool = False) -> None:
+        """After a failed reload or start: the live file goes back to what HAProxy serves.
+
+        `hurry`: the job's time is up, so the reload of the previous file is requested and
+        not waited for (nor retried); the job ends at once.
+        """
         if previous is None:
             self.files.config.unlink(missing_ok=True)
             return
@@ -388,8 +406,12 @@ class HAProxyDriver(LoadBalancerDriver):
             try:
                 # The master is left in its failed-reload state; reloading the old file
                 # gives it a clean worker generation again.
-                self._reload()
-            except WorkerError as exc:
+                if hurry:
+                    self.process.request_reload()
+                    self._retired.clear()
+                else:
+                    self._reload()
+            except (WorkerError, OSError) as exc:
                 LOG.error("Reloading the previous configuration failed too: %s", exc)
 
     def _start(self) -> None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from libra_worker.drivers.haproxy.sockets import send_command_retrying
+from libra_worker.drivers.haproxy.sockets import is_permanent, send_command, send_command_retrying
 from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
 
 LOG = logging.getLogger(__name__)
@@ -27,6 +27,10 @@ LOG = logging.getLogger(__name__)
 _POLL_INTERVAL = 0.01
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
+
+
+class ReloadUnsettled(Exception):
+    """One reload attempt did not show a new worker in time; another attempt may."""
 
 
 def find_binary(name: str = "haproxy") -> str:
@@ -127,7 +131,22 @@ class HAProxyProcess:
 
     def process_table(self) -> ProcessTable:
         deadline = time.monotonic() + self.command_timeout
-        return ProcessTable.parse(send_command_retrying(self.master_socket, "show proc", deadline))
+        return ProcessTable.parse(self._ask_master("show proc", deadline, self.master_pid()))
+
+    def _ask_master(self, command: str, deadline: float, master: int | None) -> str:
+        """A master CLI command, retried while the master re-executes, not once it is gone.
+
+        Liveness is the pid's, not the pidfile's: a re-executing master rewrites its pidfile.
+        """
+        try:
+            return send_command_retrying(
+                self.master_socket, command, deadline,
+                alive=lambda: master is None or process_alive(master),
+            )
+        except OSError:
+            if master is not None and not process_alive(master):
+                raise ReloadFailed(f"HAProxy's master process ({master}) has exited.") from None
+            raise
 
     # ------------------------------------------------------------------ actions
 
@@ -179,27 +198,48 @@ class HAProxyProcess:
         `show proc`: a new current worker means success; the same worker with the failed
         count raised means the new configuration did not start (the old worker serves on).
         """
+        # The master re-executes its binary to reload; measured with HAProxy 2.6, a master
+        # that cannot exits, workers and all. Better to refuse than to stop the LB.
+        if not os.access(self.binary, os.X_OK):
+            raise ReloadFailed(
+                f"The HAProxy binary {self.binary} is missing or not executable, so HAProxy's "
+                "master could not re-execute it; the reload was not attempted."
+            )
         for attempt in range(1, self.reload_attempts + 1):
             try:
                 return self._reload_once()
-            except (OSError, ActionTimeout) as exc:
-                # The master CLI did not answer or the reload did not settle: transient.
-                # HAProxy's own verdict on the configuration (ReloadFailed) is not retried.
-                if attempt == self.reload_attempts:
+            except OSError as exc:
+                if is_permanent(exc):
                     raise ReloadFailed(
-                        f"HAProxy's master did not complete the reload after {attempt} "
-                        f"attempts: {exc}"
+                        f"HAProxy's master CLI {self.master_socket} cannot be used: "
+                        f"{exc.strerror}; retrying cannot help."
                     ) from None
-                LOG.warning("Reload attempt %d failed (%s); retrying in %g s",
-                            attempt, exc, self.reload_retry_wait)
-                time.sleep(self.reload_retry_wait)
+                error: Exception = exc
+            except ReloadUnsettled as exc:
+                error = exc
+            # The master CLI did not answer or the reload did not settle: transient.
+            # HAProxy's own verdict on the configuration (ReloadFailed) is not retried, and
+            # the job's own timeout (ActionTimeout) ends the job: it is never caught here.
+            if attempt == self.reload_attempts:
+                raise ReloadFailed(
+                    f"HAProxy's master did not complete the reload after {attempt} "
+                    f"attempts: {error}"
+                ) from None
+            LOG.warning("Reload attempt %d failed (%s); retrying in %g s",
+                        attempt, error, self.reload_retry_wait)
+            time.sleep(self.reload_retry_wait)
+
+    def request_reload(self, timeout: float = 1.0) -> None:
+        """Ask the master for a reload once, without waiting for it: for a job whose time
+        is up, which must not spend more of it."""
+        send_command(self.master_socket, "reload", timeout)
 
     def _reload_once(self) -> None:
         before = self.process_table()
         deadline = time.monotonic() + self.command_timeout
-        send_command_retrying(self.master_socket, "reload", deadline)
+        self._ask_master("reload", deadline, before.master_pid)
         while time.monotonic() < deadline:
-            after = ProcessTable.parse(send_command_retrying(self.master_socket, "show proc", deadline))
+            after = ProcessTable.parse(self._ask_master("show proc", deadline, before.master_pid))
             if after.worker_pids and set(after.worker_pids).isdisjoint(before.worker_pids):
                 LOG.info("HAProxy reloaded, worker pids %s", list(after.worker_pids))
                 return
@@ -209,7 +249,7 @@ class HAProxyProcess:
                     "already in use); the previous configuration is still serving."
                 )
             time.sleep(_POLL_INTERVAL)
-        raise ActionTimeout(f"HAProxy did not finish reloading within {self.command_timeout:g} s.")
+        raise ReloadUnsettled(f"HAProxy did not finish reloading within {self.command_timeout:g} s.")
 
     def stop(self) -> None:
         """Soft stop (listeners close at once, connections finish), then force."""

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import csv
+import errno
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from libra_worker.errors import StatsUnavailable
 
 _READ_CHUNK = 65536
+# Errors that another try cannot cure: the same call fails the same way.
+_PERMANENT_ERRNOS = frozenset({
+    errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR, errno.ENAMETOOLONG,
+    errno.ELOOP, errno.ENOTSOCK, errno.EPROTOTYPE, errno.EROFS,
+})
+
+
+def is_permanent(error: OSError) -> bool:
+    """True for an error that retrying cannot cure (a socket, file or binary we may not use)."""
+    return error.errno in _PERMANENT_ERRNOS
 
 
 def send_command(path: Path, command: str, timeout: float = 5.0) -> str:
@@ -30,13 +42,18 @@ def send_command(path: Path, command: str, timeout: float = 5.0) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def send_command_retrying(path: Path, command: str, deadline: float) -> str:
-    """Like send_command, but ride out the moments a re-executing master refuses connections."""
+def send_command_retrying(path: Path, command: str, deadline: float,
+                          alive: Callable[[], bool] = lambda: True) -> str:
+    """Like send_command, but ride out the moments a re-executing master refuses connections.
+
+    Errors no retry can cure (permission denied, a path that is not a socket), and any
+    error once `alive()` says the process behind the socket is gone, are raised at once.
+    """
     while True:
         try:
             return send_command(path, command, timeout=max(0.1, deadline - time.monotonic()))
-        except OSError:
-            if time.monotonic() >= deadline:
+        except OSError as exc:
+            if is_permanent(exc) or time.monotonic() >= deadline or not alive():
                 raise
             time.sleep(0.01)
 
