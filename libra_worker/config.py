@@ -44,10 +44,6 @@ def short_text(text: str, limit: int = _SHORT_VALUE) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def short_quote(text: str, limit: int = _SHORT_VALUE) -> str:
-    return repr(short_text(text, limit))
-
-
 class StrictParser(configparser.ConfigParser):
     """A ConfigParser that remembers every (section, option) the loader asks for.
 
@@ -71,7 +67,7 @@ class StrictParser(configparser.ConfigParser):
         except configparser.InterpolationError:
             raw = super().get(section, option, raw=True)
             raise ConfigError(
-                f"[{section}] {option}: {short_quote(raw)} has a lone '%' (write '%%' for one)."
+                f"[{section}] {option}: {quoted(raw)} has a lone '%' (write '%%' for one)."
             ) from None
 
     def getint(self, section: str, option: str, *, at_least: int | None = None,  # type: ignore[override]
@@ -98,7 +94,7 @@ class StrictParser(configparser.ConfigParser):
             valid = False
         if not valid:
             raw = self.get(section, option, raw=True).strip()
-            raise ConfigError(f"[{section}] {option}: {short_quote(raw)} is not {expected}.")
+            raise ConfigError(f"[{section}] {option}: {quoted(raw)} is not {expected}.")
         if value is None or isinstance(value, bool):
             return value
         if positive and value <= 0:
@@ -252,7 +248,7 @@ def parse_servers(text: str) -> tuple[tuple[str, int], ...]:
         else:  # a host name, an IPv4 address, or a bare IPv6 address: no port given
             host, port = item, str(DEFAULT_GEARMAN_PORT)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"[gearman] servers: {short_quote(item)} is not host:port.")
+            raise ConfigError(f"[gearman] servers: {quoted(item)} is not host:port.")
         servers.append((host, int(port)))
     if not servers:
         raise ConfigError("[gearman] servers must name at least one job server.")
@@ -413,7 +409,7 @@ def _check_gearman(settings: GearmanSettings) -> None:
         if named:
             raise ConfigError(
                 f"[gearman] ssl_verify_hostname = false is only for job servers given by IP "
-                f"address; {short_quote(named[0])} is a host name, whose certificate must name it."
+                f"address; {quoted(named[0])} is a host name, whose certificate must name it."
             )
 
 
@@ -451,7 +447,7 @@ def _log_level(text: str) -> str:
     level = text.strip().upper()
     names = [name for name in logging.getLevelNamesMapping() if name not in ("NOTSET", "WARN", "FATAL")]
     if level not in names:
-        raise ConfigError(f"[worker] log_level: {short_quote(text.strip())} is not one of "
+        raise ConfigError(f"[worker] log_level: {quoted(text.strip())} is not one of "
                           f"{', '.join(sorted(names, key=logging.getLevelName))}.")
     return level
 
@@ -462,7 +458,7 @@ def _umask(text: str) -> int:
     except ValueError:
         value = -1
     if not 0 <= value <= 0o777:
-        raise ConfigError(f"[worker] umask: {short_quote(text.strip())} is not an octal mode "
+        raise ConfigError(f"[worker] umask: {quoted(text.strip())} is not an octal mode "
                           "between 000 and 777 (e.g. 027).")
     return value
 
@@ -508,8 +504,8 @@ def _check_bind_address(address: str) -> None:
         parsed = ipaddress.ip_address(address)
     except ValueError:
         raise ConfigError(
-            f"[haproxy] bind_address: {short_quote(address)} is not an IP address."
+            f"[haproxy] bind_address: {quoted(address)} is not an IP address."
         ) from None
     if getattr(parsed, "scope_id", None) is not None:
-        raise ConfigError(f"[haproxy] bind_address: {short_quote(address)} must not carry an "
+        raise ConfigError(f"[haproxy] bind_address: {quoted(address)} must not carry an "
                           "IPv6 zone.")
