@@ -37,17 +37,7 @@ if [[ -z $root && $(id -u) -ne 0 ]]; then
 fi
 
 if [[ -z $root ]]; then
-    missing=()
-    for package in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-            || missing+=("$package")
-    done
-    if (( ${#missing[@]} )); then
-        echo "install-service: installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${missing[@]}" >/dev/null
-    fi
+    bash scripts/apt-install.sh install-service "${packages[@]}"
     getent group "$user" >/dev/null || groupadd --system "$user"
     getent passwd "$user" >/dev/null || useradd --system --gid "$user" \
         --home-dir "$state_dir" --no-create-home --shell /usr/sbin/nologin \

@@ -18,20 +18,7 @@ if [[ "${1:-}" == "--test" ]]; then
     extras="[test]"
 fi
 
-missing=()
-for package in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-        || missing+=("$package")
-done
-if (( ${#missing[@]} )); then
-    echo "setup: installing ${missing[*]}"
-    sudo_cmd=()
-    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    # The packages' own services are not wanted: the worker and the tests start their own.
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq \
-        --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash scripts/apt-install.sh setup "${packages[@]}"
 
 if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv

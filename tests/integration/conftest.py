@@ -26,6 +26,7 @@ from tests.integration.support import (
     make_temp_dir,
     traffic as _traffic,
 )
+from tests.integration.libra_servers import LibraServers
 from tests.swift_server import SwiftServer
 
 
@@ -122,3 +123,13 @@ def http_backend() -> Iterator[Callable[[str], HTTPBackend]]:
 def tcp_backend() -> Iterator[Callable[[str], TCPBackend]]:
     """`tcp_backend("name")` -> a started TCP node answering "name" to one line."""
     yield from _started_backends(TCPBackend)
+
+
+@pytest.fixture
+def libra(gearmand) -> Iterator[LibraServers]:
+    """Libra's API and admin servers' client side, on the test job server."""
+    servers = LibraServers([gearmand.address])
+    try:
+        yield servers
+    finally:
+        servers.close()

@@ -9,17 +9,13 @@ real backend see. METRICS and DIAGNOSTICS are in `test_libra_compat_fleet.py`.
 from __future__ import annotations
 
 import socket
-from typing import Iterator
 from urllib.parse import quote
-
-import pytest
 
 from tests.integration.libra_servers import (
     ERRMSG_LENGTH,
     LibraLoadBalancer,
     LibraMonitor,
     LibraNode,
-    LibraServers,
     keep_message,
     update_node_statuses,
 )
@@ -37,15 +33,6 @@ NO_TIMEOUT_MS = 2**31 - 1
 # What Libra's API keeps of a monitor path (urllib's quote() with this safe set); the rest
 # it percent-encodes before storing and sending the path.
 LIBRA_API_SAFE = "/~+*,;:!$'[]()?&=#%"
-
-
-@pytest.fixture
-def libra(gearmand) -> Iterator[LibraServers]:
-    servers = LibraServers([gearmand.address])
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def url(port: int) -> str:

@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Iterator
 
 import pytest
 
 from tests.integration.libra_servers import (
     LibraLoadBalancer,
     LibraNode,
-    LibraServers,
     bytes_out,
 )
 from tests.integration.support import LOOPBACK, traffic
 
 METRICS_KEYS = {"loadBalancers", "utc_start", "utc_end"}
 DIAGNOSTICS_KEYS = {"network", "gearman"}
-
-
-@pytest.fixture
-def libra(gearmand) -> Iterator[LibraServers]:
-    servers = LibraServers([gearmand.address])
-    try:
-        yield servers
-    finally:
-        servers.close()
 
 
 def _period(result: dict) -> tuple[datetime, datetime]:
