@@ -83,16 +83,21 @@ class EndpointPolicy:
             ) from None
         if url.scheme == "http" and not self.allow_plain_http:
             raise ArchiveFailed(
-                "The object store endpoint uses plain http, which would send the token and "
-                "the logs in clear; this worker uploads over https only ([archive] "
-                "allow_plain_http = false). Nothing was uploaded."
+                "hpcs_object_store_endpoint: plain http refused by [archive] allow_plain_http "
+                "= false; nothing was uploaded.",
+                detail="The object store endpoint uses plain http, which would send the token "
+                "and the logs in clear; this worker uploads over https only ([archive] "
+                "allow_plain_http = false). Nothing was uploaded.",
             )
         if url.scheme not in _DEFAULT_PORTS or not url.hostname:
             raise ArchiveFailed("The object store endpoint must be an http(s) URL.")
         if self.allowed and not any(_matches(url, entry) for entry in self.allowed):
+            shown = _without_credentials(url)
             raise ArchiveFailed(
-                f"The object store endpoint {quoted(_without_credentials(url))} is not in "
-                "[archive] allowed_endpoints of this worker; nothing was uploaded."
+                "hpcs_object_store_endpoint: not in [archive] allowed_endpoints; nothing was "
+                "uploaded.",
+                detail=f"The object store endpoint {quoted(shown)} is not in [archive] "
+                "allowed_endpoints of this worker; nothing was uploaded.",
             )
 
 

@@ -19,13 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from libra_worker.client import TLSFiles
-from tests.integration.support import (
-    REPO_ROOT,
-    START_TIMEOUT,
-    port_accepts,
-    stop_child,
-    wait_until,
-)
+from tests.integration.support import REPO_ROOT, port_accepts, start_server_child, stop_child
 
 STUNNEL = "/usr/bin/stunnel4"
 RECIPE = REPO_ROOT / "etc" / "stunnel-gearman.conf"
@@ -154,16 +148,10 @@ class Stunnel:
         self.starts += 1
         config = self.root / f"stunnel-{self.port}.conf"
         config.write_text(self.config_text())
-        with open(self.root / f"stunnel-{self.port}.out", "ab") as output:
-            self.process = subprocess.Popen([STUNNEL, str(config)], stdin=subprocess.DEVNULL,
-                                            stdout=output, stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: self.process.poll() is not None or port_accepts(self.port),
-                       START_TIMEOUT, f"stunnel on port {self.port}")
-            assert self.process.poll() is None, "stunnel exited: " + self.log()
-        except BaseException:
-            self.stop()
-            raise
+        self.process = start_server_child([STUNNEL, str(config)],
+                                          self.root / f"stunnel-{self.port}.out",
+                                          lambda: port_accepts(self.port),
+                                          f"stunnel on port {self.port}")
         return self
 
     def stop(self) -> None:

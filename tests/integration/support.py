@@ -161,19 +161,8 @@ class Gearmand:
             "--pid-file", str(self.root / f"gearmand-{tag}.pid"),
             "--config-file", str(config),
         ]
-        output = open(self.root / f"gearmand-{tag}.out", "ab")
-        with output:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
-                                            stdout=output, stderr=subprocess.STDOUT)
-        try:
-            wait_until(lambda: self.process.poll() is not None or self.accepts(),
-                       START_TIMEOUT, f"gearmand on port {self.port}")
-            assert self.process.poll() is None, (
-                f"gearmand exited with {self.process.returncode}: "
-                + (self.root / f"gearmand-{tag}.out").read_text(errors="replace"))
-        except BaseException:
-            self.stop()
-            raise
+        self.process = start_server_child(command, self.root / f"gearmand-{tag}.out",
+                                          self.accepts, f"gearmand on port {self.port}")
         return self
 
     def stop(self) -> None:
@@ -198,6 +187,24 @@ class Gearmand:
             if len(parts) == 4 and parts[0] == function:
                 return int(parts[1]), int(parts[2]), int(parts[3])
         return 0, 0, 0
+
+
+def start_server_child(command: list[str], output_path: Path, accepts: Callable[[], bool],
+                       what: str) -> subprocess.Popen[bytes]:
+    """Start a server in the foreground as our child, its output in `output_path`, and wait
+    until it accepts connections; if it exits first, fail with what it said."""
+    with open(output_path, "ab") as output:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: process.poll() is not None or accepts(), START_TIMEOUT, what)
+        assert process.poll() is None, (
+            f"{what} exited with {process.returncode}: "
+            + output_path.read_text(errors="replace")[-4000:])
+    except BaseException:
+        stop_child(process)
+        raise
+    return process
 
 
 def stop_child(process: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM) -> int | None:
