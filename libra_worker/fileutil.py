@@ -7,8 +7,13 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
+                 sync_directory: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    `sync_directory=False` leaves the rename to the caller's next `fsync_directory` of the
+    same directory (a crash before then leaves the old file or the new one).
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,7 +32,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if sync_directory:
+        fsync_directory(path.parent)
 
 
 def _naming(error: OSError, path: Path) -> OSError:

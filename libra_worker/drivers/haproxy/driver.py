@@ -5,6 +5,13 @@ live file atomically -> bring the running HAProxy to it -> record the desired st
 change of nodes only is brought through the Runtime API (see `runtime`); anything else,
 or a runtime change that did not verify, by a master-worker reload (or a start). If any
 step fails, the previous file is put back and HAProxy keeps serving it.
+
+A change of nodes only skips the synchronous `haproxy -c`: its file differs from the
+checked live one in server lines only, and tests/integration/test_server_lines.py proves
+with the real `haproxy -c` that the validator and the shipped template make only server
+lines HAProxy accepts. An operator's own template is not covered by that proof, so with
+one every UPDATE is checked. The state file is the commit point: a restart re-renders the
+live file from it if they differ (`_undo_interrupted_update`).
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ class HAProxyDriver(LoadBalancerDriver):
         self._retired: dict[str, Node] = {}
         # The last accepted Device, parsed once per state-file version.
         self._accepted: tuple[DesiredState, Device | None] | None = None
+        # The configuration text last rendered for an accepted Device.
+        self._rendered: tuple[Device, str] | None = None
 
     # ------------------------------------------------------------------ actions
 
@@ -137,14 +146,19 @@ class HAProxyDriver(LoadBalancerDriver):
             previous = self._read_live_config()
             accepted = self.configured_device()
             self._check_new_ports_free(device)
+            running = desired.lifecycle is not Lifecycle.SUSPENDED and self.process.is_running()
+            plan, reason = (self._runtime_plan(desired, accepted, previous, device)
+                            if running else (None, ""))
+            text = self._render(device)
+            checked = plan is None or not self._template_is_shipped()
             # Always: a later start or reload must come up exactly as this UPDATE says.
-            self._install(self._render(device))
+            self._install(text, checked)
             try:
                 if desired.lifecycle is Lifecycle.SUSPENDED:
                     LOG.info("Suspended: the new configuration is kept for ENABLE")
-                elif self.process.is_running():
+                elif running:
                     self.logs.ensure_running()
-                    self._apply_to_running(desired, accepted, previous, device)
+                    self._apply_to_running(plan, reason, accepted, checked)
                 else:
                     self._start()
             except WorkerError:
@@ -153,6 +167,7 @@ class HAProxyDriver(LoadBalancerDriver):
             lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
             saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
             self._accepted = (saved, device)  # what the state file now holds, already parsed
+            self._rendered = (device, text)
 
     def suspend(self) -> None:
         """Also a PASS on a device never configured or deleted, as in Libra: nothing
@@ -292,15 +307,14 @@ class HAProxyDriver(LoadBalancerDriver):
                 if self._lock_depth == 0:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _apply_to_running(self, desired: DesiredState, accepted: Device | None,
-                          previous: str | None, device: Device) -> None:
+    def _apply_to_running(self, plan: runtime.RuntimePlan | None, reason: str,
+                          accepted: Device | None, checked: bool) -> None:
         """Apply a node-only change through the Runtime API; reload for anything else.
 
         The new file is already installed; a reload is also the way back from a runtime
         change that HAProxy refused or that did not verify.
         """
-        plan, reason = self._runtime_plan(desired, accepted, previous, device)
-        if plan is not None:
+        if plan is not None and accepted is not None:
             try:
                 retired = runtime.apply_plan(
                     plan, self.files.stats_socket, timeout=self.settings.command_timeout
@@ -315,6 +329,8 @@ class HAProxyDriver(LoadBalancerDriver):
                 self._retired.update({name: removed[name] for name in retired})
                 LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
                 return
+        if not checked:
+            self.process.check(self.files.config)
         self._reload()
         LOG.info("UPDATE reloaded HAProxy: %s", reason)
 
@@ -331,7 +347,11 @@ class HAProxyDriver(LoadBalancerDriver):
             return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         # The running HAProxy serves the live file; a change to the template (or a hand
         # edit) since then would not be carried by node commands alone.
-        if self._render(accepted) != previous:
+        if self._rendered is not None and self._rendered[0] is accepted:
+            expected = self._rendered[1]
+        else:
+            expected = self._render(accepted)
+        if expected != previous:
             return None, "the live file differs from the last UPDATE's rendering"
         return plan, ""
 
@@ -345,8 +365,20 @@ class HAProxyDriver(LoadBalancerDriver):
         )
         return render.render(self.templates, context)
 
-    def _install(self, text: str) -> None:
-        """Write the candidate, prove it with `haproxy -c`, then swap it in atomically."""
+    def _template_is_shipped(self) -> bool:
+        template_dir = self.settings.template_dir
+        return template_dir is None or not (template_dir / render.TEMPLATE_NAME).exists()
+
+    def _install(self, text: str, checked: bool = True) -> None:
+        """Write the candidate, prove it with `haproxy -c`, then swap it in atomically.
+
+        Unchecked (a node-only change, see the module's docstring), the file is replaced
+        at once; its directory entry is made durable by the state save that follows, in
+        the same directory, before the UPDATE can reply PASS.
+        """
+        if not checked:
+            atomic_write(self.files.config, text, sync_directory=False)
+            return
         atomic_write(self.files.candidate, text)
         try:
             self.process.check(self.files.candidate)
