@@ -9,6 +9,8 @@ failure; afterwards the traffic must reach exactly the new node set.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -102,6 +104,30 @@ def test_adding_nodes_under_traffic_needs_no_reload(worker, http_backend, free_p
     config = worker.haproxy_config()
     assert f"server add-c 127.0.0.1:{c.port} weight 1 check" in config
     assert f"server add-d 127.0.0.1:{d.port} weight 1 check inter 30s fall 2 rise 2 disabled" in config
+
+
+def test_haproxy_killed_after_an_unchecked_runtime_update_restarts_serving_it(
+        worker, http_backend, free_port):
+    """A node-only UPDATE writes the live file without a synchronous `haproxy -c`. HAProxy
+    killed with SIGKILL right after its PASS comes back (the reconciler) from that file,
+    which the real `haproxy -c` accepts, serving exactly that UPDATE's nodes."""
+    a, b, c = (http_backend(name) for name in ("k9rt-a", "k9rt-b", "k9rt-c"))
+    port = free_port()
+    workers = start_lb(worker, port, [a.node(), b.node()])
+
+    reply = worker.submit(update(lb("HTTP", port, [b.node(weight=3), c.node()])))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    assert_applied_at_runtime(worker, workers, 0)
+    worker.haproxy.check(worker.state_dir / "haproxy.cfg")
+    pids = worker.haproxy.our_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: worker.haproxy.master_pid() not in (None, *pids), 10,
+               "the reconciler to restart HAProxy")
+    wait_until(lambda: set(traffic(url(port), 20)[0]) == {"k9rt-b", "k9rt-c"}, 10,
+               "the restarted HAProxy to serve the UPDATE's nodes")
+    assert {(s[1], s[4]) for s in served_servers(worker)} == {("k9rt-b", 3), ("k9rt-c", 1)}
 
 
 def test_removing_nodes_under_traffic_needs_no_reload(worker, http_backend, free_port):
