@@ -8,11 +8,11 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
-                 sync_directory: bool = True) -> None:
+                 durable: bool = True) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    `sync_directory=False` leaves the rename to the caller's next `fsync_directory` of the
-    same directory (a crash before then leaves the old file or the new one).
+    `durable=False` skips both fsyncs, for a file the caller can rebuild after a power cut
+    (a reader still sees the old file or the new one, never half of one).
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -23,7 +23,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as exc:
@@ -32,7 +33,7 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    if sync_directory:
+    if durable:
         fsync_directory(path.parent)
 
 

@@ -34,7 +34,7 @@ from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import ConfigCheckFailed, InvalidMessage, StatsUnavailable, WorkerError
-from libra_worker.fileutil import atomic_write, fsync_directory
+from libra_worker.fileutil import atomic_write
 from libra_worker.logsink import LogSink
 from libra_worker.messages import ArchiveRequest, Device, Node, device_document, parse_device
 from libra_worker.netcheck import bind_problem
@@ -373,13 +373,15 @@ class HAProxyDriver(LoadBalancerDriver):
         """Write the candidate, prove it with `haproxy -c`, then swap it in atomically.
 
         Unchecked (a node-only change, see the module's docstring), the file is replaced
-        at once; its directory entry is made durable by the state save that follows, in
-        the same directory, before the UPDATE can reply PASS.
+        at once. Neither is fsynced: the state file, saved next in the same directory, is
+        the commit point (its directory fsync makes this rename durable too), and at
+        start-up `_undo_interrupted_update` re-renders the live file from it whenever they
+        differ, a file torn by a power cut included.
         """
         if not checked:
-            atomic_write(self.files.config, text, sync_directory=False)
+            atomic_write(self.files.config, text, durable=False)
             return
-        atomic_write(self.files.candidate, text)
+        atomic_write(self.files.candidate, text, durable=False)
         try:
             self.process.check(self.files.candidate)
         except ConfigCheckFailed:
@@ -390,7 +392,6 @@ class HAProxyDriver(LoadBalancerDriver):
             self.files.candidate.unlink(missing_ok=True)
             raise
         os.replace(self.files.candidate, self.files.config)
-        fsync_directory(self.files.root)
 
     def _check_new_ports_free(self, device: Device) -> None:
         """Refuse a port HAProxy cannot listen on (held by another program, privileged,
