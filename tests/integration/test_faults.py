@@ -708,6 +708,32 @@ def test_a_hung_update_times_out_is_journaled_and_leaves_the_old_config_serving(
     assert journal_states(worker)[-1][:2] == ("UPDATE", "COMPLETE")
 
 
+def test_node_only_updates_skip_the_check_only_with_the_shipped_template(workers, http_backend):
+    """The proof behind an unchecked node-only UPDATE covers the shipped template only
+    (test_server_lines.py): with an operator's own template every UPDATE is checked."""
+    a, b = http_backend("tpl-a"), http_backend("tpl-b")
+    for own_template in (False, True):
+        root = workers.new_root()
+        stand_in = StandInHAProxy(root / "bin")
+        workers.cleanups.append(stand_in.kill_leftovers)
+        haproxy = {"binary": str(stand_in.path)}
+        if own_template:
+            (root / "templates").mkdir()
+            shutil.copy(REPO_ROOT / "templates" / "haproxy.cfg.j2", root / "templates")
+            haproxy["template_dir"] = str(root / "templates")
+        worker = workers(root=root, settings={"haproxy": haproxy})
+        port = free_port()
+        passed(worker.submit(update(lb("HTTP", port, [a.node()]))))
+        stand_in.mode("slow")  # records every `haproxy -c`
+
+        passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
+
+        assert len(stand_in.check_pids()) == (1 if own_template else 0), own_template
+        assert "UPDATE applied at runtime" in worker.log_text()
+        served_by(port, {"tpl-a", "tpl-b"})
+        stand_in.mode(None)
+
+
 def test_a_timed_out_check_leaves_no_process_of_a_wrapper_binary(workers, http_backend):
     worker, stand_in = workers.with_stand_in()
     a, b = http_backend("wrap-a"), http_backend("wrap-b")

@@ -346,8 +346,11 @@ class HAProxyDriver(LoadBalancerDriver):
         if plan is None:
             return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         # The running HAProxy serves the live file; a change to the template (or a hand
-        # edit) since then would not be carried by node commands alone.
-        if self._rendered is not None and self._rendered[0] is accepted:
+        # edit) since then would not be carried by node commands alone. The shipped
+        # template changes only with the code, so its last rendering can be reused; an
+        # operator's template may be edited at any time.
+        if (self._rendered is not None and self._rendered[0] is accepted
+                and self._template_is_shipped()):
             expected = self._rendered[1]
         else:
             expected = self._render(accepted)
