@@ -18,7 +18,8 @@ Two modes, same config text (rendered by the worker's own renderer), same schedu
 Reported per mode: requests, failed requests (wrk's connect/read/write errors and
 timeouts), HTTP errors (status >= 400, which wrk counts as non-2xx/3xx; the backends only
 answer 200 and nothing here redirects), requests/s, and the latency of each change.
-Target: 0 failed requests for libra-worker.
+Targets: 0 failed requests for libra-worker; keep-alive requests/s >= 0.95x the baseline's
+in the same run (issue 11: no throughput tax).
 
 Usage: python bench/traffic_during_changes.py [--duration 30] [--interval 0.5]
        [--connections 32] [--threads 2] [--out-dir DIR] [--no-plot]
@@ -42,6 +43,7 @@ WRK = "/usr/bin/wrk"
 BACKEND_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 CONNECTION_MODES = ("keep-alive", "close")
 LB_MODES = ("libra-worker", "baseline: haproxy -D -sf")
+THROUGHPUT_TARGET = 0.95
 
 # wrk calls done() once, after the run: print the summary as one JSON line.
 WRK_SCRIPT = r"""
@@ -282,8 +284,12 @@ def verdict(results: list[dict[str, Any]]) -> str:
     failed = sum(r["failed"] + r["http_errors"] for r in worker)
     bad_changes = sum(r["change_failures"] for r in worker)
     met = "MET" if failed == 0 and bad_changes == 0 else "MISSED"
+    rps = {(r["mode"], r["connection"]): r["rps"] for r in results}
+    tax = c.ratio(rps.get((LB_MODES[0], "keep-alive"), 0), rps.get((LB_MODES[1], "keep-alive"), 0))
     return (f"Target 0 failed requests for libra-worker: {met} ({failed} failed or HTTP >= 400 "
-            f"over {sum(r['requests'] for r in worker)} requests; {bad_changes} UPDATEs failed).")
+            f"over {sum(r['requests'] for r in worker)} requests; {bad_changes} UPDATEs failed). "
+            f"Target keep-alive req/s >= {THROUGHPUT_TARGET:g}x the baseline: "
+            f"{'MET' if tax >= THROUGHPUT_TARGET else 'MISSED'} ({c.fmt_ratio(tax)}).")
 
 
 def plot(results: list[dict[str, Any]], plt, path: Path) -> None:
