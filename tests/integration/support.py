@@ -467,6 +467,9 @@ class Worker:
             f"bind_address = {LOOPBACK}",
             "command_timeout = 15",
             "stop_grace = 3",
+            # Tests read "applied at runtime" from unchanged HAProxy workers; the reload that
+            # follows a runtime add has its own test (test_runtime_changes.py).
+            "consolidate_after = 0",
         ]
         if self.archive_timeout is not None:
             lines += ["", "[archive]", f"timeout = {self.archive_timeout}"]

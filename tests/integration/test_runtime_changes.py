@@ -130,6 +130,39 @@ def test_haproxy_killed_after_an_unchecked_runtime_update_restarts_serving_it(
     assert {(s[1], s[4]) for s in served_servers(worker)} == {("k9rt-b", 3), ("k9rt-c", 1)}
 
 
+def test_servers_added_at_runtime_become_file_servers_once_updates_are_quiet(
+        worker_factory, http_backend, free_port):
+    """HAProxy 2.6 reuses no connection to a server added at runtime, so a hitless reload
+    follows once UPDATEs are quiet for `consolidate_after`: the UPDATE itself does not
+    wait for it, and no request fails across it."""
+    worker = worker_factory(start=False)
+    worker.config_path.write_text(worker.config_path.read_text().replace(
+        "consolidate_after = 0\n", "consolidate_after = 0.5\n"))
+    worker.start()
+    a, b = http_backend("quiet-a"), http_backend("quiet-b")
+    port = free_port()
+    workers = start_lb(worker, port, [a.node()])
+
+    with TrafficLoop(url(port)) as loop:
+        reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node()])))
+        assert reply["hpcs_response"] == "PASS", reply
+        assert RUNTIME_LINE in worker.log_text()
+        wait_until(lambda: "servers added at runtime reuse connections" in worker.log_text(),
+                   10, "the reload after the runtime add")
+        after = loop.total
+        wait_until(lambda: loop.total >= after + REQUESTS_AFTER, 20, "requests after the reload")
+
+    assert loop.errors == [], loop.errors[:5]
+    assert set(current_workers(worker)).isdisjoint(workers)
+    assert set(traffic(url(port), 10)[0]) == {"quiet-a", "quiet-b"}
+    # Only a runtime add calls for it: a re-weighting alone leaves the workers alone.
+    workers = current_workers(worker)
+    passed_update = worker.submit(update(lb("HTTP", port, [a.node(), b.node(weight=3)])))
+    assert passed_update["hpcs_response"] == "PASS", passed_update
+    time.sleep(1.5)
+    assert current_workers(worker) == workers
+
+
 def test_removing_nodes_under_traffic_needs_no_reload(worker, http_backend, free_port):
     a, b, c = (http_backend(name) for name in ("rm-a", "rm-b", "rm-c"))
     port = free_port()

@@ -90,6 +90,10 @@ class HAProxyDriver(LoadBalancerDriver):
         self._accepted: tuple[DesiredState, Device | None] | None = None
         # The configuration text last rendered for an accepted Device.
         self._rendered: tuple[Device, str] | None = None
+        # Servers added at runtime serve without connection reuse until a reload; the
+        # consolidation timer of the latest such UPDATE (see `_consolidate`).
+        self._added_at_runtime = False
+        self._consolidation: threading.Timer | None = None
 
     # ------------------------------------------------------------------ actions
 
@@ -142,6 +146,7 @@ class HAProxyDriver(LoadBalancerDriver):
 
     def update(self, device: Device) -> None:
         with self._exclusive():
+            self._cancel_consolidation()
             desired = self.store.load()
             previous = self._read_live_config()
             accepted = self.configured_device()
@@ -168,6 +173,8 @@ class HAProxyDriver(LoadBalancerDriver):
             saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
             self._accepted = (saved, device)  # what the state file now holds, already parsed
             self._rendered = (device, text)
+            if self._added_at_runtime:
+                self._schedule_consolidation()
 
     def suspend(self) -> None:
         """Also a PASS on a device never configured or deleted, as in Libra: nothing
@@ -324,6 +331,7 @@ class HAProxyDriver(LoadBalancerDriver):
             else:
                 for name in plan.added:
                     self._retired.pop(name, None)
+                self._added_at_runtime = self._added_at_runtime or bool(plan.added)
                 removed = {f"{render.PROXY_NAMES[lb.protocol]}/{node.id}": node
                            for lb in accepted.loadbalancers for node in lb.nodes}
                 self._retired.update({name: removed[name] for name in retired})
@@ -431,10 +439,49 @@ class HAProxyDriver(LoadBalancerDriver):
         self.logs.ensure_running()
         self.process.start()
         self._retired.clear()
+        self._added_at_runtime = False
 
     def _reload(self) -> None:
         self.process.reload()
         self._retired.clear()  # the new worker generation reads only the file
+        self._added_at_runtime = False
+
+    def _schedule_consolidation(self) -> None:
+        if self.settings.consolidate_after > 0:
+            self._consolidation = threading.Timer(self.settings.consolidate_after,
+                                                  self._consolidate)
+            self._consolidation.daemon = True
+            self._consolidation.start()
+
+    def _cancel_consolidation(self) -> None:
+        if self._consolidation is not None:
+            self._consolidation.cancel()
+            self._consolidation = None
+
+    def _consolidate(self) -> None:
+        """Reload once UPDATEs are quiet, so that servers added at runtime reuse connections.
+
+        Measured on HAProxy 2.6.12: a server added with `add server` opens a new connection
+        for every request (no idle-connection reuse, with any `http-reuse` or `pool-*`
+        setting), which halved keep-alive throughput to it; the same server read from the
+        file reuses them. Runs on the timer's thread; a newer UPDATE cancels it or, if
+        it already waits for the lock, is seen by `self._consolidation` having changed.
+        """
+        timer = threading.current_thread()
+        try:
+            with self._exclusive():
+                if self._consolidation is not timer or not self._added_at_runtime:
+                    return
+                self._consolidation = None
+                if (self.store.load().lifecycle is not Lifecycle.ACTIVE
+                        or not self.process.is_running()):
+                    return
+                self.process.check(self.files.config)
+                self._reload()
+                LOG.info("Reloaded HAProxy so that the servers added at runtime reuse connections")
+        except (WorkerError, OSError) as exc:
+            # The added servers keep serving as they are; the next UPDATE tries again.
+            LOG.warning("The reload after servers were added at runtime failed: %s", exc)
 
     def _delete_retired(self) -> None:
         deadline = time.monotonic() + self.settings.command_timeout
