@@ -90,9 +90,9 @@ class HAProxyDriver(LoadBalancerDriver):
         self._accepted: tuple[DesiredState, Device | None] | None = None
         # The configuration text last rendered for an accepted Device.
         self._rendered: tuple[Device, str] | None = None
-        # Servers added at runtime serve without connection reuse until a reload; the
-        # consolidation timer of the latest such UPDATE (see `_consolidate`).
-        self._added_at_runtime = False
+        # Servers ("backend/name") added at runtime and still serving: without connection
+        # reuse until a reload; the timer of the reload for them (see `_consolidate`).
+        self._added_at_runtime: set[str] = set()
         self._consolidation: threading.Timer | None = None
 
     # ------------------------------------------------------------------ actions
@@ -331,7 +331,8 @@ class HAProxyDriver(LoadBalancerDriver):
             else:
                 for name in plan.added:
                     self._retired.pop(name, None)
-                self._added_at_runtime = self._added_at_runtime or bool(plan.added)
+                self._added_at_runtime |= set(plan.added)
+                self._added_at_runtime -= set(plan.removals)
                 removed = {f"{render.PROXY_NAMES[lb.protocol]}/{node.id}": node
                            for lb in accepted.loadbalancers for node in lb.nodes}
                 self._retired.update({name: removed[name] for name in retired})
@@ -439,12 +440,12 @@ class HAProxyDriver(LoadBalancerDriver):
         self.logs.ensure_running()
         self.process.start()
         self._retired.clear()
-        self._added_at_runtime = False
+        self._added_at_runtime.clear()
 
     def _reload(self) -> None:
         self.process.reload()
         self._retired.clear()  # the new worker generation reads only the file
-        self._added_at_runtime = False
+        self._added_at_runtime.clear()
 
     def _schedule_consolidation(self) -> None:
         if self.settings.consolidate_after > 0:
