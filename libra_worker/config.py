@@ -155,7 +155,7 @@ class HAProxySettings:
     reload_retry_wait: float = 1.0
     # Quiet seconds after an UPDATE added servers at runtime before a reload makes them
     # file servers (HAProxy 2.6 reuses no connection to a server added at runtime); 0: never.
-    consolidate_after: float = 0.25
+    consolidate_after: float = 0.1
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
