@@ -153,6 +153,9 @@ class HAProxySettings:
     stop_grace: float = 5.0
     reload_attempts: int = 3
     reload_retry_wait: float = 1.0
+    # Quiet seconds after an UPDATE added servers at runtime before a reload makes them
+    # file servers (HAProxy 2.6 reuses no connection to a server added at runtime); 0: never.
+    consolidate_after: float = 0.1
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
@@ -349,6 +352,9 @@ def _build(parser: StrictParser) -> Config:
                                       fallback=defaults.reload_attempts, at_least=1),
         reload_retry_wait=parser.getfloat(
             "haproxy", "reload_retry_wait", fallback=defaults.reload_retry_wait, at_least=0
+        ),
+        consolidate_after=parser.getfloat(
+            "haproxy", "consolidate_after", fallback=defaults.consolidate_after, at_least=0
         ),
         template_dir=_path(parser.get("haproxy", "template_dir", fallback="")),
         log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes,

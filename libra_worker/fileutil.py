@@ -8,8 +8,13 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
+                 durable: bool = True) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    `durable=False` skips both fsyncs, for a file the caller can rebuild after a power cut
+    (a reader still sees the old file or the new one, never half of one).
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -19,7 +24,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as exc:
@@ -28,7 +34,8 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def _naming(error: OSError, path: Path) -> OSError:

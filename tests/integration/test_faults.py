@@ -685,7 +685,9 @@ def test_a_hung_update_times_out_is_journaled_and_leaves_the_old_config_serving(
     stand_in.mode("hang")
     with TrafficLoop(url(port)) as loop:
         sent = time.monotonic()
-        reply = worker.submit(update(lb("HTTP", port, [b.node(), c.node()])), timeout=20)
+        # More than a node change: only such an UPDATE runs `haproxy -c` before replying.
+        reply = worker.submit(update(lb("HTTP", port, [b.node(), c.node()],
+                                        algorithm="LEAST_CONNECTIONS")), timeout=20)
         answered_after = time.monotonic() - sent
         stats = worker.submit("STATS", timeout=10)
         discover = worker.submit("DISCOVER", timeout=10)
@@ -717,6 +719,32 @@ def test_a_hung_update_times_out_is_journaled_and_leaves_the_old_config_serving(
     assert journal_states(worker)[-1][:2] == ("UPDATE", "COMPLETE")
 
 
+def test_node_only_updates_skip_the_check_only_with_the_shipped_template(workers, http_backend):
+    """The proof behind an unchecked node-only UPDATE covers the shipped template only
+    (test_server_lines.py): with an operator's own template every UPDATE is checked."""
+    a, b = http_backend("tpl-a"), http_backend("tpl-b")
+    for own_template in (False, True):
+        root = workers.new_root()
+        stand_in = StandInHAProxy(root / "bin")
+        workers.cleanups.append(stand_in.kill_leftovers)
+        haproxy = {"binary": str(stand_in.path)}
+        if own_template:
+            (root / "templates").mkdir()
+            shutil.copy(REPO_ROOT / "templates" / "haproxy.cfg.j2", root / "templates")
+            haproxy["template_dir"] = str(root / "templates")
+        worker = workers(root=root, settings={"haproxy": haproxy})
+        port = free_port()
+        passed(worker.submit(update(lb("HTTP", port, [a.node()]))))
+        stand_in.mode("slow")  # records every `haproxy -c`
+
+        passed(worker.submit(update(lb("HTTP", port, [a.node(), b.node()]))))
+
+        assert len(stand_in.check_pids()) == (1 if own_template else 0), own_template
+        assert "UPDATE applied at runtime" in worker.log_text()
+        served_by(port, {"tpl-a", "tpl-b"})
+        stand_in.mode(None)
+
+
 def test_a_timed_out_check_leaves_no_process_of_a_wrapper_binary(workers, http_backend):
     worker, stand_in = workers.with_stand_in()
     a, b = http_backend("wrap-a"), http_backend("wrap-b")
@@ -724,7 +752,8 @@ def test_a_timed_out_check_leaves_no_process_of_a_wrapper_binary(workers, http_b
     passed(worker.submit(update(lb("HTTP", port, [a.node()]))))
     worker.set_timeout("update", 0.5)
     stand_in.mode("hang-child")
-    reply = worker.submit(update(lb("HTTP", port, [b.node()])), timeout=20)
+    reply = worker.submit(update(lb("HTTP", port, [b.node()], algorithm="LEAST_CONNECTIONS")),
+                          timeout=20)
     assert reply["hpcs_response"] == "FAIL" and "timeout" in reply["hpcs_error"], reply
     served_by(port, {"wrap-a"})
     children = stand_in.check_pids("child-pids")
@@ -820,7 +849,9 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
     worker, stand_in = workers.with_stand_in(servers=[server.address])
     a, b, c = http_backend("gm-a"), http_backend("gm-b"), http_backend("gm-c")
     port = free_port()
-    old, new = lb("HTTP", port, [a.node(), b.node()]), lb("HTTP", port, [b.node(), c.node()])
+    old = lb("HTTP", port, [a.node(), b.node()])
+    # More than a node change: only such an UPDATE runs `haproxy -c` before replying.
+    new = lb("HTTP", port, [b.node(), c.node()], algorithm="LEAST_CONNECTIONS")
     passed(worker.submit(update(old)))
     worker.set_timeout("update", 2)
 
@@ -986,8 +1017,9 @@ def test_sigterm_drains_a_slow_update_and_a_second_sigterm_exits_at_once(workers
 
     stand_in.mode("slow")  # `haproxy -c` takes 1 s: a known point in the middle of the job
     with TrafficLoop(url(port)) as loop:
-        thread, outcome = run_in_thread(
-            lambda: worker.submit(update(lb("HTTP", port, [b.node(), c.node()])), timeout=30))
+        # More than node changes (the algorithm flips): only those run `haproxy -c`.
+        thread, outcome = run_in_thread(lambda: worker.submit(update(lb(
+            "HTTP", port, [b.node(), c.node()], algorithm="LEAST_CONNECTIONS")), timeout=30))
         wait_until(lambda: stand_in.check_pids(), 10, "the UPDATE to reach `haproxy -c`")
         worker.terminate()
         assert worker.wait() == 0
@@ -997,8 +1029,8 @@ def test_sigterm_drains_a_slow_update_and_a_second_sigterm_exits_at_once(workers
 
         # Cold: a second SIGTERM ends the worker at once, job unanswered (exit 1).
         worker.start()
-        thread, outcome = run_in_thread(
-            lambda: worker.submit(update(lb("HTTP", port, [a.node(), c.node()])), timeout=30))
+        thread, outcome = run_in_thread(lambda: worker.submit(update(lb(
+            "HTTP", port, [a.node(), c.node()], algorithm="ROUND_ROBIN")), timeout=30))
         wait_until(lambda: len(stand_in.check_pids()) == 2, 10, "the second UPDATE to reach `haproxy -c`")
         worker.terminate()
         time.sleep(0.1)

@@ -9,6 +9,8 @@ failure; afterwards the traffic must reach exactly the new node set.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -102,6 +104,63 @@ def test_adding_nodes_under_traffic_needs_no_reload(worker, http_backend, free_p
     config = worker.haproxy_config()
     assert f"server add-c 127.0.0.1:{c.port} weight 1 check" in config
     assert f"server add-d 127.0.0.1:{d.port} weight 1 check inter 30s fall 2 rise 2 disabled" in config
+
+
+def test_haproxy_killed_after_an_unchecked_runtime_update_restarts_serving_it(
+        worker, http_backend, free_port):
+    """A node-only UPDATE writes the live file without a synchronous `haproxy -c`. HAProxy
+    killed with SIGKILL right after its PASS comes back (the reconciler) from that file,
+    which the real `haproxy -c` accepts, serving exactly that UPDATE's nodes."""
+    a, b, c = (http_backend(name) for name in ("k9rt-a", "k9rt-b", "k9rt-c"))
+    port = free_port()
+    workers = start_lb(worker, port, [a.node(), b.node()])
+
+    reply = worker.submit(update(lb("HTTP", port, [b.node(weight=3), c.node()])))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    assert_applied_at_runtime(worker, workers, 0)
+    worker.haproxy.check(worker.state_dir / "haproxy.cfg")
+    pids = worker.haproxy.our_pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: worker.haproxy.master_pid() not in (None, *pids), 10,
+               "the reconciler to restart HAProxy")
+    wait_until(lambda: set(traffic(url(port), 20)[0]) == {"k9rt-b", "k9rt-c"}, 10,
+               "the restarted HAProxy to serve the UPDATE's nodes")
+    assert {(s[1], s[4]) for s in served_servers(worker)} == {("k9rt-b", 3), ("k9rt-c", 1)}
+
+
+def test_servers_added_at_runtime_become_file_servers_once_updates_are_quiet(
+        worker_factory, http_backend, free_port):
+    """HAProxy 2.6 reuses no connection to a server added at runtime, so a hitless reload
+    follows once UPDATEs are quiet for `consolidate_after`: the UPDATE itself does not
+    wait for it, and no request fails across it."""
+    worker = worker_factory(start=False)
+    worker.config_path.write_text(worker.config_path.read_text().replace(
+        "consolidate_after = 0\n", "consolidate_after = 0.5\n"))
+    worker.start()
+    a, b = http_backend("quiet-a"), http_backend("quiet-b")
+    port = free_port()
+    workers = start_lb(worker, port, [a.node()])
+
+    with TrafficLoop(url(port)) as loop:
+        reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node()])))
+        assert reply["hpcs_response"] == "PASS", reply
+        assert RUNTIME_LINE in worker.log_text()
+        wait_until(lambda: "servers added at runtime reuse connections" in worker.log_text(),
+                   10, "the reload after the runtime add")
+        after = loop.total
+        wait_until(lambda: loop.total >= after + REQUESTS_AFTER, 20, "requests after the reload")
+
+    assert loop.errors == [], loop.errors[:5]
+    assert set(current_workers(worker)).isdisjoint(workers)
+    assert set(traffic(url(port), 10)[0]) == {"quiet-a", "quiet-b"}
+    # Only a runtime add calls for it: a re-weighting alone leaves the workers alone.
+    workers = current_workers(worker)
+    passed_update = worker.submit(update(lb("HTTP", port, [a.node(), b.node(weight=3)])))
+    assert passed_update["hpcs_response"] == "PASS", passed_update
+    time.sleep(1.5)
+    assert current_workers(worker) == workers
 
 
 def test_removing_nodes_under_traffic_needs_no_reload(worker, http_backend, free_port):
@@ -267,18 +326,18 @@ def test_a_backup_flag_change_reloads(worker, http_backend, free_port):
 
 def test_a_verification_mismatch_reloads_and_the_reload_repairs_it(worker, http_backend, free_port):
     port, a, b = reload_case(http_backend, free_port, "drift")
-    c = http_backend("drift-c")
     workers = start_lb(worker, port, [a.node(), b.node()])
-    # Someone changed the running HAProxy behind the worker's back.
-    assert stats_command(worker, "set server lb-http/drift-a weight 9").strip() == ""
+    # Someone changed the running HAProxy behind the worker's back, on a server the UPDATE
+    # touches (only those are verified: the cost follows the change, not the backend).
+    assert stats_command(worker, "set server lb-http/drift-b state maint").strip() == ""
 
-    reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node(), c.node()])))
+    reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node(weight=2)])))
 
     assert reply["hpcs_response"] == "PASS", reply
     assert_reloaded(worker, workers, "the runtime change failed: the running servers differ "
-                                     "from the UPDATE: lb-http/drift-a has weight 9, not 1")
-    assert {(s[1], s[4]) for s in served_servers(worker)} == {
-        ("drift-a", 1), ("drift-b", 1), ("drift-c", 1)}
+                                     "from the UPDATE: lb-http/drift-b is in maintenance")
+    assert {(s[1], s[4], s[5]) for s in served_servers(worker)} == {
+        ("drift-a", 1, True), ("drift-b", 2, True)}
 
 
 def test_a_refused_runtime_command_reloads(worker, http_backend, free_port):

@@ -26,7 +26,7 @@ CASES = {
     "update_latency": (["--sizes", "1,10", "--iterations", "2", "--large-iterations", "1"],
                        "floor: check + reload"),
     "traffic_during_changes": (["--duration", "2", "--connections", "4", "--threads", "1",
-                                "--backends", "2"], "req/s vs baseline"),
+                                "--backends", "2", "--rounds", "1"], "req/s vs baseline"),
 }
 
 

@@ -80,15 +80,31 @@ BASE = device(http_lb(node("a", 8001), node("b", 8002, weight=2)))
 # ---------------------------------------------------------------------- the diff: node changes
 
 
-def test_an_identical_update_needs_no_command_but_is_still_verified():
+def test_an_identical_update_needs_no_command_and_touches_no_server():
     plan = plan_node_changes(BASE, BASE)
 
     assert plan is not None
     assert (plan.commands, plan.removals, plan.added, plan.changed) == ((), (), (), ())
     assert plan.backends == ("lb-http",)
+    assert plan.desired == ()
+
+
+def test_an_identical_update_sends_nothing_to_haproxy(fake_socket):
+    fake = fake_socket({})
+
+    assert runtime.apply_plan(plan_node_changes(BASE, BASE), fake.path, timeout=2) == ()
+    assert fake.received == []
+
+
+def test_only_the_changed_servers_are_expected():
+    new = device(http_lb(node("a", 8001), node("b", 8002, weight=3), node("c", 8003)))
+
+    plan = plan_node_changes(BASE, new)
+
+    assert plan is not None
     assert plan.desired == (
-        DesiredServer("lb-http", "a", "127.0.0.2", 8001, 1, False, True),
-        DesiredServer("lb-http", "b", "127.0.0.2", 8002, 2, False, True),
+        DesiredServer("lb-http", "c", "127.0.0.2", 8003, 1, False, True),
+        DesiredServer("lb-http", "b", "127.0.0.2", 8002, 3, False, True),
     )
 
 
@@ -104,7 +120,7 @@ def test_a_new_node_is_added_checked_then_enabled_with_its_config_line_options()
         Command("enable server lb-http/c", ""),
     )
     assert plan.added == ("lb-http/c",)
-    assert [server.name for server in plan.desired] == ["a", "b", "c"]
+    assert [server.name for server in plan.desired] == ["c"]
 
 
 def test_a_new_backup_node_carries_the_backup_keyword():
@@ -157,7 +173,7 @@ def test_a_removed_node_goes_to_maintenance_then_is_deleted():
     assert plan is not None
     assert texts(plan) == ["set server lb-http/b state maint"]
     assert plan.removals == ("lb-http/b",)
-    assert [server.name for server in plan.desired] == ["a"]
+    assert plan.desired == ()
 
 
 def test_removing_every_node_still_verifies_the_emptied_backend():
@@ -245,7 +261,7 @@ def test_both_load_balancers_are_planned_each_on_its_backend():
 
 def test_the_same_node_id_in_both_backends_is_two_servers():
     old = device(http_lb(node("n", 8001)), tcp_lb(node("n", 9001)))
-    new = device(http_lb(node("n", 8001)), tcp_lb())
+    new = device(http_lb(node("n", 8001, weight=5)), tcp_lb())
 
     plan = plan_node_changes(old, new)
 
@@ -334,6 +350,12 @@ SHOW_STAT = (
 )
 
 
+def stat_of(name: str) -> str:
+    """`show stat <be_id> 4 <srv_id>`: the header and that server's line."""
+    return _STAT_HEADER + next(line + "\n" for line in SHOW_STAT.splitlines()
+                               if line.startswith(f"lb-http,{name},"))
+
+
 def running() -> list[RunningServer]:
     return running_servers(parse_servers_state(SERVERS_STATE), parse_stat_csv(SHOW_STAT))
 
@@ -349,6 +371,12 @@ def test_servers_state_and_stat_are_joined_per_server():
     assert (servers["c"].weight, servers["c"].enabled, servers["c"].checked) == (3, True, True)
     # Added, but `enable health` never sent.
     assert (servers["v6"].backup, servers["v6"].disabled, servers["v6"].checked) == (True, True, False)
+
+
+def test_servers_state_rows_can_be_limited_to_named_servers():
+    rows = parse_servers_state(SERVERS_STATE, {"b", "v6", "gone"})
+
+    assert [row["srv_name"] for row in rows] == ["b", "v6"]
 
 
 @pytest.mark.parametrize("answer", [
@@ -522,11 +550,12 @@ def test_a_removed_server_still_connected_is_retired_not_failed(fake_socket):
     plan = plan_node_changes(old, device(http_lb(at("a", 26188), at("c", 31947, weight=3))))
     fake = fake_socket({"set server lb-http/b state maint": "\n",
                         "del server lb-http/b": runtime.STILL_CONNECTED + "\n",
-                        "show servers state": SERVERS_STATE,
-                        "show stat": SHOW_STAT})
+                        "show servers state lb-http": SERVERS_STATE,
+                        "show stat 3 4 2": stat_of("b")})
 
     assert runtime.apply_plan(plan, fake.path, timeout=2) == ("lb-http/b",)
-    assert fake.received.count("del server lb-http/b") == 1
+    assert fake.received == ["set server lb-http/b state maint", "del server lb-http/b",
+                             "show servers state lb-http", "show stat 3 4 2"]
 
 
 def test_retired_servers_are_deleted_once_they_let_go(fake_socket):
@@ -557,15 +586,44 @@ def test_a_dead_stats_socket_fails_the_plan():
 
 
 def test_a_verification_mismatch_fails_the_plan(fake_socket):
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001))))
-    fake = fake_socket({"set server lb-http/b state maint": "\n",
-                        "del server lb-http/b": "Server deleted.\n",
-                        "show servers state": SERVERS_STATE,
-                        "show stat": SHOW_STAT})
+    old = device(http_lb(node("a", 26188), node("c", 31947)))
+    plan = plan_node_changes(old, device(http_lb(node("a", 26188), node("c", 31947, weight=4))))
+    fake = fake_socket({"set server lb-http/c weight 4": "\n",
+                        "show servers state lb-http": SERVERS_STATE,
+                        "show stat 3 4 3": stat_of("c")})
 
     with pytest.raises(RuntimeChangeFailed, match="the running servers differ") as failure:
         runtime.apply_plan(plan, fake.path, timeout=2)
-    assert "lb-http/c should not be running" in str(failure.value)
+    assert "lb-http/c has weight 3, not 4" in str(failure.value)
+    assert "lb-http/a" not in str(failure.value)  # not touched, not read
+
+
+def test_a_server_the_plan_removed_that_still_serves_fails_the_plan(fake_socket):
+    old = device(http_lb(node("a", 26188), node("c", 31947)))
+    plan = plan_node_changes(old, device(http_lb(node("a", 26188))))
+    fake = fake_socket({"set server lb-http/c state maint": "\n",
+                        "del server lb-http/c": runtime.STILL_CONNECTED + "\n",
+                        "show servers state lb-http": SERVERS_STATE,
+                        "show stat 3 4 3": stat_of("c")})
+
+    with pytest.raises(RuntimeChangeFailed, match="lb-http/c should not be running"):
+        runtime.apply_plan(plan, fake.path, timeout=2)
+
+
+def test_many_touched_servers_read_the_backend_stat_at_once(fake_socket):
+    many = [node(f"m{i}", 9000 + i) for i in range(runtime._STAT_BY_ID_MAX + 1)]
+    plan = plan_node_changes(BASE, device(http_lb(*BASE.loadbalancers[0].nodes, *many)))
+    rows = "".join(f"3 lb-http {10 + i} {server.name} 127.0.0.2 2 0 1 1 0 15 3 3 6 0 0 0 - "
+                   f"{server.port} - 0 0 - - 0\n" for i, server in enumerate(plan.desired))
+    stat = _STAT_HEADER + "".join(f"lb-http,{server.name},0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,0,0,x\n"
+                                  for server in plan.desired)
+    answers = {command.text: command.expect + "\n" for command in plan.commands}
+    answers.update({"show servers state lb-http": "\n".join(SERVERS_STATE.split("\n")[:2]) + "\n" + rows,
+                    "show stat 3 4 -1": stat})
+    fake = fake_socket(answers)
+
+    assert runtime.apply_plan(plan, fake.path, timeout=5) == ()
+    assert fake.received[-2:] == ["show servers state lb-http", "show stat 3 4 -1"]
 
 
 def test_the_whole_plan_is_bounded_by_its_timeout(fake_socket):

@@ -24,7 +24,7 @@ from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
 
 LOG = logging.getLogger(__name__)
 
-_POLL_INTERVAL = 0.01
+_POLL_INTERVAL = 0.002  # a reload settles in ~20 ms; polling every 10 ms added 5 ms on average
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
 

@@ -7,7 +7,9 @@ Three small parts, in the order the driver uses them:
   when anything but nodes differs (the caller reloads then).
 * `apply_plan(plan, stats_socket)` sends those commands, each answer checked against the
   exact text HAProxy 2.6 gives on success, deletes removed servers once they are drained,
-  then verifies the running servers against the desired ones.
+  then verifies the servers it touched against the desired ones. Only those: the cost of
+  a change follows its size, not the size of the backend (a 10,000-server `show stat`
+  alone is megabytes of CSV).
 * `parse_servers_state`, `running_servers` and `mismatches` read and compare that state;
   they are pure too, so the verification is unit-tested without HAProxy.
 
@@ -42,7 +44,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Collection, Container, Iterable, Mapping
 
 from libra_worker.drivers.haproxy import render
 from libra_worker.drivers.haproxy.sockets import parse_stat_csv, send_command
@@ -98,8 +100,8 @@ class RuntimePlan:
 
     `commands` add new servers, change kept ones and put removed ones in maintenance,
     in that order, so capacity is added before any is taken away. `removals` are the
-    servers ("backend/name") to delete once drained. `desired` covers every server of
-    `backends`, changed or not, so verification also catches drift.
+    servers ("backend/name") to delete once drained. `desired` covers the servers the
+    plan adds or changes; with `removals` they are all the servers verification reads.
     """
 
     commands: tuple[Command, ...]
@@ -157,7 +159,8 @@ def plan_node_changes(old: Device, new: Device,
         added += [f"{backend}/{node.id}" for node in new_nodes]
         changed += [f"{backend}/{node.id}" for _, node in modified]
         removals += gone
-        desired += [_desired_server(backend, node) for node in after.nodes]
+        desired += [_desired_server(backend, node)
+                    for node in [*new_nodes, *(node for _, node in modified)]]
     backends = tuple(render.PROXY_NAMES[lb.protocol] for lb in new.loadbalancers)
     return RuntimePlan(tuple(commands), tuple(removals), tuple(desired), backends,
                        tuple(added), tuple(changed))
@@ -227,7 +230,11 @@ def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float) -> tupl
     for command in plan.commands:
         _run(stats_socket, command, deadline)
     retired = delete_retired(plan.removals, stats_socket, deadline)
-    problems = mismatches(plan.desired, read_running_servers(stats_socket, deadline),
+    touched = {(server.backend, server.name) for server in plan.desired}
+    touched |= {_backend_and_name(server) for server in plan.removals}
+    if not touched:
+        return retired
+    problems = mismatches(plan.desired, read_running_servers(stats_socket, deadline, touched),
                           plan.backends)
     if problems:
         raise RuntimeChangeFailed("the running servers differ from the UPDATE: " + "; ".join(problems))
@@ -293,22 +300,56 @@ class RunningServer:
         return self.check_state & wanted == wanted
 
 
-def read_running_servers(stats_socket: Path, deadline: float) -> list[RunningServer]:
-    """Every server of every backend, from `show servers state` and `show stat`.
+# Up to this many servers of a backend, each one's `show stat` line is asked for by id;
+# beyond, one whole `show stat` of the backend costs less than that many round trips.
+_STAT_BY_ID_MAX = 8
+
+
+def _backend_and_name(server: str) -> tuple[str, str]:
+    backend, _, name = server.partition("/")
+    return backend, name
+
+
+def read_running_servers(stats_socket: Path, deadline: float,
+                         servers: Collection[tuple[str, str]] | None = None) -> list[RunningServer]:
+    """The given servers (backend, name) as they run, from `show servers state` and
+    `show stat` of their backends only; servers that do not exist are left out. Without
+    `servers`, every server of every backend.
 
     Raises:
         RuntimeChangeFailed: the socket failed or answered something else.
     """
-    state = _send(stats_socket, "show servers state", deadline)
-    stat = _send(stats_socket, "show stat", deadline)
+    if servers is None:
+        state = _send(stats_socket, "show servers state", deadline)
+        stat = _send(stats_socket, "show stat", deadline)
+        try:
+            return running_servers(parse_servers_state(state), parse_stat_csv(stat))
+        except ValueError as exc:
+            raise RuntimeChangeFailed(str(exc)) from None
+    found = []
     try:
-        return running_servers(parse_servers_state(state), parse_stat_csv(stat))
+        for backend in sorted({backend for backend, _ in servers}):
+            names = {name for server_backend, name in servers if server_backend == backend}
+            state = parse_servers_state(
+                _send(stats_socket, f"show servers state {backend}", deadline), names)
+            # By number: the frontend of the same name would answer to the name.
+            if len(state) > _STAT_BY_ID_MAX:
+                stat = parse_stat_csv(_send(
+                    stats_socket, f"show stat {state[0]['be_id']} 4 -1", deadline))
+            else:
+                stat = [row for server in state for row in parse_stat_csv(_send(
+                    stats_socket, f"show stat {server['be_id']} 4 {server['srv_id']}", deadline))]
+            found += running_servers(state, stat)
+    except KeyError as exc:
+        raise RuntimeChangeFailed(f"'show servers state' lacks a field: {exc}") from None
     except ValueError as exc:
         raise RuntimeChangeFailed(str(exc)) from None
+    return found
 
 
-def parse_servers_state(answer: str) -> list[dict[str, str]]:
-    """The rows of a `show servers state` answer (format version 1), keyed by its header.
+def parse_servers_state(answer: str, names: Container[str] | None = None) -> list[dict[str, str]]:
+    """The rows of a `show servers state` answer (format version 1), keyed by its header;
+    with `names`, only the rows of those servers.
 
     Raises:
         ValueError: the answer is not that format.
@@ -317,12 +358,16 @@ def parse_servers_state(answer: str) -> list[dict[str, str]]:
     if len(lines) < 2 or lines[0].strip() != "1" or not lines[1].startswith("# "):
         raise ValueError(f"unexpected answer to 'show servers state': {answer[:200]!r}")
     header = lines[1][2:].split()
+    if names is not None and "srv_name" not in header:
+        raise ValueError(f"'show servers state' has no srv_name column: {lines[1][:200]!r}")
+    name_at = header.index("srv_name") if names is not None else 0
     rows = []
     for line in lines[2:]:
         values = line.split()
         if len(values) != len(header):
             raise ValueError(f"unexpected 'show servers state' line: {line[:200]!r}")
-        rows.append(dict(zip(header, values)))
+        if names is None or values[name_at] in names:
+            rows.append(dict(zip(header, values)))
     return rows
 
 
