@@ -427,10 +427,12 @@ def test_watchdog_pings_through_a_job_within_its_timeout_and_stop_while_the_reco
     port = free_port()
     passed(worker.submit(update(lb("HTTP", port, [node.node()]))))
 
-    # A job that hangs (`haproxy -c` never returns) but is still within its 4 s timeout.
+    # A job that hangs (`haproxy -c` never returns) but is still within its 4 s timeout: a
+    # full change (node-only ones are applied at runtime, with no `haproxy -c`).
     stand_in.mode("hang")
     started = time.monotonic()
-    reply = worker.submit(update(lb("HTTP", port, [node.node(weight=2)])), timeout=20)
+    reply = worker.submit(update(lb("HTTP", port, [node.node()], algorithm="LEAST_CONNECTIONS")),
+                          timeout=20)
     finished = time.monotonic()
     assert reply["hpcs_response"] == "FAIL" and "timeout" in reply["hpcs_error"], reply
     pings = notify_socket.pings(started, finished)
