@@ -123,7 +123,7 @@ def run(config: Config, log_to_stderr: bool) -> int:
             config.timeouts.per_action,
             config.timeouts.default,
         )
-        transport.serve(config.gearman, runner.run, stopping)
+        transport.serve(config.gearman, runner, stopping)
     except Exception:
         LOG.exception("libra-worker stopped on an unexpected error")
         return 1

@@ -78,8 +78,7 @@ class LBaaSController:
             extra = self._actions[message.action](message)
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
-            fields = {**self._failure_fields(message.action.value), **exc.reply_fields}
-            return Outcome(reply(document, str(exc), detail=exc.detail, **fields), exc)
+            return self.failed(message, exc)
         except OSError as exc:
             # A full or read-only state_dir, mostly: the sentence names the directory (a
             # temporary file's name would push the outcome out of what Libra stores), the
@@ -100,6 +99,11 @@ class LBaaSController:
             return Outcome(reply(document, sentence, **self._failure_fields(message.action.value)), exc)
         LOG.debug("%s passed", message.action.value)
         return Outcome(reply(document, **extra))
+
+    def failed(self, message: Message, error: WorkerError) -> Outcome:
+        """The FAIL reply of `message` for `error`."""
+        fields = {**self._failure_fields(message.action.value), **error.reply_fields}
+        return Outcome(reply(message.original, str(error), detail=error.detail, **fields), error)
 
     def _failure_fields(self, action: str) -> dict[str, Any]:
         """The keys Libra's servers read from these replies without checking for FAIL.
