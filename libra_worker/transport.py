@@ -214,7 +214,9 @@ class JobServerWorker(gearman.GearmanWorker):
         self.health.up(self.handler_to_connection_map[command_handler].address)
 
     def handle_error(self, current_connection: JobServerConnection) -> None:
-        self.health.down(current_connection.address, current_connection.last_error)
+        # A read error and a hang-up in the same poll come here twice; the first said why.
+        if current_connection.connected or current_connection.last_error is not None:
+            self.health.down(current_connection.address, current_connection.last_error)
         current_connection.last_error = None
         super().handle_error(current_connection)
 

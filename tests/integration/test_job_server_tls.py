@@ -290,4 +290,4 @@ def test_a_worker_whose_certificate_the_terminator_refuses_says_so(worker_factor
     assert "Registered at job server" not in log and "is back" not in log, log
     assert log.count(expected) == 1, log
     state = json.loads((worker.state_dir / "gearman.status").read_text())["servers"][tunnel.address]
-    assert state["state"] == "down" and expected in state["error"], state
+    assert state["state"] == "down" and expected in state["error"], (state, log)
