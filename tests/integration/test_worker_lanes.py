@@ -9,7 +9,6 @@ every job in hand before the worker exits.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -17,37 +16,18 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from libra_worker.journal import JOURNAL_NAME, Journal
-from tests.integration.support import LOOPBACK, Worker, lb, request_once, update, wait_until
+from tests.integration.support import (
+    LOOPBACK,
+    SilentEndpoint,
+    Worker,
+    lb,
+    request_once,
+    update,
+    wait_until,
+)
 
 ARCHIVE_STALL = 8.0  # [archive] timeout: how long the stalled ARCHIVE holds the mutating lane
 READ_ONLY = ("DISCOVER", "STATS", "METRICS", "DIAGNOSTICS")
-
-
-class SilentEndpoint:
-    """Accepts connections and never says a word (a Swift that hangs)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.listener.getsockname()[1]}/v1/AUTH_stalled"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted.append(connection)
-
-    def close(self) -> None:
-        self.listener.close()
-        for connection in self.accepted:
-            connection.close()
 
 
 @pytest.fixture

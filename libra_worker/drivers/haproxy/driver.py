@@ -191,7 +191,7 @@ class HAProxyDriver(LoadBalancerDriver):
             raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
         if desired.lifecycle is Lifecycle.NEW:
             raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
-        if not self.process.is_running():
+        if not self.process.is_running_beside_reload():
             raise StatsUnavailable(
                 f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
                 status=desired.lifecycle.value,
