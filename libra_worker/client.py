@@ -18,13 +18,15 @@ import json
 import re
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import gearman
 from gearman.client_handler import GearmanClientCommandHandler
-from gearman.constants import JOB_COMPLETE, JOB_FAILED
+from gearman.constants import JOB_COMPLETE, JOB_FAILED, JOB_UNKNOWN
+from gearman.job import GearmanJob, GearmanJobRequest
 
 from libra_worker import __version__
 from libra_worker.config import ConfigError, GearmanSettings, load, parse_servers
@@ -199,14 +201,18 @@ def _submit_jobs(settings: GearmanSettings, functions: list[str], message: str,
     job_client = _Client([])
     job_client.connection_list = connections(settings, JobServerConnection)
     payload = message.encode("utf-8")
+    requests = [GearmanJobRequest(GearmanJob(None, None, function.encode("utf-8"),
+                                             uuid.uuid4().hex, payload))
+                for function in functions]
     try:
-        requests = job_client.submit_multiple_jobs(
-            [{"task": function.encode("utf-8"), "data": payload} for function in functions],
-            poll_timeout=max(timeout - (time.monotonic() - started), 0.001))
+        job_client.submit_multiple_requests(
+            requests, poll_timeout=max(timeout - (time.monotonic() - started), 0.001))
     except gearman.errors.GearmanError as exc:
-        reasons = [c.last_error for c in job_client.connection_list if c.last_error] or [str(exc)]
-        raise Unreachable(f"cannot reach a job server at {_addresses(settings)}: "
-                          f"{'; '.join(dict.fromkeys(reasons))}.") from None
+        # A job server lost mid-sweep: the jobs it had get no reply, the others keep theirs.
+        if all(request.job.handle is None for request in requests):
+            reasons = [c.last_error for c in job_client.connection_list if c.last_error] or [str(exc)]
+            raise Unreachable(f"cannot reach a job server at {_addresses(settings)}: "
+                              f"{'; '.join(dict.fromkeys(reasons))}.") from None
     finally:
         job_client.shutdown()
     return {function: _result(function, request, timeout, started)
@@ -217,6 +223,7 @@ def _result(function: str, request: Any, timeout: float, started: float) -> Resu
     ms = (getattr(request, "answered_at", time.monotonic()) - started) * 1000
     if request.state != JOB_COMPLETE or request.result is None:
         why = ("the job failed without a reply" if request.state == JOB_FAILED
+               else "its job server was lost before the reply" if request.state == JOB_UNKNOWN
                else f"no reply within {timeout:g} s")
         return Result(function, TIMEOUT, ms, why)
     try:
