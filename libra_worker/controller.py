@@ -38,7 +38,9 @@ class LBaaSController:
     def __init__(self, driver: LoadBalancerDriver, diagnostics: Diagnostics | None = None) -> None:
         self.driver = driver
         self.diagnostics = diagnostics or Diagnostics(servers=())
-        self._actions: dict[Action, Callable[[Message], dict[str, Any]]] = {
+        # Each action: (message, job identity) -> the reply's extra keys. Only METRICS uses
+        # the identity: the same job asked again gets the same period.
+        self._actions: dict[Action, Callable[[Message, str | None], dict[str, Any]]] = {
             Action.UPDATE: self._update,
             Action.SUSPEND: self._suspend,
             Action.ENABLE: self._enable,
@@ -72,10 +74,11 @@ class LBaaSController:
                            if key.lower() == "hpcs_action" and isinstance(value, str)), "")
             return {**bad_request(document, str(exc)), **self._failure_fields(action.upper())}
 
-    def execute(self, message: Message) -> Outcome:
+    def execute(self, message: Message, job: str | None = None) -> Outcome:
+        """Run a validated message; `job` identifies the Gearman job (handle and unique id)."""
         document = message.original
         try:
-            extra = self._actions[message.action](message)
+            extra = self._actions[message.action](message, job)
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
             return self.failed(message, exc)
@@ -120,32 +123,32 @@ class LBaaSController:
 
     # ------------------------------------------------------------------ actions
 
-    def _update(self, message: Message) -> dict[str, Any]:
+    def _update(self, message: Message, _job: str | None) -> dict[str, Any]:
         assert message.device is not None
         self.driver.update(message.device)
         return {}
 
-    def _suspend(self, message: Message) -> dict[str, Any]:
+    def _suspend(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.suspend()
         return {}
 
-    def _enable(self, message: Message) -> dict[str, Any]:
+    def _enable(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.enable()
         return {}
 
-    def _delete(self, message: Message) -> dict[str, Any]:
+    def _delete(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.delete()
         return {}
 
-    def _discover(self, message: Message) -> dict[str, Any]:
+    def _discover(self, message: Message, _job: str | None) -> dict[str, Any]:
         return {"version": __version__, "release": RELEASE}
 
-    def _archive(self, message: Message) -> dict[str, Any]:
+    def _archive(self, message: Message, _job: str | None) -> dict[str, Any]:
         assert message.archive is not None
         result = self.driver.archive(message.archive)
         return {"archive": result}
 
-    def _stats(self, message: Message) -> dict[str, Any]:
+    def _stats(self, message: Message, _job: str | None) -> dict[str, Any]:
         stats = self.driver.stats()
         return {
             "status": stats.state,
@@ -158,8 +161,8 @@ class LBaaSController:
             ],
         }
 
-    def _metrics(self, message: Message) -> dict[str, Any]:
-        period = self.driver.metrics()
+    def _metrics(self, message: Message, job: str | None) -> dict[str, Any]:
+        period = self.driver.metrics(job)
         return {
             "utc_start": period.utc_start,
             "utc_end": period.utc_end,
@@ -168,5 +171,5 @@ class LBaaSController:
                               for protocol, sent in period.bytes_out],
         }
 
-    def _diagnostics(self, message: Message) -> dict[str, Any]:
+    def _diagnostics(self, message: Message, _job: str | None) -> dict[str, Any]:
         return {"release": RELEASE, **self.diagnostics.run(self.driver.health)}

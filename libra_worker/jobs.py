@@ -57,6 +57,9 @@ class Job:
     handle: str
     message: Message | None  # None: refused, and `refusal` is its answer
     timeout: float
+    # The job server's handle and the client's unique id: the same job given out again
+    # (the worker died before answering) has the same identity. None without a unique id.
+    identity: str | None = None
     ticket: JobTicket | None = None
     refusal: Answer | None = None
     accepted: float = field(default_factory=time.monotonic)
@@ -119,15 +122,19 @@ class JobRunner:
         self.timeouts = dict(timeouts or {})
         self.default_timeout = default_timeout
 
-    def run(self, handle: str, payload: bytes) -> Answer:
+    def run(self, handle: str, payload: bytes, unique: str = "") -> Answer:
         """Accept and execute on this (main) thread, under the alarm."""
-        job = self.accept(handle, payload)
+        job = self.accept(handle, payload, unique)
         answer = job.refusal or self.execute(job, alarm=True)
         assert answer is not None  # nothing else could claim the job
         return answer
 
-    def accept(self, handle: str, payload: bytes) -> Job:
-        """Validate and journal a job; a refused one carries its answer already."""
+    def accept(self, handle: str, payload: bytes, unique: str = "") -> Job:
+        """Validate and journal a job; a refused one carries its answer already.
+
+        `unique` is the client's unique id of the job (pygearman makes a random one):
+        without it a handle alone could come back after the job server restarts.
+        """
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
             self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))
@@ -135,7 +142,8 @@ class JobRunner:
             job.claim()
             return job
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
-        return Job(handle, prepared, timeout, self.journal.started(handle, prepared.action.value))
+        return Job(handle, prepared, timeout, f"{handle} {unique}" if unique else None,
+                   self.journal.started(handle, prepared.action.value))
 
     def execute(self, job: Job, alarm: bool) -> Answer | None:
         """Execute an accepted job; None when its deadline answered it first.
@@ -146,9 +154,9 @@ class JobRunner:
         assert job.message is not None and job.ticket is not None
         if alarm:
             with JobTimeout(job.timeout, job.action):
-                outcome = self.controller.execute(job.message)
+                outcome = self.controller.execute(job.message, job.identity)
         else:
-            outcome = self.controller.execute(job.message)
+            outcome = self.controller.execute(job.message, job.identity)
         if not job.claim():
             LOG.warning("Job %s %s finished %.1f s after its %g s timeout; it was answered "
                         "FAIL then", job.handle, job.action, time.monotonic() - job.deadline,

@@ -71,9 +71,9 @@ class JobLanes:
 
     # ------------------------------------------------------------------ the Gearman loop's side
 
-    def take(self, token: Any, handle: str, payload: bytes) -> InHand:
+    def take(self, token: Any, handle: str, payload: bytes, unique: str = "") -> InHand:
         """Accept a grabbed job and put it in its lane; returns at once."""
-        item = InHand(token, self.runner.accept(handle, payload), time.monotonic())
+        item = InHand(token, self.runner.accept(handle, payload, unique), time.monotonic())
         with self._lock:
             self._in_hand[id(item)] = item
         if item.job.refusal is not None:

@@ -152,7 +152,8 @@ class JobServerWorker(gearman.GearmanWorker):
     def on_job_execute(self, current_job: Any) -> bool:
         # The handler of this connection now: after a reconnect, the job is not ours to answer.
         session = self.connection_to_handler_map[current_job.connection]
-        self.lanes.take((current_job, session), _text(current_job.handle), current_job.data)
+        self.lanes.take((current_job, session), _text(current_job.handle), current_job.data,
+                        _text(current_job.unique or ""))
         return True
 
     def still_held(self, token: tuple[Any, Any]) -> bool:

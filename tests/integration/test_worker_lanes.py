@@ -9,6 +9,7 @@ every job in hand before the worker exits.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -125,3 +126,16 @@ def test_mutating_jobs_wait_in_order_and_a_sigterm_answers_every_job_in_hand(
     finished = [action for action, state in journal_actions(worker)
                 if state != "RUNNING" and action in ("ARCHIVE", "UPDATE", "SUSPEND")]
     assert finished[-3:] == ["ARCHIVE", "UPDATE", "SUSPEND"], journal_actions(worker)
+
+
+def test_a_metrics_job_is_remembered_by_its_handle_and_unique_id(worker_factory, http_backend,
+                                                                free_port):
+    worker = worker_factory()
+    assert worker.submit(update(lb("HTTP", free_port(), [http_backend("ledger").node()])))[
+        "hpcs_response"] == "PASS"
+    reply = worker.submit("METRICS")
+    ledger = json.loads((worker.state_dir / "metrics.json").read_text())
+    handle, unique = ledger["job"].split(" ")
+    assert handle.startswith("H:") and unique  # what a re-run of the same job would carry
+    assert (ledger["period"]["utc_start"], ledger["period"]["utc_end"]) == (
+        reply["utc_start"], reply["utc_end"])

@@ -217,7 +217,7 @@ class HAProxyDriver(LoadBalancerDriver):
             last_error=desired.last_error,
         )
 
-    def metrics(self) -> MetricsPeriod:
+    def metrics(self, job: str | None = None) -> MetricsPeriod:
         desired = self.store.load()
         if desired.lifecycle is Lifecycle.DELETED:
             raise WorkerError("The load balancer has been deleted.", status="DELETED")
@@ -226,7 +226,7 @@ class HAProxyDriver(LoadBalancerDriver):
         # Counted by the log sink, so SUSPENDED or a crashed HAProxy still report.
         accepted = self.configured_device()
         configured = tuple(lb.protocol.value.lower() for lb in accepted.loadbalancers) if accepted else ()
-        return self.metrics_ledger.report(configured)
+        return self.metrics_ledger.report(configured, job)
 
     def health(self) -> DeviceHealth:
         master = self.process.master_pid()
