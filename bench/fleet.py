@@ -200,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = c.machine_info()
     memory_before = available_mib()
-    samples: dict[str, list[float]] = {}
 
     with c.Run() as run:
         gearmands = [run.own(c.Gearmand(run.root).start()) for _ in range(2)]

@@ -137,6 +137,7 @@ class JobServerWorker(gearman.GearmanWorker):
         self.lanes = lanes
         self.stopping = stopping
         self.jobs_done = 0
+        self.abandoned = False  # the mutating lane died: do not wait for its jobs
         # Set when a background connection attempt ends, so that serve() wakes at once.
         self.progress = threading.Event()
         self.connection_list = connections(settings, BackgroundJobServerConnection,
@@ -192,7 +193,10 @@ class JobServerWorker(gearman.GearmanWorker):
         return super().poll_connections_once(poller, connection_map, timeout)
 
     def finished(self) -> bool:
-        """Stopping, every job in hand answered and every answer written."""
+        """Stopping, every job in hand answered and every answer written (or nobody
+        left to run the mutating jobs in hand)."""
+        if self.abandoned:
+            return True
         return (self.stopping.is_set() and not self.lanes.busy()
                 and not any(c.connected and c.writable() for c in self.connection_list))
 
@@ -252,6 +256,7 @@ def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Even
 
     gearman_loop = threading.Thread(target=loop, name="gearman")
     gearman_loop.start()
+
     def loop_ended() -> bool:
         if stopping.is_set():
             lanes.wake()  # the loop may be asleep in its poll: let it see the stop now
@@ -259,6 +264,9 @@ def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Even
 
     try:
         lanes.run_mutating(stop=loop_ended, still_held=worker.still_held)
+    except BaseException:
+        worker.abandoned = True  # the job server gives the jobs in hand out again
+        raise
     finally:
         stopping.set()
         gearman_loop.join()
