@@ -69,19 +69,22 @@ def start_devices(run: c.Run, gearmands: list[c.Gearmand], count: int) -> list[c
     return devices
 
 
-def start_echo_workers(run: c.Run, gearmands: list[c.Gearmand], count: int) -> list[str]:
+def start_echo_workers(run: c.Run, gearmands: list[c.Gearmand],
+                       count: int) -> tuple[list[str], list[int]]:
+    """The echo workers' function names and pids."""
     addresses = ",".join(g.address for g in gearmands)
     root = run.root / "echo"
     root.mkdir()
 
-    def start(index: int) -> str:
+    def start(index: int) -> tuple[str, int]:
         process, function = round_trip.start_echo_worker(
             gearmands[0], root, function=f"lwb-echo-{index}", addresses=addresses)
         run.callback(c.stop_child, process)
-        return function
+        return function, process.pid
 
     with ThreadPoolExecutor(START_PARALLELISM) as pool:
-        return list(pool.map(start, range(count)))
+        started = list(pool.map(start, range(count)))
+    return [function for function, _ in started], [pid for _, pid in started]
 
 
 def sweep(servers: str, functions: list[str], message: str,
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         devices = start_devices(run, gearmands, args.devices)
         start_time = time.perf_counter() - started
-        echoes = start_echo_workers(run, gearmands, args.devices)
+        echoes, echo_pids = start_echo_workers(run, gearmands, args.devices)
         functions = [device.function for device in devices]
         lb_port = c.free_port()
 
@@ -243,13 +246,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"device {index} LB answered {answer!r}")
 
         totals: dict[str, list[float]] = {"echo": [], "STATS": [], "METRICS": []}
+        # CPU seconds the series cost: its workers (devices: worker, HAProxy, sink) and gearmand.
+        cpu = dict.fromkeys(totals, 0.0)
+        device_pids = [pid for device in devices for pid in pids_of(device)]
+        gearmand_pids = [g.process.pid for g in gearmands]
         per_device: dict[str, list[client.Result]] = {name: [] for name in totals}
         sweep(servers, echoes, STATS)  # warm-up: connections, caches
         sweep(servers, functions, STATS)
         for _ in range(args.rounds):
             for name, targets, message in (("echo", echoes, STATS), ("STATS", functions, STATS),
                                            ("METRICS", functions, METRICS)):
+                pids = (echo_pids if name == "echo" else device_pids) + gearmand_pids
+                before = cpu_seconds(pids)
                 total, results = sweep(servers, targets, message)
+                cpu[name] += cpu_seconds(pids) - before
                 checked(name, results)
                 totals[name].append(total)
                 per_device[name].extend(results)
@@ -276,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         f"({c.fmt_ms(kill['first'])} ms, the others' jobs died with the job server), "
         f"{kill['retried']} asked again through the other one ({c.fmt_ms(kill['retry'])} ms): "
         f"{kill['answered']} of {args.devices} answered, none lost.")
+    jobs = args.rounds * args.devices
+    cpu_text = ("CPU per job (worker side and gearmand, summed over the sweeps): "
+                + ", ".join(f"{name} {cpu[name] / jobs * 1000:.2f} ms" for name in totals)
+                + f"; {os.cpu_count()} CPUs. A sweep of all devices at once is CPU-bound: "
+                  "its time is about the devices' CPU per job times N over the CPUs.")
     fleet_size = int(memory_before / memory["device"]) if memory["device"] else 0
     resources = c.markdown_table(
         ["per device (median)", "MiB"],
@@ -288,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "that grows with N is the sweep itself (one Gearman job per device through the job "
         "servers; compare the floor) and the start-up (one Python process per device); an "
         "idle fleet costs what its poll loops and HAProxy health checks cost (idle CPU above).")
-    print(sweeps, verdict, kill_text, resources, capacity, sep="\n\n")
+    print(sweeps, verdict, cpu_text, kill_text, resources, capacity, sep="\n\n")
     notes = (
         f"Client: libra-client's fan-out (`libra_worker.client.submit_many`) in the bench process: "
         f"one SUBMIT_JOB per device spread over both job servers, replies awaited together, "
@@ -297,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"start of the sweep to that device's reply. Devices: real libra-worker, HAProxy and "
         f"log sink each; the LB on 127.0.1.x:{lb_port} with one real HTTP backend.")
     c.publish(args, "fleet", f"A fleet of {args.devices} devices on one machine",
-              [sweeps, verdict, kill_text, resources, capacity, notes], info,
+              [sweeps, verdict, cpu_text, kill_text, resources, capacity, notes], info,
               "per-device reply time in a sweep",
               lambda plt, path: plot({"echo workers (floor)": [r.ms / 1000 for r in per_device["echo"]],
                                       "STATS": [r.ms / 1000 for r in per_device["STATS"]],
