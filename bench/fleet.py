@@ -90,7 +90,7 @@ def start_echo_workers(run: c.Run, gearmands: list[c.Gearmand],
 def sweep(servers: str, functions: list[str], message: str,
           timeout: float = SWEEP_TIMEOUT) -> tuple[float, list[client.Result]]:
     started = time.perf_counter()
-    results = client.submit_many(servers, functions, message, timeout)
+    results = client.submit_many(servers, functions, message, timeout, require_worker=True)
     return time.perf_counter() - started, results
 
 

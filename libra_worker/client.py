@@ -170,9 +170,9 @@ def parse_status(text: str) -> dict[str, int]:
 
 
 def submit(servers: str, function: str, message: str, timeout: float,
-           tls: TLSFiles | None = None) -> dict[str, Any]:
+           tls: TLSFiles | None = None, require_worker: bool = False) -> dict[str, Any]:
     """Send `message` to `function` and wait for its reply, at most `timeout` seconds."""
-    [result] = submit_many(servers, [function], message, timeout, tls)
+    [result] = submit_many(servers, [function], message, timeout, tls, require_worker)
     if result.reply is None:
         if result.outcome == FAIL:
             raise BadReply(result.error)
@@ -181,11 +181,17 @@ def submit(servers: str, function: str, message: str, timeout: float,
 
 
 def submit_many(servers: str, functions: Sequence[str], message: str, timeout: float,
-                tls: TLSFiles | None = None) -> list[Result]:
-    """Send `message` to every function at once; one Result each, in the same order."""
+                tls: TLSFiles | None = None, require_worker: bool = False) -> list[Result]:
+    """Send `message` to every function at once; one Result each, in the same order.
+
+    With `require_worker` (the command line's way), a function no worker is registered
+    for gets TIMEOUT at once. Without it the job waits in the job server for a worker
+    that comes (back) within `timeout`, which is what a program resending after a
+    worker restart wants.
+    """
     settings = job_server_settings(servers, functions[0], tls)
     started = time.monotonic()
-    available = registered_workers(settings, functions, timeout)
+    available = registered_workers(settings, functions, timeout) if require_worker else None
     results: dict[str, Result] = {
         function: Result(function, TIMEOUT, 0.0, "no worker is registered for this function "
                          "at the job servers (gearmand status)")
@@ -317,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one(servers: str, worker: str, message: str, timeout: float, tls: TLSFiles | None) -> int:
     try:
-        answer = submit(servers, worker, message, timeout, tls)
+        answer = submit(servers, worker, message, timeout, tls, require_worker=True)
     except Unreachable as exc:
         print(f"libra-client: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -332,7 +338,7 @@ def _fan_out(servers: str, workers: list[str], message: str, timeout: float,
              tls: TLSFiles | None, as_json: bool) -> int:
     started = time.monotonic()
     try:
-        results = submit_many(servers, workers, message, timeout, tls)
+        results = submit_many(servers, workers, message, timeout, tls, require_worker=True)
     except TransportError as exc:
         print(f"libra-client: {exc}", file=sys.stderr)
         return exc.exit_code

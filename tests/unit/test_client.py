@@ -122,11 +122,11 @@ def test_exit_2_on_unreadable_message_file(tmp_path, capsys):
 def test_exit_code_follows_reply(monkeypatch, capsys, answer, code):
     sent = []
 
-    def fake_submit(servers, function, message, timeout, tls):
-        sent.append((servers, function, message, timeout, tls))
+    def fake_submit(servers, function, message, timeout, tls, require_worker):
+        sent.append((servers, function, message, timeout, tls, require_worker))
         return answer
 
     monkeypatch.setattr(client, "submit", fake_submit)
     assert main(["--timeout", "3", "lb-7", "discover"]) == code
-    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None)]
+    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None, True)]
     assert json.loads(capsys.readouterr().out) == answer
