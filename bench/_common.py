@@ -230,8 +230,12 @@ class Worker:
     """The real libra-worker (`python -m libra_worker.cli --foreground`) as our child."""
 
     def __init__(self, root: Path, gearmand: Gearmand, log_level: str = "INFO",
-                 servers: str | None = None, gearman_options: dict[str, str] | None = None) -> None:
+                 servers: str | None = None, gearman_options: dict[str, str] | None = None,
+                 bind_address: str = LOOPBACK, more_config: str = "") -> None:
         self.root = root
+        self.more_config = more_config  # whole INI sections, e.g. "[archive]\ntimeout = 5\n"
+        # Each device of a fleet listens on its own loopback address, as real devices do.
+        self.bind_address = bind_address
         self.state_dir = root / "state"
         self.gearmand = gearmand
         # A worker that reaches `gearmand` another way (through a TLS terminator).
@@ -262,8 +266,9 @@ class Worker:
             f"log_file = {self.root / 'worker.log'}\n"
             f"log_level = {self.log_level}\n"
             "[haproxy]\n"
-            f"bind_address = {LOOPBACK}\n"
+            f"bind_address = {self.bind_address}\n"
             "command_timeout = 60\n"
+            + self.more_config
         )
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.root / "worker.out", "ab") as output:

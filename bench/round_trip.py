@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import signal
 import socket
 import ssl
@@ -40,33 +41,48 @@ SERIES = ("DISCOVER (libra-worker)", "STATS (libra-worker)", "echo worker (floor
           "DISCOVER over TLS (libra-worker)")
 
 
-def run_echo_worker(address: str, function: str) -> None:
-    """The floor: the least a Gearman worker can do per job, on one connection."""
-    host, _, port = address.rpartition(":")
-    conn = socket.create_connection((host, int(port)))
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def run_echo_worker(addresses: str, function: str) -> None:
+    """The floor: the least a Gearman worker can do per job, one connection per job server
+    (`addresses` comma-separated), served from one select loop."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    reader = c.PacketReader(conn)
-    conn.sendall(c.pack(c.CAN_DO, function.encode()) + c.pack(c.GRAB_JOB_UNIQ))
-    while True:
-        kind, body = reader.read()
-        if kind in (c.JOB_ASSIGN_UNIQ, 11):  # 11 is JOB_ASSIGN (no unique id)
-            parts = body.split(b"\0", 3 if kind == c.JOB_ASSIGN_UNIQ else 2)
-            answer = json.loads(parts[-1])
-            answer["hpcs_response"] = "PASS"
-            conn.sendall(c.pack(c.WORK_COMPLETE, parts[0], json.dumps(answer).encode())
-                         + c.pack(c.GRAB_JOB_UNIQ))
-        elif kind == c.NO_JOB:
-            conn.sendall(c.pack(c.PRE_SLEEP))
-        elif kind == c.NOOP:
-            conn.sendall(c.pack(c.GRAB_JOB_UNIQ))
+    readers = {}
+    for address in addresses.split(","):
+        host, _, port = address.strip().rpartition(":")
+        conn = socket.create_connection((host, int(port)))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(c.pack(c.CAN_DO, function.encode()) + c.pack(c.GRAB_JOB_UNIQ))
+        readers[conn] = c.PacketReader(conn)
+    while readers:
+        ready, _, _ = select.select(list(readers), [], [])
+        for conn in ready:
+            try:
+                _echo_one(conn, readers[conn])
+                while readers[conn].buffer:  # packets that came in the same read
+                    _echo_one(conn, readers[conn])
+            except (OSError, RuntimeError):  # that job server is gone: serve the others
+                readers.pop(conn).conn.close()
 
 
-def start_echo_worker(gearmand: c.Gearmand, root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    function = "lwb-echo"
+def _echo_one(conn: socket.socket, reader: c.PacketReader) -> None:
+    kind, body = reader.read()
+    if kind in (c.JOB_ASSIGN_UNIQ, 11):  # 11 is JOB_ASSIGN (no unique id)
+        parts = body.split(b"\0", 3 if kind == c.JOB_ASSIGN_UNIQ else 2)
+        answer = json.loads(parts[-1])
+        answer["hpcs_response"] = "PASS"
+        conn.sendall(c.pack(c.WORK_COMPLETE, parts[0], json.dumps(answer).encode())
+                     + c.pack(c.GRAB_JOB_UNIQ))
+    elif kind == c.NO_JOB:
+        conn.sendall(c.pack(c.PRE_SLEEP))
+    elif kind == c.NOOP:
+        conn.sendall(c.pack(c.GRAB_JOB_UNIQ))
+
+
+def start_echo_worker(gearmand: c.Gearmand, root: Path, function: str = "lwb-echo",
+                      addresses: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """An echo worker registered at `addresses` (default: `gearmand`'s), once it is there."""
     with open(root / "echo.out", "ab") as output:
         process = subprocess.Popen(
-            [sys.executable, __file__, "--echo-worker", gearmand.address, function],
+            [sys.executable, __file__, "--echo-worker", addresses or gearmand.address, function],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
     try:
         c.wait_until(lambda: process.poll() is not None or c.has_workers(gearmand, function),

@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from libra_worker import __version__, ctl, logsetup, notify, service, transport
 from libra_worker.config import Config, ConfigError, load
@@ -173,10 +172,6 @@ def serve(config: Config, report: service.StartupReport, notifier: notify.Notifi
             config.timeouts.default,
         )
 
-        def run_job(handle: str, payload: bytes) -> dict[str, Any]:
-            with progress.job():
-                return runner.run(handle, payload)
-
         def heartbeat() -> None:
             progress.polled()
             if not serving.is_set() and not stopping.is_set():  # the first poll: serving
@@ -185,7 +180,7 @@ def serve(config: Config, report: service.StartupReport, notifier: notify.Notifi
                 report.ready()
                 notifier.ready(describe())
 
-        transport.serve(config.gearman, run_job, stopping, heartbeat)
+        transport.serve(config.gearman, runner, stopping, heartbeat)
     except Exception:
         LOG.exception("libra-worker stopped on an unexpected error")
         report.failed(StartupError("stopped on an unexpected error; see its log.", EXIT_FAILURE))

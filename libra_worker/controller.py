@@ -49,7 +49,9 @@ class LBaaSController:
         self.driver = driver
         self.diagnostics = diagnostics or Diagnostics(servers=())
         self.max_message_bytes = max_message_bytes
-        self._actions: dict[Action, Callable[[Message], dict[str, Any]]] = {
+        # Each action: (message, job identity) -> the reply's extra keys. Only METRICS uses
+        # the identity: the same job asked again gets the same period.
+        self._actions: dict[Action, Callable[[Message, str | None], dict[str, Any]]] = {
             Action.UPDATE: self._update,
             Action.SUSPEND: self._suspend,
             Action.ENABLE: self._enable,
@@ -83,14 +85,14 @@ class LBaaSController:
                            if key.lower() == "hpcs_action" and isinstance(value, str)), "")
             return {**bad_request(document, str(exc)), **self._failure_fields(action.upper())}
 
-    def execute(self, message: Message) -> Outcome:
+    def execute(self, message: Message, job: str | None = None) -> Outcome:
+        """Run a validated message; `job` identifies the Gearman job (handle and unique id)."""
         document = message.original
         try:
-            extra = self._actions[message.action](message)
+            extra = self._actions[message.action](message, job)
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
-            fields = {**self._failure_fields(message.action.value), **exc.reply_fields}
-            return Outcome(reply(document, str(exc), detail=exc.detail, **fields), exc)
+            return self.failed(message, exc)
         except OSError as exc:
             # A full or read-only state_dir, mostly: the sentence names the directory (a
             # temporary file's name would push the outcome out of what Libra stores), the
@@ -112,6 +114,11 @@ class LBaaSController:
         LOG.debug("%s passed", message.action.value)
         return Outcome(reply(document, **extra))
 
+    def failed(self, message: Message, error: WorkerError) -> Outcome:
+        """The FAIL reply of `message` for `error`."""
+        fields = {**self._failure_fields(message.action.value), **error.reply_fields}
+        return Outcome(reply(message.original, str(error), detail=error.detail, **fields), error)
+
     def _failure_fields(self, action: str) -> dict[str, Any]:
         """The keys Libra's servers read from these replies without checking for FAIL.
 
@@ -127,32 +134,32 @@ class LBaaSController:
 
     # ------------------------------------------------------------------ actions
 
-    def _update(self, message: Message) -> dict[str, Any]:
+    def _update(self, message: Message, _job: str | None) -> dict[str, Any]:
         assert message.device is not None
         self.driver.update(message.device)
         return {}
 
-    def _suspend(self, message: Message) -> dict[str, Any]:
+    def _suspend(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.suspend()
         return {}
 
-    def _enable(self, message: Message) -> dict[str, Any]:
+    def _enable(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.enable()
         return {}
 
-    def _delete(self, message: Message) -> dict[str, Any]:
+    def _delete(self, message: Message, _job: str | None) -> dict[str, Any]:
         self.driver.delete()
         return {}
 
-    def _discover(self, message: Message) -> dict[str, Any]:
+    def _discover(self, message: Message, _job: str | None) -> dict[str, Any]:
         return {"version": __version__, "release": RELEASE}
 
-    def _archive(self, message: Message) -> dict[str, Any]:
+    def _archive(self, message: Message, _job: str | None) -> dict[str, Any]:
         assert message.archive is not None
         result = self.driver.archive(message.archive)
         return {"archive": result}
 
-    def _stats(self, message: Message) -> dict[str, Any]:
+    def _stats(self, message: Message, _job: str | None) -> dict[str, Any]:
         stats = self.driver.stats()
         return {
             "status": stats.state,
@@ -165,8 +172,8 @@ class LBaaSController:
             ],
         }
 
-    def _metrics(self, message: Message) -> dict[str, Any]:
-        period = self.driver.metrics()
+    def _metrics(self, message: Message, job: str | None) -> dict[str, Any]:
+        period = self.driver.metrics(job)
         return {
             "utc_start": period.utc_start,
             "utc_end": period.utc_end,
@@ -175,5 +182,5 @@ class LBaaSController:
                               for protocol, sent in period.bytes_out],
         }
 
-    def _diagnostics(self, message: Message) -> dict[str, Any]:
+    def _diagnostics(self, message: Message, _job: str | None) -> dict[str, Any]:
         return {"release": RELEASE, **self.diagnostics.run(self.driver.health)}

@@ -1,27 +1,42 @@
 """Run one job: validate, execute under its action's timeout, journal it, mask the token.
 
-Like rq's death penalty, the timeout is an alarm (SIGALRM) around the job, which runs on
-the worker's main thread: when it fires, `ActionTimeout` is raised wherever the job is.
-The driver treats it as any other failure of a step (the previous configuration is put
-back, subprocesses are killed by `subprocess.run`, locks and files are released on the
-way out), the reply is FAIL naming the timeout, the journal says TIMEOUT, and the worker
-takes the next job. Nothing of a timed-out job keeps running behind the reply.
+A job is accepted first (`JobRunner.accept`: validated and journaled RUNNING), which
+tells whether it is read-only (DISCOVER, STATS, METRICS, DIAGNOSTICS: they change
+nothing, so they may run beside anything) or mutating; `libra_worker.lanes` runs each
+kind in its own lane. A `Job` is answered exactly once: by its execution or by its
+deadline, whichever claims it first.
+
+Mutating jobs run on the worker's main thread under an alarm (SIGALRM), like rq's death
+penalty: when it fires, `ActionTimeout` is raised wherever the job is. The driver treats
+it as any other failure of a step (the previous configuration is put back, subprocesses
+are killed by `subprocess.run`, locks and files are released on the way out), the reply
+is FAIL naming the timeout, the journal says TIMEOUT, and the worker takes the next job.
+Nothing of a timed-out mutating job keeps running behind the reply.
+
+Read-only jobs run on reader threads, where no alarm can reach them: at their deadline
+they are answered FAIL naming the timeout (`JobRunner.expire`) and whatever they still
+do (bounded by their own I/O timeouts) changes nothing and is not answered again.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import signal
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, Mapping
 
 from libra_worker import journal
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout
-from libra_worker.journal import Journal
+from libra_worker.journal import Journal, JobTicket
 from libra_worker.messages import Action, Message, error_detail
+
+LOG = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
 # A job whose payload is at least this large leaves the C heap grown (the payload, its
@@ -44,6 +59,8 @@ def release_freed_heap() -> None:
 
 
 INVALID = "INVALID"
+# Jobs that change nothing: they may run while a mutating job runs, and beside each other.
+READ_ONLY = frozenset({Action.DISCOVER, Action.STATS, Action.METRICS, Action.DIAGNOSTICS})
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,38 @@ class Answer:
 
     action: str
     reply: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """One accepted job, from validation to its single answer."""
+
+    handle: str
+    message: Message | None  # None: refused, and `refusal` is its answer
+    timeout: float
+    # The job server's handle and the client's unique id: the same job given out again
+    # (the worker died before answering) has the same identity. None without a unique id.
+    identity: str | None = None
+    ticket: JobTicket | None = None
+    refusal: Answer | None = None
+    accepted: float = field(default_factory=time.monotonic)
+    _claim: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def read_only(self) -> bool:
+        return self.message is None or self.message.action in READ_ONLY
+
+    @property
+    def action(self) -> str:
+        return self.message.action.value if self.message else INVALID
+
+    @property
+    def deadline(self) -> float:
+        return self.accepted + self.timeout
+
+    def claim(self) -> bool:
+        """True for the first caller only: the one that answers the job."""
+        return self._claim.acquire(blocking=False)
 
 
 class JobTimeout:
@@ -74,7 +123,11 @@ class JobTimeout:
         return False  # never swallow what the job raised
 
     def _expired(self, _signum: int, _frame: FrameType | None) -> None:
-        raise ActionTimeout(f"{self.action} did not finish within its {self.seconds:g} s timeout.")
+        raise ActionTimeout(_timeout_sentence(self.action, self.seconds))
+
+
+def _timeout_sentence(action: str, seconds: float) -> str:
+    return f"{action} did not finish within its {seconds:g} s timeout."
 
 
 class JobRunner:
@@ -91,24 +144,64 @@ class JobRunner:
         self.default_timeout = default_timeout
         self._heap_grown = False
 
-    def run(self, handle: str, payload: bytes) -> Answer:
+    def run(self, handle: str, payload: bytes, unique: str = "") -> Answer:
+        """Accept and execute on this (main) thread, under the alarm."""
+        job = self.accept(handle, payload, unique)
+        answer = job.refusal or self.execute(job, alarm=True)
+        assert answer is not None  # nothing else could claim the job
+        return answer
+
+    def accept(self, handle: str, payload: bytes, unique: str = "") -> Job:
+        """Validate and journal a job; a refused one carries its answer already.
+
+        `unique` is the client's unique id of the job (pygearman makes a random one):
+        without it a handle alone could come back after the job server restarts.
+        """
         if self._heap_grown:
             release_freed_heap()
         self._heap_grown = len(payload) >= LARGE_PAYLOAD_BYTES
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
             self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))
-            return Answer(INVALID, prepared)
-        ticket = self.journal.started(handle, prepared.action.value)
+            job = Job(handle, None, 0.0, refusal=Answer(INVALID, prepared))
+            job.claim()
+            return job
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
-        with JobTimeout(timeout, prepared.action.value):
-            outcome = self.controller.execute(prepared)
+        return Job(handle, prepared, timeout, f"{handle} {unique}" if unique else None,
+                   self.journal.started(handle, prepared.action.value))
+
+    def execute(self, job: Job, alarm: bool) -> Answer | None:
+        """Execute an accepted job; None when its deadline answered it first.
+
+        `alarm` only on the main thread: it interrupts the job wherever it is at its
+        timeout. Without it the job runs to its end and `expire` answers it in time.
+        """
+        assert job.message is not None and job.ticket is not None
+        if alarm:
+            with JobTimeout(job.timeout, job.action):
+                outcome = self.controller.execute(job.message, job.identity)
+        else:
+            outcome = self.controller.execute(job.message, job.identity)
+        if not job.claim():
+            LOG.warning("Job %s %s finished %.1f s after its %g s timeout; it was answered "
+                        "FAIL then", job.handle, job.action, time.monotonic() - job.deadline,
+                        job.timeout)
+            return None
         if outcome.error is None:
-            ticket.finish(journal.COMPLETE)
+            job.ticket.finish(journal.COMPLETE)
         else:
             state = journal.TIMEOUT if isinstance(outcome.error, ActionTimeout) else journal.FAIL
-            ticket.finish(state, _masked(error_detail(outcome.reply), prepared))
-        return Answer(prepared.action.value, outcome.reply)
+            job.ticket.finish(state, _masked(error_detail(outcome.reply), job.message))
+        return Answer(job.action, outcome.reply)
+
+    def expire(self, job: Job) -> Answer | None:
+        """The timeout answer of a job past its deadline; None if it was answered already."""
+        if job.message is None or job.ticket is None or not job.claim():
+            return None
+        error = ActionTimeout(_timeout_sentence(job.action, job.timeout))
+        reply = self.controller.failed(job.message, error).reply
+        job.ticket.finish(journal.TIMEOUT, _masked(error_detail(reply), job.message))
+        return Answer(job.action, reply)
 
 
 def _masked(error: str, message: Message) -> str:

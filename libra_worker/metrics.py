@@ -21,6 +21,11 @@ Two halves, one on each side of the log socket:
   this one ended. A reply lost on its way (a job server dying with it) takes its bytes
   with it: the gap shows as a ``utc_start`` later than the last ``utc_end`` the API
   server stored. Never billing a byte twice is the rule chosen over never losing one.
+  One case is recovered: a worker that dies after writing the ledger but before its reply
+  left. The job server then gives the same job (same handle and unique id) to the worker
+  again, and the ledger, which keeps the job's identity and the period it reported,
+  answers that period again instead of the next one. The first reply never reached the
+  API server, so the period is billed once.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ class _LedgerEntry:
     epoch: str | None
     utc_end: datetime
     reported: Mapping[str, int]
+    job: str | None = None  # the job that reported this period, when it had an identity
+    period: MetricsPeriod | None = None
 
 
 class MetricsLedger:
@@ -169,17 +176,22 @@ class MetricsLedger:
         self.traffic_path = log_dir / TRAFFIC_FILE_NAME
         self._lock = threading.Lock()
 
-    def report(self, configured: tuple[str, ...]) -> MetricsPeriod:
+    def report(self, configured: tuple[str, ...], job: str | None = None) -> MetricsPeriod:
         """Close the current period and return it.
 
         Args:
             configured: the lower-case protocols of the configured load balancers; each
                 is listed even with 0 bytes. A protocol no longer configured is listed
                 while it still has bytes not yet reported.
+            job: the job's identity (job server handle and unique id); the same job asked
+                again gets the same period (its first reply was lost with the worker).
         """
         with self._exclusive():
             traffic = TrafficTotals.read(self.traffic_path)
             previous = self._read()
+            if job and previous is not None and previous.job == job and previous.period:
+                LOG.warning("METRICS job %s again (its reply was lost): the same period", job)
+                return previous.period
             now = utc_now()
             starts = [moment for moment in (
                 previous.utc_end if previous else None,
@@ -195,10 +207,11 @@ class MetricsLedger:
                 LOG.error("The traffic counter went backwards (%s after %s); reporting from 0",
                           counted, dict(baseline))
                 sent = {protocol: max(value, 0) for protocol, value in sent.items()}
-            self._write(_LedgerEntry(traffic.epoch if traffic else None, end, counted))
-        listed = tuple((protocol, sent[protocol]) for protocol in PROTOCOLS
-                       if protocol in configured or sent[protocol] > 0)
-        return MetricsPeriod(format_time(start), format_time(end), listed)
+            listed = tuple((protocol, sent[protocol]) for protocol in PROTOCOLS
+                           if protocol in configured or sent[protocol] > 0)
+            period = MetricsPeriod(format_time(start), format_time(end), listed)
+            self._write(_LedgerEntry(traffic.epoch if traffic else None, end, counted, job, period))
+        return period
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -213,10 +226,17 @@ class MetricsLedger:
     def _read(self) -> _LedgerEntry | None:
         try:
             raw = json.loads(self.path.read_text("utf-8"))
+            period = raw.get("period")
             return _LedgerEntry(
                 epoch=raw.get("epoch"),
                 utc_end=parse_time(raw["utc_end"]),
                 reported={protocol: int(raw["reported"].get(protocol, 0)) for protocol in PROTOCOLS},
+                job=raw.get("job"),
+                period=MetricsPeriod(
+                    format_time(parse_time(period["utc_start"])),
+                    format_time(parse_time(period["utc_end"])),
+                    tuple((str(protocol), int(sent)) for protocol, sent in period["bytes_out"]),
+                ) if period else None,
             )
         except FileNotFoundError:
             return None
@@ -230,5 +250,8 @@ class MetricsLedger:
 
     def _write(self, entry: _LedgerEntry) -> None:
         document = {"epoch": entry.epoch, "utc_end": format_time(entry.utc_end),
-                    "reported": dict(entry.reported)}
+                    "reported": dict(entry.reported), "job": entry.job,
+                    "period": {"utc_start": entry.period.utc_start, "utc_end": entry.period.utc_end,
+                               "bytes_out": [list(item) for item in entry.period.bytes_out]}
+                    if entry.period else None}
         atomic_write(self.path, json.dumps(document) + "\n")

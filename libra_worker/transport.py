@@ -11,10 +11,17 @@ the ECHO_REQ sent right after registering (with TLS 1.3 that is also when a term
 that refused our certificate says so). `JobServerHealth` logs the changes (one line when a
 server is lost, rate-limited reminders while it stays down, one line when it is back) and
 publishes them in `[gearman] status_file` for `libra-worker ctl status`.
+
+The Gearman loop runs on its own thread and never executes a job: it hands each one to
+`libra_worker.lanes` and writes the answers back (pygearman's connections are not
+thread-safe, so only this thread touches them). The main thread runs the mutating jobs.
+On a stop request the loop grabs nothing more, and ends once every job in hand is
+answered and the answers are written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -25,33 +32,29 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gearman
+import gearman.io
 from gearman.errors import GearmanError
 from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
 from gearman.worker_handler import GearmanWorkerCommandHandler
 
 from libra_worker.config import GearmanSettings
 from libra_worker.fileutil import atomic_write
-from libra_worker.jobs import Answer
+from libra_worker.jobs import Answer, JobRunner
 from libra_worker.jobserver import BackgroundJobServerConnection, JobServerConnection, connections
 from libra_worker.messages import encode_reply
+from libra_worker.lanes import InHand, JobLanes
 
 LOG = logging.getLogger(__name__)
 
-# (job handle, payload) -> the reply and the action it ran
-Handler = Callable[[str, bytes], Answer]
 _INITIAL_RECONNECT_DELAY = 0.2
+# The alarm ends a mutating job at its timeout; a job this much past it means the lane is
+# stuck, and the watchdog pings stop so that systemd restarts the worker.
+_STUCK_GRACE = 10.0
 # While a job server stays down, remind the log this often (not at every attempt).
 DOWN_REMINDER_INTERVAL = 60.0
 _REGISTERED_PROBE = b"libra-worker registered"
 
 UP, DOWN, CONNECTING = "up", "down", "connecting"
-
-
-def internal_error_reply() -> dict[str, Any]:
-    return {
-        "hpcs_response": "FAIL",
-        "hpcs_error": "The worker hit an internal error; see the worker's log for details.",
-    }
 
 
 @dataclass
@@ -124,45 +127,86 @@ class _CommandHandler(GearmanWorkerCommandHandler):
         self.connection_manager.on_echo(self)
         return True
 
+    def recv_noop(self) -> bool:
+        # Stopping: jobs are waiting, but they are for another worker now.
+        if self.connection_manager.stopping.is_set():
+            return True
+        return super().recv_noop()
+
 
 class JobServerWorker(gearman.GearmanWorker):
     command_handler_class = _CommandHandler
 
-    def __init__(self, settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+    def __init__(self, settings: GearmanSettings, lanes: JobLanes, stopping: threading.Event,
                  heartbeat: Callable[[], None] = lambda: None) -> None:
         super().__init__([])
         self.settings = settings
-        self.handler = handler
+        self.lanes = lanes
         self.stopping = stopping
         self.heartbeat = heartbeat
         self.jobs_done = 0
+        self.abandoned = False  # the mutating lane died: do not wait for its jobs
         # Set when a background connection attempt ends, so that serve() wakes at once.
         self.progress = threading.Event()
         self.connection_list = connections(settings, BackgroundJobServerConnection,
                                            progress=self.progress)
         self.health = JobServerHealth([c.address for c in self.connection_list], settings.status_file)
         # pygearman crashes on the first job if the task name is text.
-        self.register_task(settings.function.encode("utf-8"), self._execute)
+        self.register_task(settings.function.encode("utf-8"), self._not_called)
 
-    def _execute(self, _worker: gearman.GearmanWorker, job: Any) -> bytes:
-        started = time.monotonic()
-        action = "?"
-        try:
-            answer = self.handler(_text(job.handle), job.data)
-            action, reply = answer.action, answer.reply
-        except Exception:  # noqa: BLE001 - the controller already catches; this is the last net
-            LOG.exception("Job %s: the handler raised", _text(job.handle))
-            reply = internal_error_reply()
-        self.jobs_done += 1
-        LOG.info(
-            "Job %s %s answered %s in %.1f ms", _text(job.handle), action,
-            reply.get("hpcs_response"), (time.monotonic() - started) * 1000,
-        )
-        return encode_reply(reply)
+    @staticmethod
+    def _not_called(_worker: gearman.GearmanWorker, _job: Any) -> bytes:
+        raise AssertionError("jobs go to the lanes (on_job_execute)")
 
     def on_job_execute(self, current_job: Any) -> bool:
-        # pygearman turns a raising callback into WORK_FAIL; ours never raises.
-        return self.on_job_complete(current_job, self._execute(self, current_job))
+        # The handler of this connection now: after a reconnect, the job is not ours to answer.
+        session = self.connection_to_handler_map[current_job.connection]
+        self.lanes.take((current_job, session), _text(current_job.handle), current_job.data,
+                        _text(current_job.unique or ""))
+        return True
+
+    def still_held(self, token: tuple[Any, Any]) -> bool:
+        """Whether the connection a job came on is still the one it was grabbed on."""
+        current_job, session = token
+        return (current_job.connection.connected
+                and self.connection_to_handler_map.get(current_job.connection) is session)
+
+    def send_answers(self) -> None:
+        for item, answer in self.lanes.answers():
+            self._send(item, answer)
+
+    def _send(self, item: InHand, answer: Answer) -> None:
+        current_job, session = item.token
+        self.jobs_done += 1
+        LOG.info("Job %s %s answered %s in %.1f ms", item.job.handle, answer.action,
+                 answer.reply.get("hpcs_response"), (time.monotonic() - item.grabbed) * 1000)
+        if not self.still_held(item.token):
+            LOG.warning("Job %s: the connection to %s was lost before its answer; the job "
+                        "server gives the job out again", item.job.handle,
+                        current_job.connection.address)
+            return
+        # Queued on the connection; the poll loop writes it (no nested poll as in
+        # pygearman's send_job_complete).
+        session.send_job_complete(current_job, encode_reply(answer.reply))
+
+    def poll_connections_once(self, poller: Any, connection_map: dict[int, Any],
+                              timeout: float | None = None) -> Any:
+        # The lanes' wakeup is not a connection: connection_map has no entry for it.
+        with contextlib.suppress(FileExistsError):
+            poller.register(self.lanes.wakeup_fd, gearman.io.READ)
+        deadline = self.lanes.next_deadline()
+        if deadline is not None:
+            until_deadline = max(deadline - time.monotonic(), 0.001)  # 0 would mean forever
+            timeout = until_deadline if not timeout or timeout < 0 else min(timeout, until_deadline)
+        return super().poll_connections_once(poller, connection_map, timeout)
+
+    def finished(self) -> bool:
+        """Stopping, every job in hand answered and every answer written (or nobody
+        left to run the mutating jobs in hand)."""
+        if self.abandoned:
+            return True
+        return (self.stopping.is_set() and not self.lanes.busy()
+                and not any(c.connected and c.writable() for c in self.connection_list))
 
     def establish_connection(self, current_connection: JobServerConnection) -> JobServerConnection:
         if current_connection.connected:
@@ -183,45 +227,92 @@ class JobServerWorker(gearman.GearmanWorker):
         self.health.up(self.handler_to_connection_map[command_handler].address)
 
     def handle_error(self, current_connection: JobServerConnection) -> None:
-        self.health.down(current_connection.address, current_connection.last_error)
+        # A read error and a hang-up in the same poll come here twice; the first said why.
+        if current_connection.connected or current_connection.last_error is not None:
+            self.health.down(current_connection.address, current_connection.last_error)
         current_connection.last_error = None
         super().handle_error(current_connection)
 
     def after_poll(self, any_activity: bool) -> bool:
+        self.send_answers()
         for connection in self.connection_list:
             if connection.connected and connection.unanswered_for() > self.settings.answer_timeout:
                 connection.last_error = (f"no answer within {self.settings.answer_timeout:g} s "
                                          f"(answer_timeout); is the job server frozen?")
                 self.handle_error(connection)
-        # Called at least every poll_timeout, job servers up or not: proof the loop is alive.
-        self.heartbeat()
-        return not self.stopping.is_set()
+        self.beat()
+        return not self.finished()
+
+    def beat(self) -> None:
+        """Proof for systemd's watchdog that this loop runs and the mutating lane is not
+        stuck: a job within its timeout (plus a grace) counts as progress."""
+        if self.lanes.on_time(_STUCK_GRACE):
+            self.heartbeat()
 
 
-def serve(settings: GearmanSettings, handler: Handler, stopping: threading.Event,
+def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Event,
           heartbeat: Callable[[], None] = lambda: None) -> None:
-    """Serve jobs until `stopping` is set; a job in hand is finished and answered first.
+    """Serve jobs until `stopping` is set; the jobs in hand are finished and answered first.
 
-    `heartbeat` is called after every poll of the job servers (systemd's watchdog)."""
-    worker = JobServerWorker(settings, handler, stopping, heartbeat)
-    delay = _INITIAL_RECONNECT_DELAY
+    The Gearman loop runs on a thread of its own; the calling (main) thread runs the
+    mutating jobs, so that their timeout alarm works. `heartbeat` is called after every
+    poll of the job servers while the jobs are on time (systemd's watchdog).
+    """
+    lanes = JobLanes(runner)
+    worker = JobServerWorker(settings, lanes, stopping, heartbeat)
     LOG.info("Serving function %r on %s%s", settings.function,
              ", ".join(worker.health.servers), " (TLS)" if settings.tls else "")
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            _serve_connections(worker, settings)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            failure.append(exc)
+            stopping.set()
+
+    gearman_loop = threading.Thread(target=loop, name="gearman")
+    gearman_loop.start()
+
+    def loop_ended() -> bool:
+        if stopping.is_set():
+            lanes.wake()  # the loop may be asleep in its poll: let it see the stop now
+        return not gearman_loop.is_alive()
+
+    try:
+        lanes.run_mutating(stop=loop_ended, still_held=worker.still_held)
+    except BaseException:
+        worker.abandoned = True  # the job server gives the jobs in hand out again
+        raise
+    finally:
+        stopping.set()
+        gearman_loop.join()
+        lanes.close()
+        LOG.info("Stopped serving after %d jobs", worker.jobs_done)
+    if failure:
+        raise failure[0]
+
+
+def _serve_connections(worker: JobServerWorker, settings: GearmanSettings) -> None:
+    delay = _INITIAL_RECONNECT_DELAY
     # Deadlines (answer_timeout) are checked after each poll, so poll at least that often.
     poll_timeout = min(settings.poll_timeout, settings.answer_timeout)
     try:
-        while not stopping.is_set():
+        while not worker.finished():
             worker.progress.clear()
             try:
                 worker.work(poll_timeout=poll_timeout)
                 delay = _INITIAL_RECONNECT_DELAY
             except (GearmanError, OSError):
-                # No job server connected: wait for a background attempt to end.
-                if not _wait_for_either(worker.progress, stopping, delay):
+                if worker.stopping.is_set():
+                    return  # no job server to answer to: the jobs in hand are given out again
+                # No job server connected: wait for a background attempt to end. A
+                # restart would not bring a job server back: the loop still counts as alive.
+                worker.beat()
+                if not _wait_for_either(worker.progress, worker.stopping, delay):
                     delay = min(delay * 2, settings.reconnect_delay_max)
     finally:
         worker.shutdown()
-        LOG.info("Stopped serving after %d jobs", worker.jobs_done)
 
 
 def job_server_summary(status_file: Path | None) -> str:

@@ -73,8 +73,10 @@ class LoadBalancerDriver(abc.ABC):
         """Ship the load balancer's logs to an object store; returns extra reply fields."""
 
     @abc.abstractmethod
-    def metrics(self) -> MetricsPeriod:
-        """Close the current billing period: bytes sent per load balancer since the last."""
+    def metrics(self, job: str | None = None) -> MetricsPeriod:
+        """Close the current billing period: bytes sent per load balancer since the last.
+
+        The same `job` (a Gearman job's identity) asked again gets the same period."""
 
     @abc.abstractmethod
     def health(self) -> DeviceHealth:

@@ -351,6 +351,33 @@ class TCPBackend(Backend):
 # --------------------------------------------------------------------------- traffic
 
 
+class SilentEndpoint:
+    """Accepts connections and never says a word (a Swift that hangs)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.listener.getsockname()[1]}/v1/AUTH_stalled"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.accepted:
+            connection.close()
+
+
 def request_once(url: str, timeout: float = 5.0) -> str:
     """One request on a fresh connection; the name of the node that answered.
 

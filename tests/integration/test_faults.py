@@ -874,8 +874,11 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
         mid_job = discover_within(worker, GEARMAN_RECOVERY_BOUND + GEARMAN_RECOVERY_SLACK)
         thread.join(timeout=30)
         assert outcome and isinstance(outcome[0], client.TransportError), outcome
-        assert not process_alive(stand_in.check_pids()[0])
-        assert last_job(worker, "UPDATE")[1] == "TIMEOUT"
+        # DISCOVER does not wait for the UPDATE (read-only lane): its timeout comes later.
+        wait_until(lambda: not process_alive(stand_in.check_pids()[0]), 5,
+                   "the timed-out UPDATE's `haproxy -c` to be killed")
+        wait_until(lambda: last_job(worker, "UPDATE")[1] == "TIMEOUT", 5,
+                   "the UPDATE to be journaled TIMEOUT")
         served_by(port, {"gm-a", "gm-b"})
 
         # The worker dies mid-UPDATE instead: gearmand keeps the job and re-runs it when

@@ -127,12 +127,49 @@ def test_client_cli_exit_codes(worker, gearmand: Gearmand, tmp_path):
 
     unreachable = run_client("--servers", f"127.0.0.1:{free_port()}", "--timeout", "5",
                              worker.function, "DISCOVER")
-    assert unreachable.returncode == 2
-    assert "cannot reach a job server" in unreachable.stderr and unreachable.stdout == ""
+    assert unreachable.returncode == 4
+    assert unreachable.stderr.startswith("libra-client: cannot reach a job server")
+    assert unreachable.stdout == "" and unreachable.stderr.count("\n") == 1
 
-    nobody = run_client("--servers", servers, "--timeout", "1", worker.function + "-nobody", "DISCOVER")
-    assert nobody.returncode == 2
-    assert "no reply" in nobody.stderr
+    # Said at once, not after the 60 s timeout.
+    nobody = run_client("--servers", servers, "--timeout", "60", worker.function + "-nobody",
+                        "DISCOVER", timeout=20)
+    assert nobody.returncode == 3
+    assert "no worker is registered" in nobody.stderr and nobody.stderr.count("\n") == 1
+
+    typo = run_client("--servers", servers, worker.function, "FROB")
+    assert typo.returncode == 2 and typo.stderr.count("\n") == 1
+    assert "'FROB' is not an action" in typo.stderr
 
     bad_servers = run_client("--servers", "127.0.0.1:notaport", worker.function, "DISCOVER")
     assert bad_servers.returncode == 2
+
+
+def test_client_fan_out_to_many_workers(worker_factory, gearmand: Gearmand, tmp_path):
+    first, second = worker_factory(), worker_factory()
+    nobody = first.function + "-nobody"
+    servers = gearmand.address
+
+    lines = run_client("--servers", servers, "--timeout", "30", first.function, second.function,
+                       "DISCOVER")
+    assert lines.returncode == 0, lines.stderr
+    rows = [line.split(" ", 3) for line in lines.stdout.splitlines()]
+    assert [(row[0], row[1]) for row in rows] == [(first.function, "PASS"), (second.function, "PASS")]
+    assert all(float(row[2]) >= 0 for row in rows)
+    assert lines.stderr.startswith("libra-client: 2 workers in ")
+    assert lines.stderr.endswith(": 2 PASS, 0 FAIL, 0 TIMEOUT\n")
+
+    names = tmp_path / "fleet"
+    names.write_text(f"{first.function}\n{nobody}\n{second.function}\n")
+    as_json = run_client("--servers", servers, "--timeout", "30", "--json", "--workers-file",
+                         str(names), "STATS")
+    assert as_json.returncode == 1, as_json.stderr  # a FAIL (STATS of an unconfigured device)
+    results = json.loads(as_json.stdout)
+    assert [(r["worker"], r["outcome"]) for r in results] == [
+        (first.function, "FAIL"), (nobody, "TIMEOUT"), (second.function, "FAIL")]
+    assert results[0]["reply"]["status"] == "NEW" and results[0]["error"]
+    assert "no worker is registered" in results[1]["error"] and results[1]["reply"] is None
+
+    silent = run_client("--servers", servers, "--timeout", "30", first.function, nobody, "DISCOVER")
+    assert silent.returncode == 3, silent.stderr
+    assert silent.stdout.splitlines()[1].startswith(f"{nobody} TIMEOUT 0 no worker is registered")

@@ -21,6 +21,9 @@ HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 CASES = {
     "archive_memory": (["--size-mb", "4", "--small-mb", "2"], "peak RSS MiB"),
     "fuzz": (["--messages", "20"], "growth / payload"),
+    "fleet": (["--devices", "3", "--rounds", "1", "--idle-seconds", "0.5"], "total vs floor"),
+    "read_only_latency": (["--stall", "2", "--nodes", "100", "--updates", "2", "--idle-jobs", "8"],
+                          "read-only jobs"),
     "round_trip": (["--jobs", "200", "--blocks", "2", "--warmup", "20"], "p50 vs floor"),
     "rss": (["--jobs", "200", "--sample-every", "50"], "VmRSS MiB"),
     "update_latency": (["--sizes", "1,10", "--iterations", "2", "--large-iterations", "1"],

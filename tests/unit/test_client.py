@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from libra_worker import client
-from libra_worker.client import EXIT_TRANSPORT, main, read_message
+from libra_worker.client import EXIT_UNREACHABLE, main, read_message
 
 
 @pytest.mark.parametrize("argument, action", [
@@ -25,9 +25,46 @@ def test_raw_json_passed_through_unchanged():
     assert read_message(text) == text
 
 
-def test_unknown_word_is_passed_as_is():
-    # Not an action: sent verbatim, and the worker answers with a FAIL reply.
-    assert read_message("REBOOT") == "REBOOT"
+def test_a_word_that_is_no_action_is_refused_before_sending():
+    with pytest.raises(client.UsageError, match="'FROB' is not an action"):
+        read_message("FROB")
+
+
+def test_raw_json_with_any_action_is_still_sent():
+    assert read_message('{"hpcs_action": "FROB"}') == '{"hpcs_action": "FROB"}'
+
+
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    assert main(["lb-1", "FROB"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["--no-such-option", "lb-1", "STATS"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("libra-client: unrecognized arguments") and err.count("\n") == 1
+
+
+def test_version_and_exit_codes_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("libra-client ")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for line in ("0  every reply says PASS", "1  a reply says FAIL", "2  usage error",
+                 "3  no reply in time", "4  no job server reachable"):
+        assert line in help_text
+
+
+def test_workers_file(tmp_path):
+    names = tmp_path / "workers"
+    names.write_text("lb-1\n\n# spare\nlb-2  # rack 4\n")
+    assert client.read_workers(names) == ["lb-1", "lb-2"]
+
+
+def test_admin_status_lines_are_read_into_available_workers():
+    text = "lb-1\t0\t0\t1\nlb-2\t3\t1\t0\n.\n"
+    assert client.parse_status(text) == {"lb-1": 1, "lb-2": 0}
 
 
 def test_stdin(monkeypatch):
@@ -57,13 +94,14 @@ def _closed_loopback_port() -> int:
     pytest.fail("no closed loopback port found in 4731-4799")
 
 
-def test_exit_2_when_no_job_server(capsys):
+def test_exit_4_when_no_job_server(capsys):
     port = _closed_loopback_port()
     code = main(["--servers", f"127.0.0.1:{port}", "--timeout", "0.5", "lb-test", "DISCOVER"])
-    assert code == EXIT_TRANSPORT == 2
+    assert code == EXIT_UNREACHABLE == 4
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("libra-client: cannot reach a job server at 127.0.0.1:")
+    assert captured.err.count("\n") == 1
 
 
 def test_exit_2_on_bad_servers_option(capsys):
@@ -84,11 +122,11 @@ def test_exit_2_on_unreadable_message_file(tmp_path, capsys):
 def test_exit_code_follows_reply(monkeypatch, capsys, answer, code):
     sent = []
 
-    def fake_submit(servers, function, message, timeout, tls):
-        sent.append((servers, function, message, timeout, tls))
+    def fake_submit(servers, function, message, timeout, tls, require_worker):
+        sent.append((servers, function, message, timeout, tls, require_worker))
         return answer
 
     monkeypatch.setattr(client, "submit", fake_submit)
     assert main(["--timeout", "3", "lb-7", "discover"]) == code
-    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None)]
+    assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None, True)]
     assert json.loads(capsys.readouterr().out) == answer

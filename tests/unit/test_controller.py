@@ -97,7 +97,7 @@ class FakeDriver(LoadBalancerDriver):
         self._record("archive", request)
         return self.archive_result
 
-    def metrics(self) -> MetricsPeriod:
+    def metrics(self, job: str | None = None) -> MetricsPeriod:
         self._record("metrics")
         return PERIOD
 

@@ -206,3 +206,23 @@ def test_concurrent_reports_never_bill_the_same_bytes_twice(tmp_path, log_dir):
     ordered = sorted(periods, key=lambda period: (period.utc_start, period.utc_end))
     for earlier, later in zip(ordered, ordered[1:]):
         assert earlier.utc_end <= later.utc_start
+
+
+def test_the_same_job_asked_again_gets_the_same_period(tmp_path, log_dir, clock):
+    # The worker died after writing the ledger, before its reply left: the job server
+    # gives the same job (handle and unique id) out again.
+    counter = TrafficCounter(log_dir)
+    clock.now += timedelta(seconds=30)
+    send(counter, http=100)
+    first = MetricsLedger(tmp_path, log_dir).report(("http",), job="H:gm:7 c0ffee")
+    clock.now += timedelta(seconds=30)
+    send(counter, http=40)
+    again = MetricsLedger(tmp_path, log_dir).report(("http",), job="H:gm:7 c0ffee")
+    assert again == first
+
+    following = MetricsLedger(tmp_path, log_dir).report(("http",), job="H:gm:8 beef")
+    assert following.utc_start == first.utc_end and following.bytes_out == (("http", 40),)
+    # Without an identity nothing is repeated: a bare handle can come back after a restart.
+    clock.now += timedelta(seconds=30)
+    assert MetricsLedger(tmp_path, log_dir).report(("http",)).utc_start == following.utc_end
+    assert MetricsLedger(tmp_path, log_dir).report(("http",)).bytes_out == (("http", 0),)

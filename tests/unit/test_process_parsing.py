@@ -385,3 +385,15 @@ def test_state_corrupt_file_is_new_and_logged(tmp_path, caplog, content):
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1
     assert str(path) in errors[0].getMessage()
+
+
+def test_a_master_between_exec_and_pid_file_counts_as_running_for_readers(haproxy_process,
+                                                                          monkeypatch):
+    # During a reload the pid file is rewritten and the master re-executes itself: for a
+    # few milliseconds `is_running` says no. A read-only job beside the reload looks again.
+    looks = iter([False, False, True])
+    monkeypatch.setattr(haproxy_process, "is_running", lambda: next(looks))
+    assert haproxy_process.is_running_beside_reload()
+
+    monkeypatch.setattr(haproxy_process, "is_running", lambda: False)
+    assert not haproxy_process.is_running_beside_reload()  # really stopped: says so

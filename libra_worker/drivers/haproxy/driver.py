@@ -226,7 +226,7 @@ class HAProxyDriver(LoadBalancerDriver):
             raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
         if desired.lifecycle is Lifecycle.NEW:
             raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
-        if not self.process.is_running():
+        if not self.process.is_running_beside_reload():
             raise StatsUnavailable(
                 f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
                 status=desired.lifecycle.value,
@@ -252,7 +252,7 @@ class HAProxyDriver(LoadBalancerDriver):
             last_error=desired.last_error,
         )
 
-    def metrics(self) -> MetricsPeriod:
+    def metrics(self, job: str | None = None) -> MetricsPeriod:
         desired = self.store.load()
         if desired.lifecycle is Lifecycle.DELETED:
             raise WorkerError("The load balancer has been deleted.", status="DELETED")
@@ -261,7 +261,7 @@ class HAProxyDriver(LoadBalancerDriver):
         # Counted by the log sink, so SUSPENDED or a crashed HAProxy still report.
         accepted = self.configured_device()
         configured = tuple(lb.protocol.value.lower() for lb in accepted.loadbalancers) if accepted else ()
-        return self.metrics_ledger.report(configured)
+        return self.metrics_ledger.report(configured, job)
 
     def health(self) -> DeviceHealth:
         master = self.process.master_pid()

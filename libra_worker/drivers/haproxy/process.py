@@ -23,6 +23,8 @@ from libra_worker.drivers.haproxy.sockets import is_permanent, send_command, sen
 from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
 
 LOG = logging.getLogger(__name__)
+# Pauses between looks at a master that may be re-executing (see is_running_beside_reload).
+_RELOAD_GLITCH_PAUSES = (0.01, 0.05)
 
 _POLL_INTERVAL = 0.002  # a reload settles in ~20 ms; polling every 10 ms added 5 ms on average
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
@@ -119,6 +121,16 @@ class HAProxyProcess:
 
     def is_running(self) -> bool:
         return self.master_pid() is not None
+
+    def is_running_beside_reload(self) -> bool:
+        """`is_running` for a read-only job, which may run while a reload happens: the
+        master re-executes itself and rewrites its pid file, and for a few milliseconds
+        neither says it runs. Looked at again before saying it does not."""
+        for pause in _RELOAD_GLITCH_PAUSES:
+            if self.is_running():
+                return True
+            time.sleep(pause)
+        return self.is_running()
 
     def version(self) -> str | None:
         """HAProxy's version (`haproxy -v`), or None if the binary could not say."""
