@@ -180,7 +180,7 @@ def serve(config: Config, report: service.StartupReport, notifier: notify.Notifi
                 report.ready()
                 notifier.ready(describe())
 
-        transport.serve(config.gearman, runner, stopping, heartbeat)
+        transport.serve(config.gearman, runner, stopping, heartbeat, progress.job)
     except Exception:
         LOG.exception("libra-worker stopped on an unexpected error")
         report.failed(StartupError("stopped on an unexpected error; see its log.", EXIT_FAILURE))

@@ -19,6 +19,7 @@ answered FAIL then (`JobRunner.expire`); `next_deadline` lets the poll wake for 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -26,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from libra_worker.jobs import Answer, Job, JobRunner
 
@@ -57,8 +58,11 @@ class InHand:
 
 
 class JobLanes:
-    def __init__(self, runner: JobRunner, readers: int = READERS) -> None:
+    def __init__(self, runner: JobRunner, readers: int = READERS,
+                 around_mutating: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
         self.runner = runner
+        # Entered around each mutating job: systemd's watchdog counts it as progress.
+        self.around_mutating = around_mutating
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="read-only-job")
         self._mutating: queue.SimpleQueue[InHand] = queue.SimpleQueue()
         self._answered: queue.SimpleQueue[tuple[InHand, Answer]] = queue.SimpleQueue()
@@ -154,7 +158,8 @@ class JobLanes:
             self._mutating_timeout = item.job.timeout
             self._mutating_since = time.monotonic()
             try:
-                self._execute(item, alarm=True)
+                with self.around_mutating():
+                    self._execute(item, alarm=True)
             finally:
                 self._mutating_since = None
 

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import gearman
 import gearman.io
@@ -251,14 +251,16 @@ class JobServerWorker(gearman.GearmanWorker):
 
 
 def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Event,
-          heartbeat: Callable[[], None] = lambda: None) -> None:
+          heartbeat: Callable[[], None] = lambda: None,
+          around_mutating: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
     """Serve jobs until `stopping` is set; the jobs in hand are finished and answered first.
 
     The Gearman loop runs on a thread of its own; the calling (main) thread runs the
-    mutating jobs, so that their timeout alarm works. `heartbeat` is called after every
-    poll of the job servers while the jobs are on time (systemd's watchdog).
+    mutating jobs, so that their timeout alarm works. For systemd's watchdog, `heartbeat`
+    is called after every poll of the job servers while the jobs are on time, and each
+    mutating job runs inside `around_mutating()`.
     """
-    lanes = JobLanes(runner)
+    lanes = JobLanes(runner, around_mutating=around_mutating)
     worker = JobServerWorker(settings, lanes, stopping, heartbeat)
     LOG.info("Serving function %r on %s%s", settings.function,
              ", ".join(worker.health.servers), " (TLS)" if settings.tls else "")
