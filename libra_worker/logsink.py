@@ -497,8 +497,16 @@ class LogSink:
                             os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(stderr_fd, "ab") as stderr:
             # Returns once the launcher has forked the daemon off and exited.
-            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=stderr, env=env, check=True, timeout=timeout)
+            try:
+                subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=stderr, env=env, check=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # A machine too busy to start Python in time (a whole fleet starting at once).
+                raise WorkerError(f"The HAProxy log sink did not start within {timeout:g} s "
+                                  "(the machine may be overloaded); try again.") from None
+            except subprocess.CalledProcessError as exc:
+                raise WorkerError(f"The HAProxy log sink failed to start (exit {exc.returncode}); "
+                                  f"see {self.log_dir / SINK_STDERR_NAME}.") from None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop the sink by pid (SIGTERM, then SIGKILL); no-op if not running."""

@@ -14,6 +14,7 @@ import pytest
 
 from libra_worker import __version__, logsink
 from libra_worker.drivers.haproxy.process import process_alive
+from libra_worker.errors import WorkerError
 from libra_worker.logsink import (LogSink, LogStore, ProtocolWriter, SinkServer,
                                   parse_datagram)
 
@@ -165,6 +166,11 @@ class TestLogSinkProcess:
         assert not sink.is_running()
         assert not sink.pidfile.exists() and not sink.socket_path.exists()
         assert sink.store.active_path("http").read_bytes() == HTTP_LINE % 1 + b"\n"
+
+    def test_a_launch_that_does_not_finish_in_time_is_a_worker_error(self, sink: LogSink) -> None:
+        # No Python starts within a millisecond: the launcher is killed, the job says why.
+        with pytest.raises(WorkerError, match="did not start within 0.001 s"):
+            sink.ensure_running(timeout=0.001)
 
     def test_adopts_a_running_sink(self, sink: LogSink) -> None:
         sink.ensure_running()
