@@ -106,6 +106,7 @@ def run(config: Config, identity: Identity, report: service.StartupReport, foreg
         report.failed(exc)
         return exc.exit_code
     reopener.start()
+    service.log_thread_failures()
     try:
         return serve(config, report, notifier, progress, watchdog, stopping)
     finally:

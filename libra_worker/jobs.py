@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from libra_worker import journal
 from libra_worker.controller import LBaaSController
-from libra_worker.errors import ActionTimeout
+from libra_worker.errors import ActionTimeout, WorkerError
 from libra_worker.journal import Journal, JobTicket
 from libra_worker.messages import Action, Message, error_detail
 
@@ -202,6 +202,25 @@ class JobRunner:
         reply = self.controller.failed(job.message, error).reply
         job.ticket.finish(journal.TIMEOUT, _masked(error_detail(reply), job.message))
         return Answer(job.action, reply)
+
+
+    def crashed(self, job: Job, error: Exception) -> Answer | None:
+        """The answer of a job whose execution raised past the controller (the alarm
+        landing while its reply was built, or a bug): still the original message with a
+        FAIL, journaled; None if it was answered already."""
+        if not job.claim():
+            return None
+        if job.message is None or job.ticket is None:
+            return Answer(job.action, {"hpcs_response": "FAIL", "hpcs_error": _INTERNAL_ERROR})
+        timed_out = isinstance(error, ActionTimeout)
+        failure = error if timed_out else WorkerError(_INTERNAL_ERROR)
+        reply = self.controller.failed(job.message, failure).reply
+        job.ticket.finish(journal.TIMEOUT if timed_out else journal.FAIL,
+                          _masked(error_detail(reply), job.message))
+        return Answer(job.action, reply)
+
+
+_INTERNAL_ERROR = "The worker hit an internal error; see the worker's log for details."
 
 
 def _masked(error: str, message: Message) -> str:

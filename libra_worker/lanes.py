@@ -41,13 +41,6 @@ READERS = 4
 _IDLE_CHECK = 0.2
 
 
-def internal_error_reply() -> dict[str, Any]:
-    return {
-        "hpcs_response": "FAIL",
-        "hpcs_error": "The worker hit an internal error; see the worker's log for details.",
-    }
-
-
 @dataclass
 class InHand:
     """A grabbed job; `token` is the Gearman loop's own reference to answer it."""
@@ -173,18 +166,20 @@ class JobLanes:
     def _execute(self, item: InHand, alarm: bool) -> None:
         try:
             answer = self.runner.execute(item.job, alarm=alarm)
-        except Exception:  # noqa: BLE001 - the controller already catches; this is the last net
+        except Exception as exc:  # noqa: BLE001 - the controller catches; this is the last net
             LOG.exception("Job %s %s: the runner raised", item.job.handle, item.job.action)
-            answer = Answer(item.job.action, internal_error_reply()) if item.job.claim() else None
+            answer = self.runner.crashed(item.job, exc)
         if answer is None:
             self._forget(item)
         else:
             self._answer(item, answer)
 
     def _answer(self, item: InHand, answer: Answer) -> None:
-        self._forget(item)
+        # Queued before it stops counting as in hand: a stopping loop that sees no job in
+        # hand must find every answer already waiting to be written.
         self._answered.put((item, answer))
         self.wake()
+        self._forget(item)
 
     def _forget(self, item: InHand) -> None:
         with self._lock:

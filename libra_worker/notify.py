@@ -32,7 +32,8 @@ class Notifier:
     def __init__(self, address: str | None) -> None:
         self.address = address
         self._failed = False
-        self._lock = threading.Lock()
+        # Re-entrant: the SIGTERM handler may send STOPPING=1 while this thread is sending.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_environment(cls, environ: MutableMapping[str, str] = os.environ) -> "Notifier":
@@ -108,9 +109,11 @@ class Progress:
         self.reconciled_at = now
         self.job_started_at: float | None = None
         self.reconciler_stopped = False
+        self.loop_started = False
 
     def polled(self) -> None:
         self.polled_at = self.clock()
+        self.loop_started = True
 
     def reconciled(self) -> None:
         self.reconciled_at = self.clock()
@@ -122,20 +125,23 @@ class Progress:
             yield
         finally:
             self.job_started_at = None
-            self.polled()
 
     def stalled(self) -> str | None:
         """None while both loops make progress, else a sentence saying which does not."""
         now = self.clock()
         started = self.job_started_at
-        if started is not None:
-            if now - started > self.job_limit:
-                return f"a job has been running for {now - started:.0f} s, past every job timeout"
-            return None  # the reconciler may be waiting for this job's lock
-        if now - self.polled_at > self.limit:
+        if started is not None and now - started > self.job_limit:
+            return f"a job has been running for {now - started:.0f} s, past every job timeout"
+        # The Gearman loop polls beside running jobs (it stops heartbeating when a job
+        # overruns its own timeout); only before its first poll is a job in hand (restoring
+        # the desired state) its progress.
+        loop_excused = started is not None and not self.loop_started
+        if not loop_excused and now - self.polled_at > self.limit:
             return f"the job loop has made no progress for {now - self.polled_at:.0f} s"
         idle = now - self.reconciled_at
-        if not self.reconciler_stopped and idle > self.limit + self.reconcile_interval:
+        # A job in hand holds the driver lock the reconciler waits for.
+        if (started is None and not self.reconciler_stopped
+                and idle > self.limit + self.reconcile_interval):
             return f"the reconciler has made no progress for {idle:.0f} s"
         return None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import grp
+import logging
 import os
 import pwd
 import signal
@@ -338,7 +339,20 @@ def daemonize(config: Config, serve: Callable[[StartupReport], int]) -> int:
     return int(code)
 
 
-# --------------------------------------------------------------------------- signals
+# --------------------------------------------------------------------------- threads, signals
+
+
+def log_thread_failures() -> None:
+    """An exception that ends a thread (a timer, a probe, a connection attempt) goes to the
+    worker's log: a daemon's stderr is /dev/null."""
+
+    def report(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread else "a thread"
+        logging.getLogger("libra_worker").error(
+            "%s stopped on an unexpected error", name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    threading.excepthook = report
 
 
 def install_signal_handlers(stopping: threading.Event, on_stop: Callable[[str], None],

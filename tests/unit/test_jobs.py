@@ -136,3 +136,16 @@ def test_the_job_after_a_large_payload_gives_the_freed_heap_back(tmp_path, monke
     assert trims == [1]
     jobs.run("H:4", b'{"hpcs_action": "DISCOVER"}')
     assert trims == [1]
+
+
+def test_a_job_that_raises_past_the_controller_still_answers_its_message(tmp_path):
+    """The last net: the original message with a FAIL, once, and a journal entry."""
+    jobs = runner(tmp_path, SlowDriver())
+    job = jobs.accept("H:9", b'{"hpcs_action": "METRICS", "x": 1}')
+    answer = jobs.crashed(job, RuntimeError("a bug"))
+    assert answer.reply["hpcs_action"] == "METRICS" and answer.reply["x"] == 1
+    assert answer.reply["hpcs_response"] == "FAIL" and "internal error" in answer.reply["hpcs_error"]
+    assert answer.reply["loadBalancers"] == []  # the keys Libra's billing reads
+    assert jobs.crashed(job, RuntimeError("again")) is None  # answered once
+    [record] = Journal(tmp_path / "jobs.journal").recent(5)
+    assert record.state == "FAIL"

@@ -104,7 +104,8 @@ def test_a_reconciler_without_rounds_is_stalled_after_limit_plus_interval():
     assert watched.stalled() is None
 
 
-def test_a_job_within_the_longest_timeout_counts_as_progress_for_both_loops():
+def test_a_job_before_the_first_poll_counts_as_progress_for_both_loops():
+    """Restoring the desired state at start-up, before the job loop runs."""
     clock = FakeClock()
     watched = progress(clock)
     with watched.job():
@@ -112,7 +113,19 @@ def test_a_job_within_the_longest_timeout_counts_as_progress_for_both_loops():
         assert watched.stalled() is None
         clock.now += 21
         assert "job has been running for 121 s" in watched.stalled()
-    assert watched.polled_at == clock.now
+
+
+def test_once_the_loop_polls_a_job_excuses_only_the_reconciler():
+    """The Gearman loop polls beside a running job: it must keep polling meanwhile."""
+    clock = FakeClock()
+    watched = progress(clock)
+    watched.polled()
+    with watched.job():
+        clock.now += 50
+        watched.polled()
+        assert watched.stalled() is None  # the reconciler waits for the job's lock
+        clock.now += 61
+        assert "the job loop has made no progress" in watched.stalled()
 
 
 class RecordingNotifier(Notifier):

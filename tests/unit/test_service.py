@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import socket
+import threading
 
 import pytest
 
@@ -124,3 +126,20 @@ def test_a_log_file_planted_as_a_symlink_is_not_followed(tmp_path):
     with pytest.raises(StartupError, match=r"^\[worker\] log_file .*w\.log: Too many levels of symbolic links"):
         service.prepare_directories(worker, resolve_identity(worker))
     assert precious.stat().st_uid == 0 and precious.read_text() == "root's\n"
+
+
+def test_an_exception_that_ends_a_thread_goes_to_the_log(caplog):
+    previous = threading.excepthook
+    service.log_thread_failures()
+    try:
+        def fail() -> None:
+            raise RuntimeError("boom in a timer")
+
+        thread = threading.Thread(target=fail, name="consolidation-timer")
+        with caplog.at_level(logging.ERROR, logger="libra_worker"):
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    assert "consolidation-timer stopped on an unexpected error" in caplog.text
+    assert "boom in a timer" in caplog.text

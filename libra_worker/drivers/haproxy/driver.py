@@ -162,7 +162,6 @@ class HAProxyDriver(LoadBalancerDriver):
 
     def update(self, device: Device) -> None:
         with self._exclusive():
-            self._cancel_consolidation()
             desired = self.store.load()
             previous = self._read_live_config()
             accepted = self.configured_device()
@@ -172,25 +171,36 @@ class HAProxyDriver(LoadBalancerDriver):
                             if running else (None, ""))
             text = self._render(device)
             checked = plan is None or not self._template_is_shipped()
-            # Always: a later start or reload must come up exactly as this UPDATE says.
-            self._install(text, checked)
+            self._cancel_consolidation()  # this UPDATE's outcome decides it anew (finally)
             try:
-                if desired.lifecycle is Lifecycle.SUSPENDED:
-                    LOG.info("Suspended: the new configuration is kept for ENABLE")
-                elif running:
-                    self.logs.ensure_running()
-                    self._apply_to_running(plan, reason, accepted, checked)
-                else:
-                    self._start()
-            except WorkerError as exc:
-                self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
-                raise
-            lifecycle = Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED else Lifecycle.ACTIVE
-            saved = self._save(desired, lifecycle, loadbalancers=device_document(device)["loadbalancers"])
+                # Always: a later start or reload must come up exactly as this UPDATE says.
+                # If the file is refused, the live one is untouched.
+                self._install(text, checked)
+                try:
+                    if desired.lifecycle is Lifecycle.SUSPENDED:
+                        LOG.info("Suspended: the new configuration is kept for ENABLE")
+                    elif running:
+                        self.logs.ensure_running()
+                        self._apply_to_running(plan, reason, accepted, checked)
+                    else:
+                        self._start()
+                    lifecycle = (Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED
+                                 else Lifecycle.ACTIVE)
+                    saved = self._save(desired, lifecycle,
+                                       loadbalancers=device_document(device)["loadbalancers"])
+                except BaseException as exc:
+                    # Whatever failed (a refused reload, a full disk writing state.json, the
+                    # job's alarm), HAProxy goes back to what state.json says it serves, so
+                    # the reply's "left unchanged" holds and a restart brings up the same.
+                    self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
+                    raise
+            finally:
+                # Also after a failure: servers an earlier UPDATE added at runtime still
+                # want their consolidating reload.
+                if self._added_at_runtime and self._consolidation is None:
+                    self._schedule_consolidation()
             self._accepted = (saved, device)  # what the state file now holds, already parsed
             self._rendered = (device, text)
-            if self._added_at_runtime:
-                self._schedule_consolidation()
 
     def suspend(self) -> None:
         """Also a PASS on a device never configured or deleted, as in Libra: nothing
