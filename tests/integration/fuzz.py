@@ -34,8 +34,9 @@ ALLOWED_ARCHIVE_ENDPOINT = f"https://{LOOPBACK}:1/fuzz-only-this-prefix"
 WORKER_SETTINGS = {"archive": {"allowed_endpoints": ALLOWED_ARCHIVE_ENDPOINT,
                                "allow_plain_http": "false"}}
 
+# Addresses in them are loopback: had one got through, HAProxy's checks stay on this host.
 INJECTIONS = (
-    f"x\n    server {MARKER} 10.9.9.9:80",
+    f"x\n    server {MARKER} 127.9.9.9:80",
     f"80\nlisten {MARKER}\n    bind :8080",
     f"/health\r\n    http-request redirect location http://{MARKER}/",
     f"a b\n{MARKER} 1",
