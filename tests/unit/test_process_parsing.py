@@ -9,14 +9,23 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from libra_worker import fileutil
-from libra_worker.drivers.haproxy.process import HAProxyProcess, ProcessTable, _alerts, find_binary
+from libra_worker.drivers.haproxy.process import (
+    HAProxyProcess,
+    ProcessTable,
+    _alerts,
+    find_binary,
+    process_alive,
+)
 from libra_worker.drivers.haproxy.sockets import ServerStatus, server_statuses
 from libra_worker.errors import ConfigCheckFailed, ReloadFailed, StatsUnavailable
 from libra_worker.fileutil import atomic_write
@@ -397,3 +406,21 @@ def test_a_master_between_exec_and_pid_file_counts_as_running_for_readers(haprox
 
     monkeypatch.setattr(haproxy_process, "is_running", lambda: False)
     assert not haproxy_process.is_running_beside_reload()  # really stopped: says so
+
+
+def test_a_process_whose_leader_exited_first_is_alive_until_its_last_thread_is_gone():
+    """HAProxy's killed workers: the leader turns zombie while a thread still holds the sockets."""
+    leader_exits_first = ("import ctypes, threading, time; "
+                          "threading.Thread(target=time.sleep, args=(60,)).start(); "
+                          "ctypes.CDLL(None).pthread_exit(None)")
+    child = subprocess.Popen([sys.executable, "-c", leader_exits_first])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the leader did not exit"
+            time.sleep(0.01)
+        assert process_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not process_alive(child.pid)

@@ -65,12 +65,29 @@ class ProcessTable:
 
 
 def process_alive(pid: int) -> bool:
-    """True for a live process; a zombie is dead (init may be slow to reap our master)."""
+    """True for a live process; a zombie is dead (init may be slow to reap our master).
+
+    A killed multi-threaded process (HAProxy's workers run a thread per CPU) shows its
+    leader as a zombie while its other threads are still exiting, and they still hold
+    its sockets: it is dead only once every thread is.
+    """
+    if _task_state(f"/proc/{pid}/stat") not in (None, "Z"):
+        return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    return any(_task_state(f"/proc/{pid}/task/{tid}/stat") not in (None, "Z")
+               for tid in threads if tid != str(pid))
+
+
+def _task_state(stat_path: str) -> str | None:
+    """The state letter of a process or thread, None if it is gone."""
+    try:
+        stat = Path(stat_path).read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[0]
 
 
 def process_cmdline(pid: int) -> list[str]:
