@@ -76,14 +76,14 @@ class LBaaSController:
             document = decode(payload, self.max_message_bytes)
         except InvalidMessage as exc:
             LOG.info("Rejected payload: %s", exc)
-            return {**bad_request({}, str(exc)), **self._failure_fields(sniff_action(payload))}
+            return bad_request({}, str(exc), **self._failure_fields(sniff_action(payload)))
         try:
             return parse(document)
         except InvalidMessage as exc:
             LOG.info("Rejected message: %s", exc)
             action = next((value for key, value in document.items()
                            if key.lower() == "hpcs_action" and isinstance(value, str)), "")
-            return {**bad_request(document, str(exc)), **self._failure_fields(action.upper())}
+            return bad_request(document, str(exc), **self._failure_fields(action.upper()))
 
     def execute(self, message: Message, job: str | None = None) -> Outcome:
         """Run a validated message; `job` identifies the Gearman job (handle and unique id)."""

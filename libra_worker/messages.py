@@ -684,15 +684,17 @@ def error_detail(answer: Mapping[str, Any]) -> str | None:
     return answer.get("hpcs_error_detail") or answer.get("hpcs_error")
 
 
-def bad_request(original: Mapping[str, Any], error: str) -> dict[str, Any]:
+def bad_request(original: Mapping[str, Any], error: str, **extra: Any) -> dict[str, Any]:
     """A FAIL reply for a validation error, in the shape deployed Libra API servers read first.
 
-    Fields nested beyond `MAX_DEPTH` are left out of the echo (the sentence says so).
+    Fields nested beyond `MAX_DEPTH` are left out of the echo (the sentence says so);
+    `extra` are more reply fields (e.g. the keys Libra reads from a METRICS reply).
     """
     deep = set(too_deep_fields(original))
     return reply(
         {key: value for key, value in original.items() if key not in deep},
         error,
+        **extra,
         badRequest={
             "code": "400",
             "message": "Validation fault",

@@ -489,3 +489,12 @@ def test_an_undecodable_metrics_still_carries_the_keys_billing_reads(controller,
     assert answer["hpcs_response"] == "FAIL" and answer["badRequest"]
     assert answer["loadBalancers"] == [] and answer["utc_start"] == answer["utc_end"]
     assert driver.calls == []
+
+
+def test_a_refused_metrics_carries_libras_keys_once_whatever_the_sender_wrote(controller):
+    nested_too_deep = "[" * 40 + "]" * 40
+    payload = ('{"hpcs_action": "METRICS", "LoadBalancers": "sent", "deep": %s}'
+               % nested_too_deep).encode()
+    answer = controller.handle(payload)
+    assert answer["hpcs_response"] == "FAIL" and answer["badRequest"]
+    assert answer["loadBalancers"] == [] and "LoadBalancers" not in answer
