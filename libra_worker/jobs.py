@@ -144,13 +144,6 @@ class JobRunner:
         self.default_timeout = default_timeout
         self._heap_grown = False
 
-    def run(self, handle: str, payload: bytes, unique: str = "") -> Answer:
-        """Accept and execute on this (main) thread, under the alarm."""
-        job = self.accept(handle, payload, unique)
-        answer = job.refusal or self.execute(job, alarm=True)
-        assert answer is not None  # nothing else could claim the job
-        return answer
-
     def accept(self, handle: str, payload: bytes, unique: str = "") -> Job:
         """Validate and journal a job; a refused one carries its answer already.
 

@@ -12,7 +12,7 @@ import pytest
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout, WorkerError
 from libra_worker import jobs as jobs_module
-from libra_worker.jobs import JobRunner, JobTimeout
+from libra_worker.jobs import Answer, JobRunner, JobTimeout
 from libra_worker.journal import Journal
 from libra_worker.messages import Action
 
@@ -51,12 +51,20 @@ def runner(tmp_path: Path, driver: Any, **timeouts: float) -> JobRunner:
     )
 
 
+def run(jobs: JobRunner, handle: str, payload: bytes) -> Answer:
+    """What the mutating lane does with a job: accept, then execute under the alarm."""
+    job = jobs.accept(handle, payload)
+    answer = job.refusal or jobs.execute(job, alarm=True)
+    assert answer is not None  # nothing else could claim the job
+    return answer
+
+
 def test_a_job_past_its_timeout_is_answered_fail_and_journaled_timeout(tmp_path):
     driver = SlowDriver(stats_seconds=5)
     jobs = runner(tmp_path, driver, stats=0.2)
 
     started = time.monotonic()
-    answer = jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+    answer = run(jobs, "H:1", b'{"hpcs_action": "STATS"}')
     reply = answer.reply
 
     assert time.monotonic() - started < 4  # interrupted, not waited out
@@ -71,16 +79,16 @@ def test_a_job_past_its_timeout_is_answered_fail_and_journaled_timeout(tmp_path)
 
 def test_the_alarm_is_disarmed_after_a_job(tmp_path):
     jobs = runner(tmp_path, SlowDriver(), stats=0.2)
-    jobs.run("H:1", b'{"hpcs_action": "STATS"}')
+    run(jobs, "H:1", b'{"hpcs_action": "STATS"}')
 
     time.sleep(0.4)  # an armed alarm would fire here and raise out of the test
 
 
 def test_each_outcome_is_journaled(tmp_path):
     jobs = runner(tmp_path, SlowDriver())
-    jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
-    jobs.run("H:2", b'{"hpcs_action": "STATS"}')
-    assert jobs.run("H:3", b"not json").action == "INVALID"
+    run(jobs, "H:1", b'{"hpcs_action": "DISCOVER"}')
+    run(jobs, "H:2", b'{"hpcs_action": "STATS"}')
+    assert run(jobs, "H:3", b"not json").action == "INVALID"
 
     records = Journal(tmp_path / "jobs.journal").recent(10)
     assert [(r.handle, r.action, r.state) for r in records] == [
@@ -90,7 +98,7 @@ def test_each_outcome_is_journaled(tmp_path):
 
 
 def test_the_token_is_masked_in_the_journal_but_echoed_in_the_reply(tmp_path):
-    reply = runner(tmp_path, SlowDriver()).run("H:1", json.dumps(ARCHIVE).encode()).reply
+    reply = run(runner(tmp_path, SlowDriver()), "H:1", json.dumps(ARCHIVE).encode()).reply
 
     assert reply["hpcs_object_store_token"] == "SECRET-TOKEN-1234"
     journal_text = (tmp_path / "jobs.journal").read_text()
@@ -117,7 +125,7 @@ def test_the_journal_keeps_the_whole_error_the_reply_cuts_for_libra(tmp_path):
         def stats(self) -> Any:
             raise WorkerError(sentence)
 
-    reply = runner(tmp_path, LongWinded()).run("H:1", b'{"hpcs_action": "STATS"}').reply
+    reply = run(runner(tmp_path, LongWinded()), "H:1", b'{"hpcs_action": "STATS"}').reply
     assert len(reply["hpcs_error"]) <= 128 and reply["hpcs_error_detail"] == sentence
     [record] = Journal(tmp_path / "jobs.journal").recent(5)
     assert record.hpcs_error == sentence
@@ -129,12 +137,12 @@ def test_the_job_after_a_large_payload_gives_the_freed_heap_back(tmp_path, monke
     jobs = runner(tmp_path, SlowDriver())
     large = b'{"hpcs_action": "DISCOVER", "pad": "' + b"p" * jobs_module.LARGE_PAYLOAD_BYTES + b'"}'
 
-    jobs.run("H:1", b'{"hpcs_action": "DISCOVER"}')
-    jobs.run("H:2", large)
+    run(jobs, "H:1", b'{"hpcs_action": "DISCOVER"}')
+    run(jobs, "H:2", large)
     assert trims == []  # its own reply still holds the memory
-    jobs.run("H:3", b'{"hpcs_action": "DISCOVER"}')
+    run(jobs, "H:3", b'{"hpcs_action": "DISCOVER"}')
     assert trims == [1]
-    jobs.run("H:4", b'{"hpcs_action": "DISCOVER"}')
+    run(jobs, "H:4", b'{"hpcs_action": "DISCOVER"}')
     assert trims == [1]
 
 
