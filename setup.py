@@ -23,7 +23,10 @@ setup(
         "libra_worker.etc": ["*.conf", "*.service", "*.logrotate"],
     },
     # The systemd unit's Documentation= names this file under the virtualenv's prefix.
-    data_files=[("share/doc/libra-worker", ["README.rst"])],
+    data_files=[("share/doc/libra-worker", [
+        "README.rst", "docs/operations.rst", "docs/protocol.rst", "docs/security.rst",
+        "docs/libra-compat.rst", "docs/benchmarks.rst",
+    ])],
     install_requires=[
         "pygearman>=0.2.6",
         "Jinja2>=3.1",
