@@ -27,6 +27,9 @@ from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
 DEFAULT_GEARMAN_PORT = 4730
 GEARMAN_STATUS_NAME = "gearman.status"
+# `[haproxy] supervisor`: "worker" starts HAProxy and the log sink itself; "systemd" leaves
+# them to the units etc/libra-haproxy.service and etc/libra-logsink.socket.
+SUPERVISORS = ("worker", "systemd")
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _LONGEST_SOCKET_NAME = "haproxy-master.sock"
@@ -162,6 +165,13 @@ class HAProxySettings:
     # Where ARCHIVE may upload: host names or URL prefixes; empty means any host.
     archive_allowed_endpoints: tuple[str, ...] = ()
     archive_allow_plain_http: bool = False
+    # Who starts, restarts and stops HAProxy and its log sink: the worker itself, or
+    # systemd's units (libra-haproxy.service, libra-logsink.socket), which outlive it.
+    supervisor: str = "worker"
+
+    @property
+    def supervised_by_systemd(self) -> bool:
+        return self.supervisor == "systemd"
 
 
 @dataclass(frozen=True)
@@ -365,6 +375,7 @@ def _build(parser: StrictParser) -> Config:
             parser.get("archive", "allowed_endpoints", fallback="")
         ),
         archive_allow_plain_http=parser.getboolean("archive", "allow_plain_http", fallback=False),
+        supervisor=_supervisor(parser.get("haproxy", "supervisor", fallback=defaults.supervisor)),
     )
     _check_bind_address(haproxy.bind_address)
     if haproxy.template_dir is not None:
@@ -456,6 +467,14 @@ def _log_level(text: str) -> str:
         raise ConfigError(f"[worker] log_level: {quoted(text.strip())} is not one of "
                           f"{', '.join(sorted(names, key=logging.getLevelName))}.")
     return level
+
+
+def _supervisor(text: str) -> str:
+    value = text.strip().lower()
+    if value not in SUPERVISORS:
+        raise ConfigError(f"[haproxy] supervisor: {quoted(text.strip())} is neither "
+                          f"{' nor '.join(SUPERVISORS)}.")
+    return value
 
 
 def _umask(text: str) -> int:

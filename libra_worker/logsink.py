@@ -172,6 +172,14 @@ class LogStore:
         finally:
             os.close(fd)
 
+    def discard_lines(self) -> None:
+        """Delete every stored line while a sink may be writing (DELETE under systemd):
+        rotated aside under the sink's lock first, so no line lands in a deleted file."""
+        for protocol in PROTOCOLS:
+            self.rotate(protocol)
+            for path in self.pending_paths(protocol):
+                path.unlink(missing_ok=True)
+
     def dropped_path(self, protocol: str) -> Path:
         return self.directory / f"{protocol}.dropped"
 
@@ -642,15 +650,23 @@ def _queued_bytes(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
-def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False) -> int:
+def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False,
+             listening: socket.socket | None = None) -> int:
     """Run the sink in this process until SIGTERM/SIGINT; 0 if already running.
 
     With ``take_over``, a running sink's socket is taken over and that sink stopped.
+    ``listening`` is a socket bound to the socket path by someone else (systemd's
+    libra-logsink.socket): the path stays theirs, and datagrams queue in it while no
+    sink runs (a restart, an upgrade).
     """
     log_dir = Path(state_dir) / LOG_DIR_NAME
     log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     claim = _Claim(log_dir)
     claim.lock_fd = try_lock(log_dir / LOCKFILE_NAME)
+    if claim.lock_fd is None and listening is not None:
+        LOG.error("another sink (pid %s) already serves %s; stop it first",
+                  _read_int(log_dir / PIDFILE_NAME) or "unknown", log_dir)
+        return 1
     if claim.lock_fd is None and not take_over:
         LOG.info("another sink already serves %s", log_dir)
         return 0
@@ -661,7 +677,10 @@ def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    if claim.lock_fd is None:
+    if listening is not None:
+        sock = listening
+        claim.announce()
+    elif claim.lock_fd is None:
         sock, previous = claim.take_over()
 
         def retire_then_announce() -> None:
