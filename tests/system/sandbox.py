@@ -44,7 +44,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
