@@ -10,6 +10,8 @@ systemd are tests/system.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -183,3 +185,19 @@ def test_haproxy_config_puts_back_a_torn_live_file(units, http_backend, free_por
     units.start_haproxy()
     assert worker.haproxy_config() == expected
     assert traffic(url(port), 3) == ({"node-a": 3}, 0)
+
+
+def test_haproxy_config_leaves_the_file_to_a_worker_that_holds_the_lock(units):
+    """A worker changing the configuration holds the driver's lock; the unit's
+    ExecStartPre (`-`: its failure is tolerated) gives up after a few seconds instead of
+    waiting for a worker that may itself wait for HAProxy."""
+    lock = os.open(units.worker.state_dir / "driver.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(units.ctl("haproxy-config"), cwd=REPO_ROOT,
+                                env=units.worker.environment(), capture_output=True, text=True,
+                                timeout=60)
+    finally:
+        os.close(lock)
+    assert result.returncode == 1
+    assert "stayed locked" in result.stderr and result.stderr.count("\n") == 1, result.stderr
