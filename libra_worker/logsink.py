@@ -14,7 +14,8 @@ Files in ``<state_dir>/logs`` (see :class:`LogStore`):
     Active file, appended to by the sink only.
 ``<proto>.pending-<ns>.log``
     Lines handed to the archiver (``LogStore.rotate``); deleted by the archiver
-    only after a successful upload.
+    only after a successful upload.  ``<ns>`` (nanoseconds since the epoch, unique,
+    increasing) is when they were set aside, and names the object they are shipped as.
 ``<proto>.dropped``
     Cumulative number of lines dropped because the cap was reached, written by
     the sink; ``<proto>.dropped.reported`` is the total the archiver has
@@ -120,6 +121,11 @@ def parse_datagram(datagram: bytes) -> tuple[str, bytes] | None:
     return protocol, match["text"] + b"\n"
 
 
+def pending_stamp(pending: Path) -> int:
+    """When a pending file's lines were set aside, in nanoseconds since the epoch."""
+    return int(pending.name.rsplit("-", 1)[1].removesuffix(".log"))
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip() or 0)
@@ -166,7 +172,7 @@ class LogStore:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_size == 0:
                 return None
-            pending = self.directory / f"{protocol}.pending-{time.time_ns():020d}.log"
+            pending = self._new_pending_path(protocol)
             os.rename(active, pending)
             return pending
         finally:
@@ -179,6 +185,21 @@ class LogStore:
             self.rotate(protocol)
             for path in self.pending_paths(protocol):
                 path.unlink(missing_ok=True)
+
+    def restamp(self, protocol: str, pending: Path) -> Path:
+        """Give a pending file a fresh stamp (the archiver's object name for it is taken)."""
+        fresh = self._new_pending_path(protocol)
+        os.rename(pending, fresh)
+        return fresh
+
+    def _new_pending_path(self, protocol: str) -> Path:
+        """A stamp of now, or just after the newest pending file's if the clock was set back:
+        stamps never repeat among the pending files and keep their order."""
+        stamp = time.time_ns()
+        existing = self.pending_paths(protocol)
+        if existing:
+            stamp = max(stamp, pending_stamp(existing[-1]) + 1)
+        return self.directory / f"{protocol}.pending-{stamp:020d}.log"
 
     def dropped_path(self, protocol: str) -> Path:
         return self.directory / f"{protocol}.dropped"

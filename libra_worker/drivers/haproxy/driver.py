@@ -344,7 +344,7 @@ class HAProxyDriver(LoadBalancerDriver):
             unreadable_access_lines=traffic.unreadable_lines if traffic else 0,
         )
 
-    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+    def archive(self, request: ArchiveRequest, job: str | None = None) -> dict[str, Any]:
         self.endpoint_policy.check(request.endpoint)  # before any connection is made
         return archive.archive_logs(
             self.logs.log_dir,
@@ -354,6 +354,7 @@ class HAProxyDriver(LoadBalancerDriver):
             endpoint=request.endpoint,
             token=request.token,
             timeout=self.settings.archive_timeout,
+            job=job,
         )
 
     def configured_device(self) -> Device | None:
