@@ -29,9 +29,11 @@ def sandbox_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
-    """A booted machine for this test, destroyed after it, whatever happened."""
+    """A booted machine for this test, destroyed after it, whatever happened. The
+    checkout is bound in at its own path: a clone under /tmp (CI's) is otherwise hidden
+    by the machine's own /tmp."""
     require_sandbox()
-    with Sandbox(sandbox_name(request)) as machine:
+    with Sandbox(sandbox_name(request), shared=[CHECKOUT]) as machine:
         machine.boot()
         yield machine
 
