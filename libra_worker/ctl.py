@@ -87,8 +87,9 @@ def build_parser() -> OneLineParser:
         ("status", "Show the worker daemon, HAProxy's processes, its configuration, the desired "
                    "and the actual state. Exits 3 when the worker daemon is not running.", None),
         ("restart", "Reload HAProxy, not the worker: hitless, on its current configuration "
-                    "(HAProxy is started if it is not running). Refused while the desired "
-                    "state is SUSPENDED or DELETED: send ENABLE or UPDATE instead.", None),
+                    "(outside systemd HAProxy is started if it is not running; under it, "
+                    "libra-haproxy.service starts it). Refused while the desired state is "
+                    "SUSPENDED or DELETED: send ENABLE or UPDATE instead.", None),
         ("logs", "Show HAProxy's own messages (not the access logs).", "lines"),
         ("jobs", "Show the most recent jobs from the job journal.", "jobs"),
         ("haproxy-config", "Write HAProxy's configuration as the desired state asks (an idle "
