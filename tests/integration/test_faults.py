@@ -47,6 +47,7 @@ from tests.integration.support import (
     TrafficLoop,
     Worker,
     connection_refused,
+    environment_for,
     free_port,
     http_monitor,
     lb,
@@ -189,11 +190,9 @@ def outage_after(port: int, started: float, give_up: float = 15.0) -> tuple[floa
 
 
 def run_ctl(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [worker.python, "-m", "libra_worker.cli", "ctl", "--config", str(worker.config_path), *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=60, cwd=worker.cwd, env=environment_for(worker.python),
     )
 
 
@@ -622,9 +621,9 @@ def process_uids(pids: list[int]) -> set[int]:
     return uids
 
 
-def test_ctl_as_root_acts_as_the_user_the_worker_runs_as(workers, http_backend):
+def test_ctl_as_root_acts_as_the_user_the_worker_runs_as(workers, http_backend, nobody_python):
     """Root's HAProxy would be one the worker can neither query nor stop."""
-    worker = start_as_nobody(workers)
+    worker = start_as_nobody(workers, nobody_python)
     nobody = pwd.getpwnam("nobody").pw_uid
     assert os.geteuid() == 0 and worker.state_dir.stat().st_uid == nobody
     port = free_port()
