@@ -117,9 +117,8 @@ def start(config: Config, identity: Identity, pidfile: PidFile, foreground: bool
     """Directories (as root), then as the service user: access, pidfile, logging."""
     try:
         service.prepare_directories(config.worker, identity)
-        # Somewhere the service user may enter: `haproxy -c` fails to get back to a start
-        # directory it cannot (root's home); and a daemon holds no other directory busy.
-        os.chdir(config.worker.state_dir)
+        if not foreground:
+            os.chdir(config.worker.state_dir)  # a daemon holds no other directory busy
         service.drop_privileges(identity)
         service.check_access(config, identity)
         pidfile.acquire()
