@@ -1,7 +1,7 @@
 """One connection to one job server: TLS, TCP keepalive, connecting without blocking the others.
 
 `JobServerConnection` replaces pygearman's `GearmanConnection` for the worker and for
-libra-client. It changes four things:
+libra-client. It changes five things:
 
 * **TLS reads and writes never spin.** pygearman retries `recv`/`send` in a loop while
   OpenSSL says SSL_ERROR_WANT_READ/WANT_WRITE. With TLS 1.3 the server sends session tickets
@@ -21,6 +21,8 @@ libra-client. It changes four things:
 * **Answers are timed**: the time a question (ECHO_REQ, GRAB_JOB) went unanswered is
   tracked, so the worker can drop a job server that is frozen (its TCP stack still
   answers, keepalive cannot see it).
+* **A refused certificate is named** even when TLS 1.3 loses the alert that says so: a
+  TLS 1.3 session the job server ends before its first answer (see `_lost`).
 
 `BackgroundJobServerConnection` (the worker's) connects in a thread, so a job server that
 does not answer SYNs never stalls jobs from the others.
@@ -34,7 +36,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from gearman.connection import GearmanConnection
 from gearman.errors import ConnectionError as GearmanConnectionError
@@ -45,7 +47,7 @@ from gearman.protocol import (
 )
 
 from libra_worker.config import GearmanSettings
-from libra_worker.tls import client_context, describe_tls_error
+from libra_worker.tls import client_context, describe_closed_after_handshake, describe_tls_error
 
 _QUESTIONS = frozenset({GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_GRAB_JOB, GEARMAN_COMMAND_GRAB_JOB_UNIQ})
 _WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)
@@ -99,6 +101,8 @@ class JobServerConnection(GearmanConnection):
         self.context = context
         self.last_error: str | None = None
         self.question_since: float | None = None
+        self.answered = False  # anything received on this connection yet
+        self.tls_version: str | None = None
         super().__init__(host=host, port=port)
         self.use_ssl = context is not None
 
@@ -110,6 +114,7 @@ class JobServerConnection(GearmanConnection):
     def _reset_connection(self) -> None:
         super()._reset_connection()
         self.question_since = None
+        self.answered = False
 
     def _create_client_socket(self) -> None:
         try:
@@ -117,6 +122,12 @@ class JobServerConnection(GearmanConnection):
         except OSError as exc:
             self.throw_exception(exception=exc)
         self.set_socket(connection)
+
+    def set_socket(self, current_socket: socket.socket) -> None:
+        super().set_socket(current_socket)
+        # Kept: a session torn down by an EOF no longer tells its version.
+        self.tls_version = (current_socket.version() if isinstance(current_socket, ssl.SSLSocket)
+                            else None)
 
     def adopt(self, connection: socket.socket) -> None:
         """Take a socket connected elsewhere (see BackgroundJobServerConnection)."""
@@ -138,9 +149,10 @@ class JobServerConnection(GearmanConnection):
         except _WOULD_BLOCK:
             return len(self._incoming_buffer)  # a TLS record with no data for us (a ticket)
         except OSError as exc:
-            self.throw_exception(exception=exc)
+            self._lost(exc)
         if not received:
-            self.throw_exception(message="the job server closed the connection")
+            self._lost(None)
+        self.answered = True
         self.question_since = None
         self._incoming_buffer.frombytes(received)
         return len(self._incoming_buffer)
@@ -155,7 +167,7 @@ class JobServerConnection(GearmanConnection):
         except _WOULD_BLOCK:
             return len(self._outgoing_buffer)  # the poll loop retries when writable
         except OSError as exc:
-            self.throw_exception(exception=exc)
+            self._lost(exc)
         self._outgoing_buffer = self._outgoing_buffer[sent:]
         return len(self._outgoing_buffer)
 
@@ -180,13 +192,28 @@ class JobServerConnection(GearmanConnection):
         readable, _, _ = select.select([self.gearman_socket], [], [], 0)
         return bool(readable)
 
-    def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> None:
+    def _lost(self, error: OSError | None) -> NoReturn:
+        """The connection ended (`error` None: closed by the job server).
+
+        With TLS 1.3 our side of the handshake completes before the job server has looked
+        at our certificate; a terminator that refuses it then sends an alert and closes,
+        and the alert can be lost in the teardown (we read an EOF or a reset instead). An
+        end before any answer, on such a session, is that refusal until proven otherwise.
+        """
+        alert = isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError)
+        if self.tls_version == "TLSv1.3" and not self.answered and not alert:
+            self.throw_exception(message=describe_closed_after_handshake(self.settings))
+        if error is None:
+            self.throw_exception(message="the job server closed the connection")
+        self.throw_exception(exception=error)
+
+    def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> NoReturn:
         self.last_error = describe_error(exception, self.settings) if exception else message
         self.connected = False
         raise_connection_error(self.address, self.last_error)
 
 
-def raise_connection_error(address: str, reason: str | None) -> None:
+def raise_connection_error(address: str, reason: str | None) -> NoReturn:
     raise GearmanConnectionError(f"{address}: {reason}")
 
 

@@ -3,6 +3,7 @@ that must not spin, keepalive on every socket, timed answers, state changes logg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
@@ -12,6 +13,7 @@ import threading
 from dataclasses import replace
 
 import pytest
+from gearman.errors import ConnectionError as GearmanConnectionError
 from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
 
 from libra_worker import transport
@@ -28,7 +30,7 @@ NOOP_PACKET = b"\0RES" + (6).to_bytes(4, "big") + (0).to_bytes(4, "big")
 
 class TLSServer:
     """A loopback TLS server: handshakes (TLS 1.3 sends session tickets right after), then
-    sends only what the test tells it to."""
+    sends only what the test tells it to, and ends the connection as it is told (`end`)."""
 
     def __init__(self, cert, key, version: ssl.TLSVersion) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -38,6 +40,7 @@ class TLSServer:
         self.listener = socket.create_server(("127.0.0.1", self.port))
         self.outgoing: list[bytes] = []
         self.send_now = threading.Event()
+        self.ending: str | None = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -48,10 +51,31 @@ class TLSServer:
             while not self.done.is_set():
                 if self.send_now.wait(0.05):
                     self.send_now.clear()
-                    connection.sendall(self.outgoing.pop(0))
+                    if self.outgoing:
+                        connection.sendall(self.outgoing.pop(0))
+                    if self.ending:
+                        self._end(connection, self.ending)
+                        return
+
+    @staticmethod
+    def _end(connection: ssl.SSLSocket, how: str) -> None:
+        if how == "close_notify":
+            connection.setblocking(False)  # send it, do not wait for the client's
+            with contextlib.suppress(ssl.SSLWantReadError):
+                connection.unwrap()
+            connection.close()
+        elif how == "reset":  # SO_LINGER 0: an RST, as from a terminator that drops at once
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            connection.close()
+        else:  # a FIN without TLS's close_notify
+            connection.shutdown(socket.SHUT_RDWR)
 
     def send(self, data: bytes) -> None:
         self.outgoing.append(data)
+        self.send_now.set()
+
+    def end(self, how: str) -> None:
+        self.ending = how
         self.send_now.set()
 
     def close(self) -> None:
@@ -101,6 +125,57 @@ def test_a_tls_record_without_data_does_not_make_the_read_spin(pki, version):
         assert read_in_thread(connection) == [len(NOOP_PACKET)]
         assert connection.read_commands_from_buffer() == 1
         connection.close()
+    finally:
+        server.close()
+
+
+def connection_end(server: TLSServer, connection: JobServerConnection, how: str) -> str:
+    """End the server's side `how`; the error the connection's next read raises."""
+    server.end(how)
+    with pytest.raises(GearmanConnectionError) as lost:
+        while True:  # TLS 1.3: session tickets may come first
+            select.select([connection.gearman_socket], [], [], HANG_GUARD)
+            connection.read_data_from_socket()
+    assert not connection.connected and connection.last_error is not None
+    assert str(lost.value) == f"127.0.0.1:{server.port}: {connection.last_error}"
+    return connection.last_error
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin", "reset"])
+def test_a_tls13_session_ended_before_any_answer_is_named_a_refused_certificate(pki, how):
+    """TLS 1.3: our handshake completes before the terminator checks our certificate; its
+    refusal's alert can be lost, and the first read sees only the end of the session."""
+    authority, server_cert, client_cert = pki
+    server = TLSServer(server_cert.cert, server_cert.key, ssl.TLSVersion.TLSv1_3)
+    try:
+        settings = settings_for(server.port, authority, client_cert)
+        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+        connection.connect()
+        assert connection_end(server, connection, how) == (
+            f"TLS: the job server refused our certificate, ssl_cert {client_cert.cert} (most "
+            f"likely: it ended the TLS 1.3 session right after the handshake, before any "
+            f"answer, and its alert was lost)")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2],
+                         ids=["TLSv1.3", "TLSv1.2"])
+def test_a_session_ended_after_an_answer_or_on_tls12_is_not_called_a_refusal(pki, version):
+    """After an answer the certificate was accepted; with TLS 1.2 a refusal fails the
+    handshake itself."""
+    authority, server_cert, client_cert = pki
+    server = TLSServer(server_cert.cert, server_cert.key, version)
+    try:
+        settings = settings_for(server.port, authority, client_cert)
+        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+        connection.connect()
+        if version is ssl.TLSVersion.TLSv1_3:
+            server.send(NOOP_PACKET)
+            while not connection.answered:
+                select.select([connection.gearman_socket], [], [], HANG_GUARD)
+                connection.read_data_from_socket()
+        assert connection_end(server, connection, "close_notify") == "the job server closed the connection"
     finally:
         server.close()
 
