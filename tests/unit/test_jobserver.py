@@ -14,11 +14,16 @@ from dataclasses import replace
 
 import pytest
 from gearman.errors import ConnectionError as GearmanConnectionError
-from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.protocol import (
+    GEARMAN_COMMAND_ECHO_REQ,
+    GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_COMMAND_NOOP,
+)
 
 from libra_worker import transport
 from libra_worker.config import GearmanSettings
 from libra_worker.jobserver import JobServerConnection, open_socket
+from libra_worker.messages import SNIFF_BYTES, Oversized
 from libra_worker.tls import client_context
 from libra_worker.transport import JobServerHealth
 from tests.integration.support import free_port
@@ -178,6 +183,67 @@ def test_a_session_ended_after_an_answer_or_on_tls12_is_not_called_a_refusal(pki
         assert connection_end(server, connection, "close_notify") == "the job server closed the connection"
     finally:
         server.close()
+
+
+def packet(kind: int, body: bytes) -> bytes:
+    return b"\0RES" + kind.to_bytes(4, "big") + len(body).to_bytes(4, "big") + body
+
+
+def send_until_closed(server_side: socket.socket, stream: bytes) -> None:
+    with contextlib.suppress(OSError):  # the client may end the connection first
+        server_side.sendall(stream)
+
+
+def commands_received(port: int, stream: bytes, max_job_bytes: int, count: int):
+    """A job server on `port` sends `stream`; the first `count` commands the connection
+    reads, and the most it held in its buffer at once."""
+    listener = socket.create_server(("127.0.0.1", port))
+    settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", port, settings, None, max_job_bytes=max_job_bytes)
+    try:
+        connection.connect()
+        server_side, _ = listener.accept()
+        threading.Thread(target=send_until_closed, args=(server_side, stream), daemon=True).start()
+        commands, most_held = [], 0
+        while len(commands) < count:
+            select.select([connection.gearman_socket], [], [], HANG_GUARD)
+            most_held = max(most_held, connection.read_data_from_socket())
+            connection.read_commands_from_buffer()
+            while (command := connection.read_command()) is not None:
+                commands.append(command)
+        server_side.close()
+        return commands, most_held
+    finally:
+        connection.close()
+        listener.close()
+
+
+def test_a_job_over_the_limit_is_drained_as_it_arrives_and_handed_on_oversized():
+    data = b'{"hpcs_action": "UPDATE", "pad": "' + b"p" * 3_000_000 + b'"}'
+    job = packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:1\0lb-unit\0unique-1\0" + data)
+    commands, most_held = commands_received(
+        free_port(), job + packet(GEARMAN_COMMAND_NOOP, b""), max_job_bytes=100_000, count=2)
+    assert commands == [
+        (GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, {"job_handle": b"H:vm:1", "task": b"lb-unit",
+                                           "unique": b"unique-1",
+                                           "data": Oversized(len(data), data[:SNIFF_BYTES])}),
+        (GEARMAN_COMMAND_NOOP, {}),
+    ]
+    assert most_held < 100_000  # never the job whole, nor up to the limit
+
+
+def test_a_job_within_the_limit_is_handed_on_whole():
+    data = b"x" * 100_000
+    job = packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:2\0lb-unit\0unique-2\0" + data)
+    commands, _ = commands_received(free_port(), job, max_job_bytes=100_000, count=1)
+    assert commands[0][1]["data"] == data
+
+
+def test_an_oversized_packet_that_is_no_job_ends_the_connection():
+    echo_res = 17
+    with pytest.raises(GearmanConnectionError, match="announced a 3000000-byte packet of type 17"):
+        commands_received(free_port(), packet(echo_res, b"e" * 3_000_000), max_job_bytes=100_000,
+                          count=1)
 
 
 def test_keepalive_and_user_timeout_on_every_socket():
