@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -255,7 +256,8 @@ exec %(haproxy)s "$@"
         self.directory = directory
         directory.mkdir(exist_ok=True)
         self.path = directory / "haproxy"  # `_is_ours` looks for "haproxy" in argv[0]
-        self.path.write_text(self.SCRIPT % {"haproxy": HAPROXY, "python": sys.executable})
+        self.path.write_text(self.SCRIPT % {"haproxy": shlex.quote(HAPROXY),
+                                            "python": shlex.quote(sys.executable)})
         self.path.chmod(0o755)
 
     def mode(self, mode: str | None) -> None:
@@ -907,6 +909,8 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
 
 
 def mount(*args: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounts a tmpfs and a read-only bind mount")
     result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         pytest.fail(f"mount {' '.join(args)} refused ({result.stderr.strip()}); this test needs "

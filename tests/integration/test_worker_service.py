@@ -196,6 +196,8 @@ def test_a_file_whose_directory_cannot_exist_is_one_line(service_workers, mode, 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_state_dir_the_service_user_cannot_write_is_one_line(service_workers, mode):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: starts the worker with user = nobody")
     worker = service_workers.make(worker={"user": "nobody"})
     worker.state_dir.mkdir(mode=0o755)  # root's, existing: not handed over
     assert_refused(start_in(mode, worker), 2, "[worker] state_dir", str(worker.state_dir),

@@ -56,7 +56,8 @@ def test_verify_prints_nothing(tmp_path: Path) -> None:
     here = Path(sys.executable).parent / "libra-worker"
     assert here.exists(), "the test environment has no libra-worker script"
     unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace(installed_binary, str(here)))
+    # Quoted: the checkout's path may hold a blank.
+    unit.write_text(UNIT.read_text().replace(installed_binary, f'"{here}"'))
     result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
