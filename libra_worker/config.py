@@ -517,7 +517,11 @@ def _check_directory(key: str, path: Path) -> None:
 def _check_file_location(key: str, path: Path | None) -> None:
     if path is None:
         return
-    if path.is_dir():
+    try:
+        is_directory = path.is_dir()
+    except PermissionError:  # the service user's directory: for the start-up checks to judge
+        is_directory = False
+    if is_directory:
         raise ConfigError(f"{key}: {short_text(str(path), 120)} is a directory, not a file.")
     problem = _not_a_directory(path.parent)
     if problem:

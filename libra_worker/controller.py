@@ -22,6 +22,7 @@ from libra_worker.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Action,
     Message,
+    Oversized,
     bad_request,
     decode,
     parse,
@@ -70,7 +71,7 @@ class LBaaSController:
             return self.execute(prepared).reply
         return prepared
 
-    def prepare(self, payload: bytes | str) -> Message | dict[str, Any]:
+    def prepare(self, payload: bytes | str | Oversized) -> Message | dict[str, Any]:
         """The validated message, or the FAIL reply saying why it is not valid."""
         try:
             document = decode(payload, self.max_message_bytes)

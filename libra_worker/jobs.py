@@ -34,7 +34,7 @@ from libra_worker import journal
 from libra_worker.controller import LBaaSController
 from libra_worker.errors import ActionTimeout, WorkerError
 from libra_worker.journal import Journal, JobTicket
-from libra_worker.messages import Action, Message, error_detail
+from libra_worker.messages import Action, Message, Oversized, error_detail
 
 LOG = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class JobRunner:
         self.default_timeout = default_timeout
         self._heap_grown = False
 
-    def accept(self, handle: str, payload: bytes, unique: str = "") -> Job:
+    def accept(self, handle: str, payload: bytes | Oversized, unique: str = "") -> Job:
         """Validate and journal a job; a refused one carries its answer already.
 
         `unique` is the client's unique id of the job (pygearman makes a random one):
@@ -152,7 +152,8 @@ class JobRunner:
         """
         if self._heap_grown:
             release_freed_heap()
-        self._heap_grown = len(payload) >= LARGE_PAYLOAD_BYTES
+        # An oversized payload was drained as it came: it was never held.
+        self._heap_grown = isinstance(payload, bytes) and len(payload) >= LARGE_PAYLOAD_BYTES
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
             self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))

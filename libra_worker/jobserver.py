@@ -1,7 +1,7 @@
 """One connection to one job server: TLS, TCP keepalive, connecting without blocking the others.
 
 `JobServerConnection` replaces pygearman's `GearmanConnection` for the worker and for
-libra-client. It changes four things:
+libra-client. It changes six things:
 
 * **TLS reads and writes never spin.** pygearman retries `recv`/`send` in a loop while
   OpenSSL says SSL_ERROR_WANT_READ/WANT_WRITE. With TLS 1.3 the server sends session tickets
@@ -21,6 +21,14 @@ libra-client. It changes four things:
 * **Answers are timed**: the time a question (ECHO_REQ, GRAB_JOB) went unanswered is
   tracked, so the worker can drop a job server that is frozen (its TCP stack still
   answers, keepalive cannot see it).
+* **A refused certificate is named** even when TLS 1.3 loses the alert that says so: a
+  TLS 1.3 session the job server ends before its first answer (see `_lost`).
+* **The payload limit holds while reading.** pygearman holds a packet whole before it
+  parses it, and copies it several times over (a 1 GB job took the worker to 3.1 GB).
+  Given `max_job_bytes` (the worker's `[worker] max_message_bytes`), a job whose packet
+  announces more is drained from the socket in chunks as it arrives, and handed on as an
+  `Oversized` payload (its size and first bytes), which the worker refuses as it refuses
+  any payload over the limit.
 
 `BackgroundJobServerConnection` (the worker's) connects in a thread, so a job server that
 does not answer SYNs never stalls jobs from the others.
@@ -28,27 +36,39 @@ does not answer SYNs never stalls jobs from the others.
 
 from __future__ import annotations
 
+import array
 import errno
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from gearman.connection import GearmanConnection
 from gearman.errors import ConnectionError as GearmanConnectionError
 from gearman.protocol import (
+    COMMAND_HEADER_SIZE,
     GEARMAN_COMMAND_ECHO_REQ,
     GEARMAN_COMMAND_GRAB_JOB,
     GEARMAN_COMMAND_GRAB_JOB_UNIQ,
+    GEARMAN_COMMAND_JOB_ASSIGN,
+    GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_PARAMS_FOR_COMMAND,
 )
 
 from libra_worker.config import GearmanSettings
-from libra_worker.tls import client_context, describe_tls_error
+from libra_worker.messages import SNIFF_BYTES, Oversized
+from libra_worker.tls import client_context, describe_closed_after_handshake, describe_tls_error
 
 _QUESTIONS = frozenset({GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_GRAB_JOB, GEARMAN_COMMAND_GRAB_JOB_UNIQ})
 _WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)
+_HEADER = struct.Struct("!4sII")  # a Gearman packet's magic, type and length
+# Room for what precedes a job's data in its packet: handle, function name, unique id
+# (gearmand allows 64 bytes for a unique id; the handle and our function name are short).
+_JOB_PREFIX_ROOM = 4096
+_DRAIN_CHUNK = 256 * 1024
 
 
 def describe_error(error: BaseException, settings: GearmanSettings) -> str:
@@ -94,11 +114,14 @@ class JobServerConnection(GearmanConnection):
     """A pygearman connection with TLS that does not spin, keepalive and timed answers."""
 
     def __init__(self, host: str, port: int, settings: GearmanSettings,
-                 context: ssl.SSLContext | None) -> None:
+                 context: ssl.SSLContext | None, max_job_bytes: int | None = None) -> None:
         self.settings = settings
         self.context = context
+        self.max_job_bytes = max_job_bytes
         self.last_error: str | None = None
         self.question_since: float | None = None
+        self.answered = False  # anything received on this connection yet
+        self.tls_version: str | None = None
         super().__init__(host=host, port=port)
         self.use_ssl = context is not None
 
@@ -110,6 +133,8 @@ class JobServerConnection(GearmanConnection):
     def _reset_connection(self) -> None:
         super()._reset_connection()
         self.question_since = None
+        self.answered = False
+        self._draining: _Drain | None = None
 
     def _create_client_socket(self) -> None:
         try:
@@ -117,6 +142,12 @@ class JobServerConnection(GearmanConnection):
         except OSError as exc:
             self.throw_exception(exception=exc)
         self.set_socket(connection)
+
+    def set_socket(self, current_socket: socket.socket) -> None:
+        super().set_socket(current_socket)
+        # Kept: a session torn down by an EOF no longer tells its version.
+        self.tls_version = (current_socket.version() if isinstance(current_socket, ssl.SSLSocket)
+                            else None)
 
     def adopt(self, connection: socket.socket) -> None:
         """Take a socket connected elsewhere (see BackgroundJobServerConnection)."""
@@ -129,6 +160,8 @@ class JobServerConnection(GearmanConnection):
     def read_data_from_socket(self, bytes_to_read: int = 4096) -> int:
         if not self.connected:
             raise_connection_error(self.address, "disconnected")  # last_error keeps why
+        if self._draining is not None:
+            bytes_to_read = _DRAIN_CHUNK
         try:
             received = self.gearman_socket.recv(bytes_to_read)
             if self.use_ssl:
@@ -138,12 +171,45 @@ class JobServerConnection(GearmanConnection):
         except _WOULD_BLOCK:
             return len(self._incoming_buffer)  # a TLS record with no data for us (a ticket)
         except OSError as exc:
-            self.throw_exception(exception=exc)
+            self._lost(exc)
         if not received:
-            self.throw_exception(message="the job server closed the connection")
+            self._lost(None)
+        self.answered = True
         self.question_since = None
+        if self._draining is not None:
+            received = self._draining.consume(received)
+            if self._draining.remaining == 0:
+                drained, self._draining = self._draining, None
+                command = drained.command()
+                if command is None:
+                    self.throw_exception(message=f"a {drained.length}-byte job packet without "
+                                                 f"the fields that precede its data")
+                self._incoming_commands.append(command)
         self._incoming_buffer.frombytes(received)
         return len(self._incoming_buffer)
+
+    def read_commands_from_buffer(self) -> int:
+        commands = super().read_commands_from_buffer()
+        # What is left is the start of a packet still incomplete: drain it if it is too large.
+        if self.max_job_bytes is not None and self._draining is None:
+            self._draining = self._oversized_job_ahead(self.max_job_bytes)
+        return commands
+
+    def _oversized_job_ahead(self, max_job_bytes: int) -> "_Drain | None":
+        """A drain for the packet the buffer starts with if it announces more than a job
+        within `max_job_bytes` needs (its bytes so far moved into the drain); else None."""
+        if len(self._incoming_buffer) < COMMAND_HEADER_SIZE:
+            return None
+        _magic, command, length = _HEADER.unpack(self._incoming_buffer[:COMMAND_HEADER_SIZE].tobytes())
+        if length <= max_job_bytes + _JOB_PREFIX_ROOM:
+            return None
+        if command not in (GEARMAN_COMMAND_JOB_ASSIGN, GEARMAN_COMMAND_JOB_ASSIGN_UNIQ):
+            self.throw_exception(message=f"the job server announced a {length}-byte packet of "
+                                         f"type {command}, more than any answer to a worker")
+        drain = _Drain(command, length)
+        drain.consume(self._incoming_buffer[COMMAND_HEADER_SIZE:].tobytes())
+        self._incoming_buffer = array.array("b")
+        return drain
 
     def send_data_to_socket(self) -> int:
         if not self.connected:
@@ -155,7 +221,7 @@ class JobServerConnection(GearmanConnection):
         except _WOULD_BLOCK:
             return len(self._outgoing_buffer)  # the poll loop retries when writable
         except OSError as exc:
-            self.throw_exception(exception=exc)
+            self._lost(exc)
         self._outgoing_buffer = self._outgoing_buffer[sent:]
         return len(self._outgoing_buffer)
 
@@ -180,13 +246,59 @@ class JobServerConnection(GearmanConnection):
         readable, _, _ = select.select([self.gearman_socket], [], [], 0)
         return bool(readable)
 
-    def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> None:
+    def _lost(self, error: OSError | None) -> NoReturn:
+        """The connection ended (`error` None: closed by the job server).
+
+        With TLS 1.3 our side of the handshake completes before the job server has looked
+        at our certificate; a terminator that refuses it then sends an alert and closes,
+        and the alert can be lost in the teardown (we read an EOF or a reset instead). An
+        end before any answer, on such a session, is that refusal until proven otherwise.
+        """
+        alert = isinstance(error, ssl.SSLError) and not isinstance(error, ssl.SSLEOFError)
+        if self.tls_version == "TLSv1.3" and not self.answered and not alert:
+            self.throw_exception(message=describe_closed_after_handshake(self.settings))
+        if error is None:
+            self.throw_exception(message="the job server closed the connection")
+        self.throw_exception(exception=error)
+
+    def throw_exception(self, message: str | None = None, exception: BaseException | None = None) -> NoReturn:
         self.last_error = describe_error(exception, self.settings) if exception else message
         self.connected = False
         raise_connection_error(self.address, self.last_error)
 
 
-def raise_connection_error(address: str, reason: str | None) -> None:
+class _Drain:
+    """A job packet too large to hold, consumed as it arrives: of its body only the first
+    bytes are kept, enough for the handle, function, unique id and `SNIFF_BYTES` of data."""
+
+    def __init__(self, command: int, length: int) -> None:
+        self.command_type = command
+        self.length = length
+        self.remaining = length
+        self.kept = bytearray()
+
+    def consume(self, data: bytes) -> bytes:
+        """Take what belongs to the packet; the bytes that follow it."""
+        taken = min(len(data), self.remaining)
+        room = _JOB_PREFIX_ROOM + SNIFF_BYTES - len(self.kept)
+        if room > 0:
+            self.kept += data[:min(taken, room)]
+        self.remaining -= taken
+        return data[taken:]
+
+    def command(self) -> tuple[int, dict[str, Any]] | None:
+        """The whole packet's command, its data an `Oversized` payload; None when the kept
+        bytes do not hold the fields that precede the data."""
+        names = GEARMAN_PARAMS_FOR_COMMAND[self.command_type]
+        *prefix, head = bytes(self.kept).split(b"\0", len(names) - 1)
+        if len(prefix) != len(names) - 1:
+            return None
+        size = self.length - sum(len(field) + 1 for field in prefix)
+        return self.command_type, {**dict(zip(names, prefix)),
+                                   "data": Oversized(size, head[:SNIFF_BYTES])}
+
+
+def raise_connection_error(address: str, reason: str | None) -> NoReturn:
     raise GearmanConnectionError(f"{address}: {reason}")
 
 
@@ -200,12 +312,13 @@ class BackgroundJobServerConnection(JobServerConnection):
     """
 
     def __init__(self, host: str, port: int, settings: GearmanSettings,
-                 context: ssl.SSLContext | None, progress: threading.Event) -> None:
+                 context: ssl.SSLContext | None, progress: threading.Event,
+                 max_job_bytes: int | None = None) -> None:
         self.progress = progress
         self._attempt: threading.Thread | None = None
         self._result: socket.socket | BaseException | None = None
         self._next_attempt = 0.0
-        super().__init__(host, port, settings, context)
+        super().__init__(host, port, settings, context, max_job_bytes)
 
     def connect(self) -> None:
         if self.connected:

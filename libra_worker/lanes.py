@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 from libra_worker.jobs import Answer, Job, JobRunner
+from libra_worker.messages import Oversized
 
 LOG = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class JobLanes:
 
     # ------------------------------------------------------------------ the Gearman loop's side
 
-    def take(self, token: Any, handle: str, payload: bytes, unique: str = "") -> InHand:
+    def take(self, token: Any, handle: str, payload: bytes | Oversized, unique: str = "") -> InHand:
         """Accept a grabbed job and put it in its lane; returns at once."""
         item = InHand(token, self.runner.accept(handle, payload, unique), time.monotonic())
         with self._lock:

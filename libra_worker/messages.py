@@ -179,25 +179,40 @@ class _Refused(ValueError):
 
 
 _ACTION_FIELD = re.compile(rb'"hpcs_action"\s*:\s*"([A-Za-z]{1,20})"', re.IGNORECASE)
+# How much of a payload that cannot be decoded is searched for the action it names.
+SNIFF_BYTES = 4096
 
 
-def sniff_action(payload: bytes | str) -> str:
+@dataclass(frozen=True)
+class Oversized:
+    """A job payload too large to hold: the job-server connection drained it as it came
+    (see `libra_worker.jobserver`), keeping its size and first `SNIFF_BYTES` only."""
+
+    size: int
+    head: bytes
+
+
+def sniff_action(payload: bytes | str | Oversized) -> str:
     """The action a payload that cannot be decoded seems to name ("" if none): only to
     give its FAIL reply the keys that action's readers expect, never to run anything."""
-    head = payload[:4096]
+    head = payload.head if isinstance(payload, Oversized) else payload[:SNIFF_BYTES]
     found = _ACTION_FIELD.search(head.encode("utf-8", "replace") if isinstance(head, str) else head)
     return found.group(1).decode("ascii").upper() if found else ""
 
 
-def decode(payload: bytes | str, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
+def decode(payload: bytes | str | Oversized,
+           max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """Decode a job payload into the JSON object it must be.
 
     Strict where Python's json module is lenient: NaN, Infinity, numbers that overflow a
     double or 64-bit integer, and a field given twice (in any casing) are refused, so a
     reply can never carry a token that other JSON parsers reject, nor act on a guess.
     """
-    size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
-    if size > max_bytes:
+    if isinstance(payload, Oversized):
+        size = payload.size
+    else:
+        size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
+    if size > max_bytes or isinstance(payload, Oversized):
         raise InvalidMessage(
             f"The message is {size} bytes long, more than the {max_bytes} bytes this worker "
             "accepts ([worker] max_message_bytes)."

@@ -90,6 +90,15 @@ def describe_tls_error(error: BaseException, settings: GearmanSettings) -> str:
     return f"TLS: {reason}"
 
 
+def describe_closed_after_handshake(settings: GearmanSettings) -> str:
+    """For a TLS 1.3 session the job server ended, without an alert, before its first answer
+    (see `JobServerConnection`): its refusal of our certificate is the likely cause, but
+    the alert that would prove it was lost."""
+    return (f"TLS: the job server refused our certificate, ssl_cert {settings.ssl_cert} "
+            f"(most likely: it ended the TLS 1.3 session right after the handshake, before any "
+            f"answer, and its alert was lost)")
+
+
 class _EncryptedKey(Exception):
     """The key asks for a password; a service cannot type one."""
 

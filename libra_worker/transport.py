@@ -33,6 +33,7 @@ from typing import Any, Callable, ContextManager
 
 import gearman
 import gearman.io
+from gearman.connection_manager import NoopEncoder
 from gearman.errors import GearmanError
 from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
 from gearman.worker_handler import GearmanWorkerCommandHandler
@@ -41,7 +42,7 @@ from libra_worker.config import GearmanSettings
 from libra_worker.fileutil import atomic_write
 from libra_worker.jobs import Answer, JobRunner
 from libra_worker.jobserver import BackgroundJobServerConnection, JobServerConnection, connections
-from libra_worker.messages import encode_reply
+from libra_worker.messages import Oversized, encode_reply
 from libra_worker.lanes import InHand, JobLanes
 
 LOG = logging.getLogger(__name__)
@@ -134,8 +135,19 @@ class _CommandHandler(GearmanWorkerCommandHandler):
         return super().recv_noop()
 
 
+class _PayloadEncoder(NoopEncoder):
+    """Bytes as they are; and the payload a connection drained as too large (`Oversized`)."""
+
+    @classmethod
+    def decode(cls, decodable_string: Any) -> Any:
+        if isinstance(decodable_string, Oversized):
+            return decodable_string
+        return super().decode(decodable_string)
+
+
 class JobServerWorker(gearman.GearmanWorker):
     command_handler_class = _CommandHandler
+    data_encoder = _PayloadEncoder
 
     def __init__(self, settings: GearmanSettings, lanes: JobLanes, stopping: threading.Event,
                  heartbeat: Callable[[], None] = lambda: None) -> None:
@@ -148,8 +160,10 @@ class JobServerWorker(gearman.GearmanWorker):
         self.abandoned = False  # the mutating lane died: do not wait for its jobs
         # Set when a background connection attempt ends, so that serve() wakes at once.
         self.progress = threading.Event()
+        # The payload limit holds while a job is read, not only once it is whole.
         self.connection_list = connections(settings, BackgroundJobServerConnection,
-                                           progress=self.progress)
+                                           progress=self.progress,
+                                           max_job_bytes=lanes.runner.controller.max_message_bytes)
         self.health = JobServerHealth([c.address for c in self.connection_list], settings.status_file)
         # pygearman crashes on the first job if the task name is text.
         self.register_task(settings.function.encode("utf-8"), self._not_called)

@@ -574,6 +574,8 @@ class Worker:
 
     # Set on an instance to add variables to the worker's environment (NOTIFY_SOCKET...).
     env: Mapping[str, str] = MappingProxyType({})
+    # The directory the worker is started from.
+    cwd: Path = REPO_ROOT
 
     def __init__(self, root: Path, servers: list[str], *, function: str | None = None,
                  poll_timeout: float = 0.3, archive_timeout: float | None = None,
@@ -659,17 +661,14 @@ class Worker:
         assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.output_file, "ab") as output:
             self.process = subprocess.Popen(
-                self.command(), cwd=REPO_ROOT, env=self.environment(),
+                self.command(), cwd=self.cwd, env=self.environment(),
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             )
         return self.process
 
     def environment(self) -> dict[str, str]:
-        """The worker's environment: ours, the source tree first on the path, `env` on top."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-        env.update(self.env)
-        return env
+        """The worker's environment: `environment_for` its Python, `env` on top."""
+        return {**environment_for(self.python), **self.env}
 
     def start(self, ready_timeout: float = START_TIMEOUT) -> "Worker":
         """Start the worker and wait until it answers DISCOVER through the job server."""
@@ -799,34 +798,58 @@ class Worker:
 AS_NOBODY = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
-def start_as_nobody(factory: "WorkerFactory", **options: Any) -> Worker:
-    """A worker running as nobody:nogroup, its temp dir (and so its state_dir) nobody's."""
-    worker = factory(start=False, launcher=AS_NOBODY, **options)
-    worker.python = python_for_nobody(worker.root)
+def start_as_nobody(factory: "WorkerFactory", python: str, **options: Any) -> Worker:
+    """A worker running as nobody:nogroup from `python` (see `install_checkout`), its temp
+    dir (and so its state_dir) nobody's."""
+    worker = factory(start=False, launcher=AS_NOBODY, python=python, **options)
     for path in [worker.root, *worker.root.rglob("*")]:
         os.chown(path, pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid)
     return worker.start()
 
 
-def python_for_nobody(root: Path) -> str:
-    """This Python, or a stand-in with the same packages, that `nobody` can run.
+def install_checkout(directory: Path) -> str:
+    """This checkout installed in `directory` as a deployment installs it, where any user
+    may run it; the Python to run it with.
 
-    The worker runs Python again (the log sink), which fails when the interpreter lives
-    where nobody may not go (a pyenv build under /root). The stand-in is a venv of the
-    system's python3 of the same version that sees this environment's site-packages.
+    What runs as another user cannot run from the checkout: a clone under /root or under a
+    `mktemp -d` directory (0700) is closed to others, and so is its .venv, and maybe the
+    test environment's interpreter (a pyenv build under /root). So: a virtualenv of the
+    system's Python of this version, this environment's packages copied into it (no
+    network), and the checkout installed from a wheel built from a copy of it (building
+    writes build/ and *.egg-info next to the sources).
     """
-    probe = "import os, sys; sys.exit(not os.access(sys.executable, os.X_OK))"
-    if subprocess.run([*AS_NOBODY, sys.executable, "-c", probe], timeout=30).returncode == 0:
-        return sys.executable
-    system_python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
-    venv = root / "python"
-    subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site_packages = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
-    installed = Path(subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True, timeout=30).stdout.strip())
-    (installed / "shared-test-environment.pth").write_text("\n".join(sorted(site_packages)) + "\n")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = Path(f"/usr/bin/python{version}")
+    if not system_python.exists():
+        raise RuntimeError(f"{system_python} is missing: it runs the checkout as another user")
+    directory.chmod(0o755)
+    venv = directory / "venv"
+    subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(venv)],
+                   check=True, timeout=120)
+    installed = venv / "lib" / f"python{version}" / "site-packages"
+    for packages in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
+        shutil.copytree(packages, installed, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            "libra_worker", "libra_worker-*", "__editable__*"))
+    source = directory / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".tox", "build", "dist", "*.egg-info", "__pycache__", "run"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--wheel-dir", str(directory / "wheel"), str(source)], check=True, timeout=300)
+    (wheel,) = (directory / "wheel").glob("libra_worker-*.whl")
+    subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps",
+                    "--no-index", str(wheel)], check=True, timeout=300)
+    shutil.rmtree(source)
     return str(venv / "bin" / "python")
+
+
+def environment_for(python: str) -> dict[str, str]:
+    """Our environment for a command run with `python`: the checkout first on the path when
+    it is this test environment's Python; an installed copy runs what was installed."""
+    env = dict(os.environ)
+    if python == sys.executable:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 class WorkerFactory:

@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ from tests.integration.support import (
     TrafficLoop,
     Worker,
     connection_refused,
+    environment_for,
     free_port,
     http_monitor,
     lb,
@@ -189,11 +191,9 @@ def outage_after(port: int, started: float, give_up: float = 15.0) -> tuple[floa
 
 
 def run_ctl(worker: Worker, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [worker.python, "-m", "libra_worker.cli", "ctl", "--config", str(worker.config_path), *args],
-        capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=60, cwd=worker.cwd, env=environment_for(worker.python),
     )
 
 
@@ -256,7 +256,8 @@ exec %(haproxy)s "$@"
         self.directory = directory
         directory.mkdir(exist_ok=True)
         self.path = directory / "haproxy"  # `_is_ours` looks for "haproxy" in argv[0]
-        self.path.write_text(self.SCRIPT % {"haproxy": HAPROXY, "python": sys.executable})
+        self.path.write_text(self.SCRIPT % {"haproxy": shlex.quote(HAPROXY),
+                                            "python": shlex.quote(sys.executable)})
         self.path.chmod(0o755)
 
     def mode(self, mode: str | None) -> None:
@@ -622,9 +623,9 @@ def process_uids(pids: list[int]) -> set[int]:
     return uids
 
 
-def test_ctl_as_root_acts_as_the_user_the_worker_runs_as(workers, http_backend):
+def test_ctl_as_root_acts_as_the_user_the_worker_runs_as(workers, http_backend, nobody_python):
     """Root's HAProxy would be one the worker can neither query nor stop."""
-    worker = start_as_nobody(workers)
+    worker = start_as_nobody(workers, nobody_python)
     nobody = pwd.getpwnam("nobody").pw_uid
     assert os.geteuid() == 0 and worker.state_dir.stat().st_uid == nobody
     port = free_port()
@@ -908,6 +909,8 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
 
 
 def mount(*args: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: mounts a tmpfs and a read-only bind mount")
     result = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         pytest.fail(f"mount {' '.join(args)} refused ({result.stderr.strip()}); this test needs "

@@ -17,6 +17,7 @@ from tests.integration.fuzz import (
     WORKER_SETTINGS,
     Pool,
     Report,
+    padded,
     injected_lines,
     messages_from_environment,
     run_campaign,
@@ -26,7 +27,9 @@ from tests.integration.fuzz import (
 from tests.integration.support import LOOPBACK, free_port, lb, rss_kib, traffic, update
 
 CI_MESSAGES = 300
-# RSS may settle a little above its start (allocator arenas, caches); more is a leak.
+# RSS compared where the allocator has handed back what the largest messages left (see
+# `settled_rss`); measured over 3,600 messages (docs/benchmarks.rst): +4% to +11%, flat
+# after the first 2,000 (caches filling). More is a leak.
 RSS_GROWTH_ALLOWED = 0.20
 DISCOVER_BOUND = 2.0
 JOURNAL_FILE_BOUND = 4 * 1024 * 1024 + 4096  # journal.DEFAULT_MAX_BYTES plus one record
@@ -43,7 +46,7 @@ def test_generated_hostile_messages_leave_the_device_serving(worker_factory, htt
     assert worker.submit("STATS")["hpcs_response"] == "PASS"
     for case in warm_up(pool):
         send_case(worker, case, Report())
-    rss_before = rss_kib(worker.process.pid)
+    rss_before = settled_rss(worker)
 
     report = run_campaign(worker, pool, messages_from_environment(CI_MESSAGES))
     print(f"\nfuzz: {report.summary()}")
@@ -61,6 +64,16 @@ def test_generated_hostile_messages_leave_the_device_serving(worker_factory, htt
     assert failures == 0 and set(answered) == {"fz-tcp"}, answered
     for journal in worker.state_dir.glob("jobs.journal*"):
         assert journal.stat().st_size <= JOURNAL_FILE_BOUND, journal
-    rss_after = rss_kib(worker.process.pid)
+    rss_after = settled_rss(worker)
     print(f"fuzz: worker RSS {rss_before} KiB before, {rss_after} KiB after")
     assert rss_after <= rss_before * (1 + RSS_GROWTH_ALLOWED), (rss_before, rss_after)
+
+
+def settled_rss(worker) -> int:
+    """The worker's RSS once its heap is trimmed: the largest accepted message, then a
+    small job (before a job that follows a large payload the worker hands the freed heap
+    back). Taken raw instead, RSS moves between levels about 10 MB apart depending on the
+    last large message: allocator noise, not growth (docs/benchmarks.rst)."""
+    send_case(worker, padded("DISCOVER", 7), Report())
+    assert worker.submit("DISCOVER")["hpcs_response"] == "PASS"
+    return rss_kib(worker.process.pid)

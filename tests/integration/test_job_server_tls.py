@@ -22,8 +22,10 @@ import pytest
 
 from libra_worker import client
 from tests.integration.support import (
+    AS_NOBODY,
     REPO_ROOT,
     Gearmand,
+    environment_for,
     free_port,
     make_temp_dir,
     wait_until,
@@ -155,12 +157,11 @@ def test_clients_without_a_good_certificate_submit_nothing(worker_factory, termi
     assert "DISCOVER" in worker.submit("DISCOVER")["hpcs_action"]
 
 
-def start_up_error(config: Path, as_user: list[str] = []) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([*as_user, sys.executable, "-m", "libra_worker.cli", "--config",
+def start_up_error(config: Path, as_user: tuple[str, ...] = (),
+                   python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*as_user, python, "-m", "libra_worker.cli", "--config",
                            str(config), "--foreground"], capture_output=True, text=True,
-                          timeout=30, cwd=REPO_ROOT, env=env)
+                          timeout=30, cwd=REPO_ROOT, env=environment_for(python))
 
 
 def test_bad_tls_files_are_refused_at_start_up(worker_factory, pki, tmp_path):
@@ -244,8 +245,7 @@ def test_the_job_servers_name_is_checked_with_an_opt_out_for_ip_only_servers(
     assert opted_out.submit("DISCOVER")["hpcs_response"] == "PASS"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the worker as another user")
-def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up():
+def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up(nobody_python):
     root = make_temp_dir()  # pytest's tmp_path is under a 0700 directory
     try:
         authority = CertificateAuthority(root / "pki", "deploy-ca")
@@ -265,8 +265,7 @@ def test_a_key_the_workers_user_cannot_read_is_refused_at_start_up():
         (root / "state").mkdir()
         shutil.chown(root / "state", "nobody", "nogroup")
 
-        result = start_up_error(config, ["setpriv", "--reuid=nobody", "--regid=nogroup",
-                                         "--clear-groups"])
+        result = start_up_error(config, AS_NOBODY, nobody_python)
 
         assert result.returncode == 2, result.stderr
         assert result.stderr == (f"libra-worker: [gearman] ssl_key {worker_cert.key}: cannot read "

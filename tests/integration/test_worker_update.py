@@ -76,14 +76,14 @@ def test_update_can_move_the_load_balancer_to_another_port(worker, http_backend,
 
 
 def test_a_privileged_port_without_the_capability_is_refused_with_the_real_cause(
-        worker_factory, http_backend, free_port):
+        worker_factory, http_backend, free_port, nobody_python):
     """An unprivileged worker (no CAP_NET_BIND_SERVICE) asked for a port below 1024: the
     reply says so, instead of "in use", and the running load balancer keeps serving."""
     privileged = free_privileged_port()
     first_unprivileged = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
     if privileged is None or privileged >= first_unprivileged:
         pytest.skip(f"no free privileged port below {first_unprivileged} on 127.0.0.1")
-    worker = start_as_nobody(worker_factory)
+    worker = start_as_nobody(worker_factory, nobody_python)
     node = http_backend("low-port")
     port = free_port()
     assert worker.submit(update(lb("HTTP", port, [node.node()])))["hpcs_response"] == "PASS"

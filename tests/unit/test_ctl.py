@@ -145,7 +145,8 @@ def test_a_closed_pipe_is_quiet(config_file):
 def test_root_refuses_to_act_on_another_users_state_dir_when_it_cannot_become_that_user(
         config_file, capsys, monkeypatch, tmp_path):
     """(tests/integration/test_faults.py runs the real switch to the owner.)"""
-    assert os.geteuid() == 0, "the tests run as root"
+    if os.geteuid() != 0:
+        pytest.skip("needs root: hands the state dir to user nobody")
     os.chown(config_file.parent / "state", pwd.getpwnam("nobody").pw_uid, -1)
     monkeypatch.setenv("PATH", str(tmp_path))  # no setpriv to be found
     assert cli.main(["ctl", "--config", str(config_file), "restart"]) == ctl.EXIT_FAILED

@@ -16,7 +16,9 @@ from libra_worker.controller import LBaaSController
 from libra_worker.errors import InvalidMessage, quoted
 from libra_worker.messages import (
     MAX_DEPTH,
+    SNIFF_BYTES,
     Action,
+    Oversized,
     bad_request,
     decode,
     encode_reply,
@@ -189,6 +191,14 @@ def test_a_payload_above_the_limit_is_refused_before_decoding():
 def test_the_controller_applies_its_limit():
     reply = strict_reply(b'{"hpcs_action": "DISCOVER"}' + b" " * 100, max_message_bytes=64)
     assert reply["hpcs_response"] == "FAIL" and "64 bytes" in reply["hpcs_error"]
+
+
+def test_a_payload_drained_as_oversized_gets_the_same_reply_as_one_held_whole():
+    """The job-server connection drains a payload over the limit and keeps its head only;
+    the reply is the one a held payload of that size gets: size, limit, the action's keys."""
+    payload = b'{"hpcs_action": "UPDATE", "pad": "' + b"p" * 3000 + b'"}'
+    drained = Oversized(len(payload), payload[:SNIFF_BYTES])
+    assert strict_reply(drained, max_message_bytes=1024) == strict_reply(payload, max_message_bytes=1024)
 
 
 def test_the_largest_supported_update_fits_the_default_limit():

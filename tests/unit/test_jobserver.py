@@ -3,6 +3,7 @@ that must not spin, keepalive on every socket, timed answers, state changes logg
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import select
@@ -12,11 +13,17 @@ import threading
 from dataclasses import replace
 
 import pytest
-from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.errors import ConnectionError as GearmanConnectionError
+from gearman.protocol import (
+    GEARMAN_COMMAND_ECHO_REQ,
+    GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_COMMAND_NOOP,
+)
 
 from libra_worker import transport
 from libra_worker.config import GearmanSettings
 from libra_worker.jobserver import JobServerConnection, open_socket
+from libra_worker.messages import SNIFF_BYTES, Oversized
 from libra_worker.tls import client_context
 from libra_worker.transport import JobServerHealth
 from tests.integration.support import free_port
@@ -28,7 +35,7 @@ NOOP_PACKET = b"\0RES" + (6).to_bytes(4, "big") + (0).to_bytes(4, "big")
 
 class TLSServer:
     """A loopback TLS server: handshakes (TLS 1.3 sends session tickets right after), then
-    sends only what the test tells it to."""
+    sends only what the test tells it to, and ends the connection as it is told (`end`)."""
 
     def __init__(self, cert, key, version: ssl.TLSVersion) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -38,6 +45,7 @@ class TLSServer:
         self.listener = socket.create_server(("127.0.0.1", self.port))
         self.outgoing: list[bytes] = []
         self.send_now = threading.Event()
+        self.ending: str | None = None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -48,10 +56,31 @@ class TLSServer:
             while not self.done.is_set():
                 if self.send_now.wait(0.05):
                     self.send_now.clear()
-                    connection.sendall(self.outgoing.pop(0))
+                    if self.outgoing:
+                        connection.sendall(self.outgoing.pop(0))
+                    if self.ending:
+                        self._end(connection, self.ending)
+                        return
+
+    @staticmethod
+    def _end(connection: ssl.SSLSocket, how: str) -> None:
+        if how == "close_notify":
+            connection.setblocking(False)  # send it, do not wait for the client's
+            with contextlib.suppress(ssl.SSLWantReadError):
+                connection.unwrap()
+            connection.close()
+        elif how == "reset":  # SO_LINGER 0: an RST, as from a terminator that drops at once
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            connection.close()
+        else:  # a FIN without TLS's close_notify
+            connection.shutdown(socket.SHUT_RDWR)
 
     def send(self, data: bytes) -> None:
         self.outgoing.append(data)
+        self.send_now.set()
+
+    def end(self, how: str) -> None:
+        self.ending = how
         self.send_now.set()
 
     def close(self) -> None:
@@ -103,6 +132,118 @@ def test_a_tls_record_without_data_does_not_make_the_read_spin(pki, version):
         connection.close()
     finally:
         server.close()
+
+
+def connection_end(server: TLSServer, connection: JobServerConnection, how: str) -> str:
+    """End the server's side `how`; the error the connection's next read raises."""
+    server.end(how)
+    with pytest.raises(GearmanConnectionError) as lost:
+        while True:  # TLS 1.3: session tickets may come first
+            select.select([connection.gearman_socket], [], [], HANG_GUARD)
+            connection.read_data_from_socket()
+    assert not connection.connected and connection.last_error is not None
+    assert str(lost.value) == f"127.0.0.1:{server.port}: {connection.last_error}"
+    return connection.last_error
+
+
+@pytest.mark.parametrize("how", ["close_notify", "fin", "reset"])
+def test_a_tls13_session_ended_before_any_answer_is_named_a_refused_certificate(pki, how):
+    """TLS 1.3: our handshake completes before the terminator checks our certificate; its
+    refusal's alert can be lost, and the first read sees only the end of the session."""
+    authority, server_cert, client_cert = pki
+    server = TLSServer(server_cert.cert, server_cert.key, ssl.TLSVersion.TLSv1_3)
+    try:
+        settings = settings_for(server.port, authority, client_cert)
+        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+        connection.connect()
+        assert connection_end(server, connection, how) == (
+            f"TLS: the job server refused our certificate, ssl_cert {client_cert.cert} (most "
+            f"likely: it ended the TLS 1.3 session right after the handshake, before any "
+            f"answer, and its alert was lost)")
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2],
+                         ids=["TLSv1.3", "TLSv1.2"])
+def test_a_session_ended_after_an_answer_or_on_tls12_is_not_called_a_refusal(pki, version):
+    """After an answer the certificate was accepted; with TLS 1.2 a refusal fails the
+    handshake itself."""
+    authority, server_cert, client_cert = pki
+    server = TLSServer(server_cert.cert, server_cert.key, version)
+    try:
+        settings = settings_for(server.port, authority, client_cert)
+        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+        connection.connect()
+        if version is ssl.TLSVersion.TLSv1_3:
+            server.send(NOOP_PACKET)
+            while not connection.answered:
+                select.select([connection.gearman_socket], [], [], HANG_GUARD)
+                connection.read_data_from_socket()
+        assert connection_end(server, connection, "close_notify") == "the job server closed the connection"
+    finally:
+        server.close()
+
+
+def packet(kind: int, body: bytes) -> bytes:
+    return b"\0RES" + kind.to_bytes(4, "big") + len(body).to_bytes(4, "big") + body
+
+
+def send_until_closed(server_side: socket.socket, stream: bytes) -> None:
+    with contextlib.suppress(OSError):  # the client may end the connection first
+        server_side.sendall(stream)
+
+
+def commands_received(port: int, stream: bytes, max_job_bytes: int, count: int):
+    """A job server on `port` sends `stream`; the first `count` commands the connection
+    reads, and the most it held in its buffer at once."""
+    listener = socket.create_server(("127.0.0.1", port))
+    settings = GearmanSettings(servers=(("127.0.0.1", port),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", port, settings, None, max_job_bytes=max_job_bytes)
+    try:
+        connection.connect()
+        server_side, _ = listener.accept()
+        threading.Thread(target=send_until_closed, args=(server_side, stream), daemon=True).start()
+        commands, most_held = [], 0
+        while len(commands) < count:
+            select.select([connection.gearman_socket], [], [], HANG_GUARD)
+            most_held = max(most_held, connection.read_data_from_socket())
+            connection.read_commands_from_buffer()
+            while (command := connection.read_command()) is not None:
+                commands.append(command)
+        server_side.close()
+        return commands, most_held
+    finally:
+        connection.close()
+        listener.close()
+
+
+def test_a_job_over_the_limit_is_drained_as_it_arrives_and_handed_on_oversized():
+    data = b'{"hpcs_action": "UPDATE", "pad": "' + b"p" * 3_000_000 + b'"}'
+    job = packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:1\0lb-unit\0unique-1\0" + data)
+    commands, most_held = commands_received(
+        free_port(), job + packet(GEARMAN_COMMAND_NOOP, b""), max_job_bytes=100_000, count=2)
+    assert commands == [
+        (GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, {"job_handle": b"H:vm:1", "task": b"lb-unit",
+                                           "unique": b"unique-1",
+                                           "data": Oversized(len(data), data[:SNIFF_BYTES])}),
+        (GEARMAN_COMMAND_NOOP, {}),
+    ]
+    assert most_held < 100_000  # never the job whole, nor up to the limit
+
+
+def test_a_job_within_the_limit_is_handed_on_whole():
+    data = b"x" * 100_000
+    job = packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:2\0lb-unit\0unique-2\0" + data)
+    commands, _ = commands_received(free_port(), job, max_job_bytes=100_000, count=1)
+    assert commands[0][1]["data"] == data
+
+
+def test_an_oversized_packet_that_is_no_job_ends_the_connection():
+    echo_res = 17
+    with pytest.raises(GearmanConnectionError, match="announced a 3000000-byte packet of type 17"):
+        commands_received(free_port(), packet(echo_res, b"e" * 3_000_000), max_job_bytes=100_000,
+                          count=1)
 
 
 def test_keepalive_and_user_timeout_on_every_socket():

@@ -2,7 +2,7 @@
 
 Binding 192.0.2.1 (TEST-NET-1, not an address of this host) is refused by the kernel
 locally; no packet leaves. The privileged-port case runs the probe as `nobody` through
-`setpriv`, since the tests run as root.
+`setpriv` (so as root), from an installed copy nobody can read.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from libra_worker.config import ConfigError
 from libra_worker.netcheck import bind_problem, check_bind_address, listeners
 from tests.integration.support import AS_NOBODY, free_privileged_port
 
-REPO = Path(__file__).resolve().parents[2]
 NOT_HERE = "192.0.2.1"
 
 
@@ -101,7 +99,7 @@ def test_bind_address_is_checked_at_start_up():
     assert str(refused.value) == f"[haproxy] bind_address: {NOT_HERE} is not an address of this host."
 
 
-def test_a_privileged_port_says_it_needs_the_capability():
+def test_a_privileged_port_says_it_needs_the_capability(nobody_python):
     first_unprivileged = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
     port = free_privileged_port()
     if port is None:
@@ -109,8 +107,8 @@ def test_a_privileged_port_says_it_needs_the_capability():
     if port >= first_unprivileged:
         pytest.skip(f"ip_unprivileged_port_start is {first_unprivileged}: port {port} is not privileged here")
     probe = f"from libra_worker.netcheck import bind_problem; print(bind_problem('127.0.0.1', {port}))"
-    result = subprocess.run([*AS_NOBODY, sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=30, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run([*AS_NOBODY, nobody_python, "-c", probe], capture_output=True, text=True,
+                            timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         f"Port {port} needs CAP_NET_BIND_SERVICE or root (ports below {first_unprivileged} are privileged)")

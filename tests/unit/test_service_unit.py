@@ -67,7 +67,9 @@ def test_verify_prints_nothing(tmp_path: Path) -> None:
     here = Path(sys.executable).parent / "libra-worker"
     assert here.exists(), "the test environment has no libra-worker script"
     for name in UNITS:
-        (tmp_path / name).write_text((ETC / name).read_text().replace(VENV_BINARY, str(here)))
+        # Quoted: the checkout's path may hold a blank.
+        (tmp_path / name).write_text(
+            (ETC / name).read_text().replace(VENV_BINARY, f'"{here}"'))
     result = subprocess.run(["systemd-analyze", "verify", "--man=no",
                              *(str(tmp_path / name) for name in UNITS)],
                             capture_output=True, text=True, timeout=60)

@@ -323,6 +323,9 @@ class HAProxyProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own group; a Ctrl-C aimed at the worker stays ours
+            # HAProxy returns to its start directory after reading its config, and fails in
+            # one the service user cannot enter (root's home, when root ran ctl or the worker).
+            cwd=self.config_file.parent,
         )
         try:
             stdout, stderr = process.communicate(timeout=self.command_timeout)
