@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from gearman.errors import ConnectionError as GearmanConnectionError
@@ -110,15 +111,21 @@ def read_in_thread(connection: JobServerConnection) -> list[object]:
     return outcome
 
 
+def connected(server: TLSServer, authority: Any, client_cert: Any) -> JobServerConnection:
+    """The worker's connection to `server`, TLS handshake done."""
+    settings = settings_for(server.port, authority, client_cert)
+    connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
+    connection.connect()
+    return connection
+
+
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2],
                          ids=["TLSv1.3", "TLSv1.2"])
 def test_a_tls_record_without_data_does_not_make_the_read_spin(pki, version):
     authority, server_cert, client_cert = pki
     server = TLSServer(server_cert.cert, server_cert.key, version)
     try:
-        settings = settings_for(server.port, authority, client_cert)
-        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
-        connection.connect()
+        connection = connected(server, authority, client_cert)
         assert connection.gearman_socket.version() == version.name.replace("v1_", "v1.")
         if version is ssl.TLSVersion.TLSv1_3:
             # The session tickets make the socket readable with nothing in them for us.
@@ -153,9 +160,7 @@ def test_a_tls13_session_ended_before_any_answer_is_named_a_refused_certificate(
     authority, server_cert, client_cert = pki
     server = TLSServer(server_cert.cert, server_cert.key, ssl.TLSVersion.TLSv1_3)
     try:
-        settings = settings_for(server.port, authority, client_cert)
-        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
-        connection.connect()
+        connection = connected(server, authority, client_cert)
         assert connection_end(server, connection, how) == (
             f"TLS: the job server refused our certificate, ssl_cert {client_cert.cert} (most "
             f"likely: it ended the TLS 1.3 session right after the handshake, before any "
@@ -172,9 +177,7 @@ def test_a_session_ended_after_an_answer_or_on_tls12_is_not_called_a_refusal(pki
     authority, server_cert, client_cert = pki
     server = TLSServer(server_cert.cert, server_cert.key, version)
     try:
-        settings = settings_for(server.port, authority, client_cert)
-        connection = JobServerConnection("127.0.0.1", server.port, settings, client_context(settings))
-        connection.connect()
+        connection = connected(server, authority, client_cert)
         if version is ssl.TLSVersion.TLSv1_3:
             server.send(NOOP_PACKET)
             while not connection.answered:
