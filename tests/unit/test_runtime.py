@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from libra_worker.drivers.haproxy import runtime
+from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.runtime import (
     Command,
     DesiredServer,
@@ -78,6 +78,34 @@ BASE = device(http_lb(node("a", 8001), node("b", 8002, weight=2)))
 
 
 # ---------------------------------------------------------------------- the diff: node changes
+
+
+COOKIES = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441))
+
+
+def test_a_node_added_to_a_cookie_backend_takes_a_reload():
+    # HAProxy 2.6 refuses `cookie` on `add server`: the file's server line carries it.
+    added = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003)))
+    assert plan_node_changes(BASE, added, persistence=COOKIES) is None
+    assert texts(plan_node_changes(BASE, added))[0].startswith("add server lb-http/c ")
+
+
+def test_a_cookie_backend_still_changes_at_runtime_without_additions():
+    changed = device(http_lb(node("a", 8001, weight=5)))
+    plan = plan_node_changes(BASE, changed, persistence=COOKIES)
+    assert texts(plan) == ["set server lb-http/a weight 5", "set server lb-http/b state maint"]
+    # A retired server keeps the cookie its file line gave it: it comes back at runtime.
+    back = plan_node_changes(changed, BASE, {"lb-http/b": node("b", 8002, weight=2)},
+                             persistence=COOKIES)
+    assert texts(back) == ["set server lb-http/b state ready", "set server lb-http/a weight 1"]
+
+
+def test_tcp_and_galera_backends_add_servers_at_runtime_with_persistence_on():
+    for protocol in (Protocol.TCP, Protocol.GALERA):
+        old = device(http_lb(node("a", 8001), protocol=protocol, port=3306))
+        new = device(http_lb(node("a", 8001), node("b", 8002, backup=True), protocol=protocol,
+                             port=3306))
+        assert plan_node_changes(old, new, persistence=COOKIES).added == ("lb-tcp/b",)
 
 
 def test_an_identical_update_needs_no_command_and_touches_no_server():

@@ -22,6 +22,10 @@ What the Runtime API does not express is left to the reload, on purpose:
   that is a window of 503s, where a reload has none.
 * any difference beyond the node lists: protocols, ports, algorithm, monitor, options,
   ids or names, and the order of the load balancers.
+* a node added to an HTTP load balancer with cookie persistence: HAProxy 2.6 refuses the
+  `cookie` keyword on `add server` (measured on 2.6.12, and absent from its list of
+  dynamic-server keywords), and a server without its cookie would take clients that no
+  cookie brings back. The file's server line carries it.
 
 New servers are added with the same option words as their configuration line (dynamic
 servers inherit nothing from `default-server`), and their health checks are enabled
@@ -117,12 +121,15 @@ class RuntimePlan:
 
 
 def plan_node_changes(old: Device, new: Device,
-                      retired: Mapping[str, Node] | None = None) -> RuntimePlan | None:
+                      retired: Mapping[str, Node] | None = None, *,
+                      persistence: render.Persistence = render.NO_PERSISTENCE,
+                      ) -> RuntimePlan | None:
     """The Runtime API commands that turn `old` into `new`, or None if it takes a reload.
 
     `retired` are servers ("backend/name") an earlier plan removed that still sit in
     maintenance: a node coming back under such a name is brought back to service rather
-    than added (HAProxy refuses a second server of that name).
+    than added (HAProxy refuses a second server of that name). `persistence` is what the
+    file is rendered with: a server that needs a cookie cannot be added at runtime.
     """
     retired = retired or {}
     if len(old.loadbalancers) != len(new.loadbalancers):
@@ -146,6 +153,8 @@ def plan_node_changes(old: Device, new: Device,
         gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
         for node in new_nodes:
             waiting = retired.get(f"{backend}/{node.id}")
+            if waiting is None and persistence.uses_cookie(after):
+                return None
             if waiting is None:
                 commands += _add_server(backend, node, after)
             elif _identity(waiting) == _identity(node):
