@@ -299,3 +299,25 @@ def test_a_taken_peers_address_stops_the_worker_at_start_up(worker_factory):
     problems = [line for line in worker.output().splitlines() if "peers_address" in line]
     assert problems and f"[haproxy] peers_address: Port {port} on {LOOPBACK} is already in use" \
         in problems[0]
+
+
+def test_an_update_never_collides_with_the_peers_listener(worker, libra, tcp_backend, free_port):
+    raw = tcp_backend("raw")
+    on_peers_port = LibraLoadBalancer("raw", "TCP", worker.peers_port, [libra_node(1, raw)])
+
+    success, stored = libra.send_update(worker.function, on_peers_port)
+
+    assert not success
+    assert stored.startswith(f"Port {worker.peers_port} is taken by [haproxy] peers_address")
+    with socket.socket() as holder:  # another program took the port since start-up
+        holder.bind((LOOPBACK, worker.peers_port))
+        holder.listen()
+        tcp_lb = LibraLoadBalancer("raw", "TCP", free_port(), [libra_node(1, raw)])
+
+        success, stored = libra.send_update(worker.function, tcp_lb)
+
+    assert not success and len(stored) <= ERRMSG_LENGTH
+    assert stored.startswith(f"[haproxy] peers_address: Port {worker.peers_port} on {LOOPBACK} "
+                             "is already in use")
+    assert libra.send_update(worker.function, tcp_lb)[0]  # free again
+    assert traffic(f"tcp://{LOOPBACK}:{tcp_lb.port}", 2) == ({"raw": 2}, 0)
