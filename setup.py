@@ -20,7 +20,8 @@ setup(
     package_dir={"libra_worker.templates": "templates", "libra_worker.etc": "etc"},
     package_data={
         "libra_worker.templates": ["*.j2"],
-        "libra_worker.etc": ["*.conf", "*.service", "*.logrotate"],
+        "libra_worker.etc": ["*.conf", "*.service", "*.socket", "*.target", "*.logrotate",
+                             "*.sysctl"],
     },
     # The systemd unit's Documentation= names this file under the virtualenv's prefix.
     data_files=[("share/doc/libra-worker", [

@@ -2,16 +2,27 @@
 
 Flow of :func:`archive_logs`:
 
-1. Rotate the active log aside as a pending file (see ``logsink.LogStore``).
-2. Gzip every pending file of the protocol, oldest first, in chunks into an
-   unnamed temp file inside the log dir, hashing the compressed bytes as they
-   are written: memory stays flat whatever the log size.
-3. PUT it as ``<container>/<lb_id>/haproxy-<UTC YYYYmmdd-HHMMSS>.log.gz`` with
-   the MD5 as etag, creating the container on 404.  A fresh swiftclient
-   ``Connection`` per attempt, no swiftclient retries: our own bounded retry
-   loop handles unreachable endpoints and 5xx answers.
-4. Only after Swift confirmed the etag, delete the shipped pending files.  On
-   any failure they stay and the next ARCHIVE ships them with the newer lines.
+1. Rotate the active log aside as a pending file (see ``logsink.LogStore``).  Its
+   stamp, the moment its lines were set aside, decides the name of the object they
+   become, once: ``<container>/<lb_id>/haproxy-<UTC YYYYmmdd-HHMMSS>-<ns>.log.gz``.
+2. Ship every pending file of the protocol, oldest first, as one object each: gzip
+   it in chunks into an unnamed temp file inside the log dir, hashing the
+   compressed bytes (and the lines) as they are written, so memory stays flat
+   whatever the log size; the gzip header carries no time nor file name, so the
+   same lines always give the same bytes.
+3. PUT it under its name with the MD5 as etag, ``If-None-Match: *`` and the MD5 of
+   the lines as metadata, creating the container on 404.  A fresh swiftclient
+   ``Connection`` per attempt, no swiftclient retries: our own bounded retry loop
+   handles unreachable endpoints and 5xx answers.  An object already under that
+   name holding the same lines (412, then a HEAD) is an earlier attempt whose
+   answer was lost: the lines count as shipped, and are never shipped twice.
+4. Only after Swift confirmed every object, delete the shipped pending files.  On
+   a failure the files not shipped stay, under the same names, for the next
+   attempt (a re-delivered job, the next ARCHIVE).
+
+A job the job server hands out again after its worker died (same handle and unique
+id) is answered what it answered before, if it is the last ARCHIVE of its protocol
+that succeeded: its reply was lost with the worker.
 
 The token is never logged nor put in an error message: swiftclient's own debug
 log is filtered while we talk to Swift.
@@ -27,6 +38,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -42,7 +54,8 @@ import swiftclient.client
 from swiftclient.exceptions import ClientException
 
 from libra_worker.errors import ArchiveFailed, quoted
-from libra_worker.logsink import LOG_DIR_NAME, LogStore
+from libra_worker.fileutil import atomic_write
+from libra_worker.logsink import LOG_DIR_NAME, LogStore, pending_stamp
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +64,11 @@ MAX_ATTEMPTS = 3
 FIRST_BACKOFF = 0.5
 DEADLINE_MARGIN = 0.25
 REDACTED = "<token>"
+# An object's metadata: the MD5 of its lines, and of the gzip bytes its writer sent.
+# An object already there whose etag is the latter holds the lines intact, even if
+# another zlib (after an upgrade) compressed them otherwise than this one does.
+LINES_MD5_HEADER = "X-Object-Meta-Lines-Md5"
+GZIP_MD5_HEADER = "X-Object-Meta-Gzip-Md5"
 
 # swiftclient logs request headers at debug level, revealing the first 16
 # characters of X-Auth-Token by default; reveal none of it.
@@ -143,8 +161,12 @@ class SwiftTarget:
         prefix = "/".join(filter(None, [sub_path.strip("/"), lb_id]))
         return cls(endpoint.rstrip("/"), token, container, prefix)
 
-    def object_name(self, when: datetime) -> str:
-        return f"{self.prefix}/haproxy-{when:%Y%m%d-%H%M%S}.log.gz"
+    def object_name(self, stamp: int) -> str:
+        """The name of the lines set aside at ``stamp`` (ns since the epoch): it sorts
+        by time, and two pending files never share it."""
+        seconds, nanoseconds = divmod(stamp, 1_000_000_000)
+        when = datetime.fromtimestamp(seconds, timezone.utc)
+        return f"{self.prefix}/haproxy-{when:%Y%m%d-%H%M%S}-{nanoseconds:09d}.log.gz"
 
 
 @dataclass(frozen=True)
@@ -156,6 +178,18 @@ class Spool:
     size: int
     lines: int
     raw_bytes: int
+    lines_md5: str
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """One pending file, now an object in the store."""
+
+    pending: Path
+    name: str
+    lines: int
+    raw_bytes: int
+    compressed_bytes: int
 
 
 class _HashingWriter:
@@ -204,7 +238,8 @@ def _mask(text: str, token: str) -> str:
 
 
 def archive_logs(log_dir: Path | str, *, protocol: str, lb_id: str, basepath: str,
-                 endpoint: str, token: str, timeout: float = 15.0) -> dict:
+                 endpoint: str, token: str, timeout: float = 15.0,
+                 job: str | None = None) -> dict:
     """Ship the not yet archived access-log lines of ``protocol`` to Swift.
 
     Args:
@@ -218,14 +253,19 @@ def archive_logs(log_dir: Path | str, *, protocol: str, lb_id: str, basepath: st
         timeout: seconds allowed for connecting / waiting on Swift, and the
             budget for retries; with Swift unreachable the call fails within it.
             A slow upload that keeps making progress is not cut off.
+        job: the job's identity (job server handle and unique id); the same job
+            handed out again gets the same answer (its first reply was lost).
 
     Returns:
-        ``{"object": "<container>/<name>", "lines": n, "bytes": uncompressed,
-        "compressed_bytes": m, "dropped": k}`` where ``dropped`` counts lines
-        lost at the size cap since the previous successful archive.
+        ``{"object": "<container>/<newest name>", "objects": [every name], "lines": n,
+        "bytes": uncompressed, "compressed_bytes": m, "dropped": k}`` where
+        ``objects`` has one object per pending file (more than one after failed
+        ARCHIVEs) and ``dropped`` counts lines lost at the size cap since the
+        previous successful archive.
 
     Raises:
-        ArchiveFailed: with a sentence for the reply; nothing was retired.
+        ArchiveFailed: with a sentence for the reply; the lines of the objects not
+            confirmed are kept.
     """
     if timeout <= 0:
         raise ArchiveFailed("The archive timeout must be positive.")
@@ -235,25 +275,83 @@ def archive_logs(log_dir: Path | str, *, protocol: str, lb_id: str, basepath: st
         raise ArchiveFailed(f"Cannot archive logs of protocol {protocol!r}.")
     target = SwiftTarget.from_basepath(basepath, lb_id, endpoint, token)
     with _archive_lock(store, proto):
+        answered = _answered_before(store, proto, job)
+        if answered is not None:
+            LOG.warning("ARCHIVE job %s again (its reply was lost): the same answer", job)
+            return answered
         store.rotate(proto)
         pending = store.pending_paths(proto)
         total_dropped, dropped = store.dropped_unreported(proto)
         if not pending:
             raise ArchiveFailed(_nothing_to_archive(proto, dropped))
-        with tempfile.TemporaryFile(dir=store.directory, prefix=".archive-") as temp:
-            spool = _compress(pending, temp)
-            deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
+        shipped: list[Shipped] = []
+        try:
             with _token_redacted(token):
-                name = _upload(spool, target, deadline)
-        _retire(store, proto, pending, total_dropped)
+                for path in pending:
+                    shipped.append(_ship(store, proto, path, target, deadline))
+        finally:
+            if len(shipped) < len(pending):
+                _retire(shipped)
+        result = _result(target, shipped, dropped)
+        # Remembered before the files go: a job re-run after a crash in between
+        # answers the same, and never ships anything twice.
+        _remember(store, proto, job, result)
+        _retire(shipped)
+        store.mark_dropped_reported(proto, total_dropped)
     if dropped:
         LOG.warning("%d %s log lines were dropped at the size cap before this archive",
                     dropped, proto.upper())
-    LOG.info("archived %d %s log lines to %s/%s", spool.lines, proto.upper(),
-             target.container, name)
-    return {"object": f"{target.container}/{name}", "lines": spool.lines,
-            "bytes": spool.raw_bytes, "compressed_bytes": spool.size,
+    LOG.info("archived %d %s log lines to %s", result["lines"], proto.upper(),
+             ", ".join(result["objects"]))
+    return result
+
+
+def _ship(store: LogStore, proto: str, pending: Path, target: SwiftTarget,
+          deadline: float) -> Shipped:
+    """Upload one pending file under the name its stamp gives it."""
+    with tempfile.TemporaryFile(dir=store.directory, prefix=".archive-") as temp:
+        spool = _compress(pending, temp)
+        try:
+            name = _upload(spool, target, target.object_name(pending_stamp(pending)), deadline)
+        except _NameTaken:
+            # Other lines hold that name (a clock set back to an earlier rotation's
+            # moment): these were never shipped under it, so a fresh stamp is safe.
+            pending = store.restamp(proto, pending)
+            name = _upload(spool, target, target.object_name(pending_stamp(pending)), deadline)
+    return Shipped(pending, name, spool.lines, spool.raw_bytes, spool.size)
+
+
+def _result(target: SwiftTarget, shipped: list[Shipped], dropped: int) -> dict:
+    objects = [f"{target.container}/{item.name}" for item in shipped]
+    return {"object": objects[-1], "objects": objects,
+            "lines": sum(item.lines for item in shipped),
+            "bytes": sum(item.raw_bytes for item in shipped),
+            "compressed_bytes": sum(item.compressed_bytes for item in shipped),
             "dropped": dropped}
+
+
+def _answered_path(store: LogStore, proto: str) -> Path:
+    return store.directory / f"{proto}.archive.answered"
+
+
+def _answered_before(store: LogStore, proto: str, job: str | None) -> dict | None:
+    """The result of the last successful ARCHIVE of ``proto`` if it was this job."""
+    if job is None:
+        return None
+    try:
+        answered = json.loads(_answered_path(store, proto).read_text("utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as error:  # only a hand edit: the file is replaced atomically
+        LOG.error("Unreadable %s (%s): ignored", _answered_path(store, proto), error)
+        return None
+    return answered["result"] if answered.get("job") == job else None
+
+
+def _remember(store: LogStore, proto: str, job: str | None, result: dict) -> None:
+    atomic_write(_answered_path(store, proto),
+                 json.dumps({"job": job, "result": result}) + "\n")
 
 
 def _resolve_log_dir(path: Path) -> Path:
@@ -285,41 +383,48 @@ def _archive_lock(store: LogStore, proto: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _compress(paths: list[Path], temp: BinaryIO) -> Spool:
-    """Gzip ``paths`` in order into ``temp`` in fixed-size chunks."""
+def _compress(path: Path, temp: BinaryIO) -> Spool:
+    """Gzip ``path`` into ``temp`` in fixed-size chunks."""
     writer = _HashingWriter(temp)
+    lines_md5 = hashlib.md5(usedforsecurity=False)
     lines = raw_bytes = 0
-    # mtime=0 and no file name: the archive depends on the lines only.
+    # mtime=0 and no file name: the archive depends on the lines only, so a retry
+    # uploads the same bytes, with the same etag.
     with gzip.GzipFile(fileobj=writer, mode="wb", filename="", mtime=0) as archive:
-        for path in paths:
-            with open(path, "rb") as source:
-                while chunk := source.read(CHUNK_SIZE):
-                    archive.write(chunk)
-                    lines += chunk.count(b"\n")
-                    raw_bytes += len(chunk)
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK_SIZE):
+                archive.write(chunk)
+                lines_md5.update(chunk)
+                lines += chunk.count(b"\n")
+                raw_bytes += len(chunk)
     temp.flush()
-    return Spool(temp, writer.md5.hexdigest(), writer.size, lines, raw_bytes)
+    return Spool(temp, writer.md5.hexdigest(), writer.size, lines, raw_bytes,
+                 lines_md5.hexdigest())
 
 
-def _retire(store: LogStore, proto: str, shipped: list[Path], total_dropped: int) -> None:
-    for path in shipped:
+def _retire(shipped: list[Shipped]) -> None:
+    for item in shipped:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-    store.mark_dropped_reported(proto, total_dropped)
+            item.pending.unlink()
 
 
 class _Retryable(Exception):
     """A failure worth another attempt; carries the sentence for the reply."""
 
 
-def _upload(spool: Spool, target: SwiftTarget, deadline: float) -> str:
-    """PUT the spool, retrying transient failures until ``deadline``."""
+class _NameTaken(ArchiveFailed):
+    """An object of that name holds other lines (HTTP 412): never overwritten."""
+
+
+def _upload(spool: Spool, target: SwiftTarget, name: str, deadline: float) -> str:
+    """PUT the spool as ``name``, retrying transient failures until ``deadline``."""
     backoff = FIRST_BACKOFF
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             # The margin lets a hung attempt time out before the deadline.
             attempt_timeout = max(deadline - time.monotonic() - DEADLINE_MARGIN, 0.1)
-            return _upload_once(spool, target, attempt_timeout)
+            _upload_once(spool, target, name, attempt_timeout)
+            return name
         except _Retryable as failure:
             reason = str(failure)
         if attempt == MAX_ATTEMPTS or time.monotonic() + backoff >= deadline:
@@ -331,12 +436,12 @@ def _upload(spool: Spool, target: SwiftTarget, deadline: float) -> str:
                         "the logs are kept for the next ARCHIVE.")
 
 
-def _upload_once(spool: Spool, target: SwiftTarget, timeout: float) -> str:
+def _upload_once(spool: Spool, target: SwiftTarget, name: str, timeout: float) -> None:
     connection = swiftclient.client.Connection(
         preauthurl=target.endpoint, preauthtoken=target.token, retries=0,
         timeout=timeout)
     try:
-        return _put_archive(connection, spool, target)
+        _put_archive(connection, spool, target, name)
     except ClientException as error:
         raise _client_error(error, target) from None
     except requests.exceptions.RequestException as error:
@@ -348,26 +453,26 @@ def _upload_once(spool: Spool, target: SwiftTarget, timeout: float) -> str:
 
 
 def _put_archive(connection: swiftclient.client.Connection, spool: Spool,
-                 target: SwiftTarget) -> str:
-    for _ in range(3):
-        name = target.object_name(datetime.now(timezone.utc))
+                 target: SwiftTarget, name: str) -> None:
+    status = _put_object(connection, spool, target, name)
+    if status == 404:
+        connection.put_container(target.container)
         status = _put_object(connection, spool, target, name)
-        if status == 404:
-            connection.put_container(target.container)
-            status = _put_object(connection, spool, target, name)
-        if status == 404:
-            raise ArchiveFailed(f"The object store has no container "
-                                f"{target.endpoint}/{target.container} (HTTP 404).")
-        if status != 412:
-            return name
-        # An object of that name exists: our own earlier attempt, or another
-        # archive within the same second.  Never overwrite shipped logs.
-        existing = connection.head_object(target.container, name)
-        if existing.get("etag", "").strip('"') == spool.md5:
-            return name
-        time.sleep(1.0 - datetime.now(timezone.utc).microsecond / 1e6)
-    raise _Retryable("The object store kept reporting that the archive object "
-                     "already exists (HTTP 412).")
+    if status == 404:
+        raise ArchiveFailed(f"The object store has no container "
+                            f"{target.endpoint}/{target.container} (HTTP 404).")
+    # 412: an object of that name exists; never overwritten.  Holding these very
+    # lines, it is an earlier attempt whose answer never came back: shipped.
+    if status == 412 and not _holds(connection.head_object(target.container, name), spool):
+        raise _NameTaken(f"The object store already holds other lines as {name} "
+                         "(HTTP 412).")
+
+
+def _holds(headers: dict, spool: Spool) -> bool:
+    """Whether an object's headers show the spool's bytes, or its lines intact."""
+    etag = headers.get("etag", "").strip('"')
+    return etag == spool.md5 or (headers.get(LINES_MD5_HEADER.lower()) == spool.lines_md5
+                                 and headers.get(GZIP_MD5_HEADER.lower()) == etag)
 
 
 def _put_object(connection: swiftclient.client.Connection, spool: Spool,
@@ -379,14 +484,18 @@ def _put_object(connection: swiftclient.client.Connection, spool: Spool,
         etag = connection.put_object(
             target.container, name, spool.file, content_length=spool.size,
             etag=spool.md5, content_type="application/gzip",
-            headers={"If-None-Match": "*"}, response_dict=response)
+            headers={"If-None-Match": "*", LINES_MD5_HEADER: spool.lines_md5,
+                     GZIP_MD5_HEADER: spool.md5},
+            response_dict=response)
     except ClientException as error:
         if error.http_status in (404, 412):
             return error.http_status
         raise
     if (etag or "").strip('"') != spool.md5:
-        raise _Retryable(f"The object store returned etag {etag!r} for the "
-                         f"archive instead of its MD5 {spool.md5}.")
+        # Not retried: the name is taken now, by bytes that are not these.
+        raise ArchiveFailed(f"The object store returned etag {quoted(etag)} for the "
+                            f"archive instead of its MD5 {spool.md5}; the logs are kept "
+                            "for the next ARCHIVE.")
     return int(response.get("status", 201))
 
 

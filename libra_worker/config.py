@@ -32,6 +32,9 @@ DEFAULT_GEARMAN_PORT = 4730
 # usually serves.
 DEFAULT_PEERS_ADDRESS = ("127.0.0.1", 7441)
 GEARMAN_STATUS_NAME = "gearman.status"
+# `[haproxy] supervisor`: "worker" starts HAProxy and the log sink itself; "systemd" leaves
+# them to the units etc/libra-haproxy.service and etc/libra-logsink.socket.
+SUPERVISORS = ("worker", "systemd")
 # sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _LONGEST_SOCKET_NAME = "haproxy-master.sock"
@@ -172,6 +175,13 @@ class HAProxySettings:
     http_cookie_persistence: bool = True
     tcp_source_persistence: bool = True
     peers_address: tuple[str, int] = DEFAULT_PEERS_ADDRESS
+    # Who starts, restarts and stops HAProxy and its log sink: the worker itself, or
+    # systemd's units (libra-haproxy.service, libra-logsink.socket), which outlive it.
+    supervisor: str = "worker"
+
+    @property
+    def supervised_by_systemd(self) -> bool:
+        return self.supervisor == "systemd"
 
 
 @dataclass(frozen=True)
@@ -380,6 +390,7 @@ def _build(parser: StrictParser) -> Config:
         tcp_source_persistence=parser.getboolean("haproxy", "tcp_source_persistence",
                                                  fallback=defaults.tcp_source_persistence),
         peers_address=_peers_address(parser.get("haproxy", "peers_address", fallback="")),
+        supervisor=_supervisor(parser.get("haproxy", "supervisor", fallback=defaults.supervisor)),
     )
     _check_bind_address(haproxy.bind_address)
     if haproxy.template_dir is not None:
@@ -471,6 +482,14 @@ def _log_level(text: str) -> str:
         raise ConfigError(f"[worker] log_level: {quoted(text.strip())} is not one of "
                           f"{', '.join(sorted(names, key=logging.getLevelName))}.")
     return level
+
+
+def _supervisor(text: str) -> str:
+    value = text.strip().lower()
+    if value not in SUPERVISORS:
+        raise ConfigError(f"[haproxy] supervisor: {quoted(text.strip())} is neither "
+                          f"{' nor '.join(SUPERVISORS)}.")
+    return value
 
 
 def _umask(text: str) -> int:

@@ -154,9 +154,9 @@ class LBaaSController:
     def _discover(self, message: Message, _job: str | None) -> dict[str, Any]:
         return {"version": __version__, "release": RELEASE}
 
-    def _archive(self, message: Message, _job: str | None) -> dict[str, Any]:
+    def _archive(self, message: Message, job: str | None) -> dict[str, Any]:
         assert message.archive is not None
-        result = self.driver.archive(message.archive)
+        result = self.driver.archive(message.archive, job)
         return {"archive": result}
 
     def _stats(self, message: Message, _job: str | None) -> dict[str, Any]:

@@ -5,11 +5,16 @@ Works whether the worker daemon runs or not: everything it shows is read from st
 HAProxy itself (its master CLI and stats socket). Run as root against a worker whose
 state_dir belongs to a service user, it re-runs itself as that user (with the service's
 CAP_NET_BIND_SERVICE), so the HAProxy it starts or reloads stays the worker's.
+
+Two commands are the systemd units' own (`[haproxy] supervisor = systemd`):
+`haproxy-config` (libra-haproxy.service, before HAProxy starts) and `logsink`
+(libra-logsink.service, the access-log sink in the foreground).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import pwd
@@ -20,12 +25,13 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from libra_worker import logsetup, notify
 from libra_worker.config import Config, ConfigError, load
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
 from libra_worker.drivers.haproxy.process import process_alive
 from libra_worker.errors import WorkerError
 from libra_worker.journal import JOURNAL_NAME, Journal
-from libra_worker.logsink import EVENTS_LOG_NAME
+from libra_worker.logsink import EVENTS_LOG_NAME, run_sink
 from libra_worker.transport import job_server_summary
 
 EXIT_OK = 0
@@ -33,6 +39,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 # LSB init-script status code for "program is not running".
 EXIT_NOT_RUNNING = 3
+# How long `haproxy-config` waits for a worker that is changing the file itself.
+SYNC_LOCK_TIMEOUT = 5.0
 
 EPILOG = """\
 --config FILE may come before or after the command, or before `ctl`
@@ -79,10 +87,18 @@ def build_parser() -> OneLineParser:
         ("status", "Show the worker daemon, HAProxy's processes, its configuration, the desired "
                    "and the actual state. Exits 3 when the worker daemon is not running.", None),
         ("restart", "Reload HAProxy, not the worker: hitless, on its current configuration "
-                    "(HAProxy is started if it is not running). Refused while the desired "
-                    "state is SUSPENDED or DELETED: send ENABLE or UPDATE instead.", None),
+                    "(outside systemd HAProxy is started if it is not running; under it, "
+                    "libra-haproxy.service starts it). Refused while the desired state is "
+                    "SUSPENDED or DELETED: send ENABLE or UPDATE instead.", None),
         ("logs", "Show HAProxy's own messages (not the access logs).", "lines"),
         ("jobs", "Show the most recent jobs from the job journal.", "jobs"),
+        ("haproxy-config", "Write HAProxy's configuration as the desired state asks (an idle "
+                           "one, without listeners, when no load balancer is ACTIVE), checked "
+                           "with haproxy -c; HAProxy is not touched. libra-haproxy.service "
+                           "runs it before HAProxy starts.", None),
+        ("logsink", "Run HAProxy's access-log sink in the foreground, on the socket "
+                    "libra-logsink.socket passes (else it binds its own); for "
+                    "libra-logsink.service.", None),
     ):
         command = commands.add_parser(name, parents=[config_option], help=text, description=text)
         if counted:
@@ -106,7 +122,8 @@ def main(argv: list[str]) -> int:
         print(f"libra-worker ctl: {refusal}", file=sys.stderr)
         return EXIT_FAILED
     command: Callable[[Config, argparse.Namespace], int] = {
-        "status": status, "restart": restart, "logs": logs_tail, "jobs": jobs_list}[args.command]
+        "status": status, "restart": restart, "logs": logs_tail, "jobs": jobs_list,
+        "haproxy-config": haproxy_config, "logsink": logsink}[args.command]
     try:
         code = command(config, args)
         sys.stdout.flush()
@@ -187,6 +204,22 @@ def restart(config: Config, _args: argparse.Namespace) -> int:
     driver.restart()
     print(f"HAProxy serving, master pid {driver.process.master_pid()}")
     return EXIT_OK
+
+
+def haproxy_config(config: Config, _args: argparse.Namespace) -> int:
+    driver = HAProxyDriver(config.haproxy)
+    driver.sync_live_config(SYNC_LOCK_TIMEOUT)
+    print(f"{driver.files.config} serves the desired state "
+          f"({driver.store.load().lifecycle.value})")
+    return EXIT_OK
+
+
+def logsink(config: Config, _args: argparse.Namespace) -> int:
+    # The journal under systemd (stderr otherwise), never the worker's own log file.
+    logsetup.configure(dataclasses.replace(config.worker, log_file=None, logging_config=None),
+                       foreground=True)
+    return run_sink(config.worker.state_dir, config.haproxy.log_max_bytes,
+                    listening=notify.listened_socket())
 
 
 def logs_tail(config: Config, args: argparse.Namespace) -> int:

@@ -14,7 +14,8 @@ Files in ``<state_dir>/logs`` (see :class:`LogStore`):
     Active file, appended to by the sink only.
 ``<proto>.pending-<ns>.log``
     Lines handed to the archiver (``LogStore.rotate``); deleted by the archiver
-    only after a successful upload.
+    only after a successful upload.  ``<ns>`` (nanoseconds since the epoch, unique,
+    increasing) is when they were set aside, and names the object they are shipped as.
 ``<proto>.dropped``
     Cumulative number of lines dropped because the cap was reached, written by
     the sink; ``<proto>.dropped.reported`` is the total the archiver has
@@ -120,6 +121,11 @@ def parse_datagram(datagram: bytes) -> tuple[str, bytes] | None:
     return protocol, match["text"] + b"\n"
 
 
+def pending_stamp(pending: Path) -> int:
+    """When a pending file's lines were set aside, in nanoseconds since the epoch."""
+    return int(pending.name.rsplit("-", 1)[1].removesuffix(".log"))
+
+
 def _read_int(path: Path) -> int:
     try:
         return int(path.read_text().strip() or 0)
@@ -166,11 +172,34 @@ class LogStore:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_size == 0:
                 return None
-            pending = self.directory / f"{protocol}.pending-{time.time_ns():020d}.log"
+            pending = self._new_pending_path(protocol)
             os.rename(active, pending)
             return pending
         finally:
             os.close(fd)
+
+    def discard_lines(self) -> None:
+        """Delete every stored line while a sink may be writing (DELETE under systemd):
+        rotated aside under the sink's lock first, so no line lands in a deleted file."""
+        for protocol in PROTOCOLS:
+            self.rotate(protocol)
+            for path in self.pending_paths(protocol):
+                path.unlink(missing_ok=True)
+
+    def restamp(self, protocol: str, pending: Path) -> Path:
+        """Give a pending file a fresh stamp (the archiver's object name for it is taken)."""
+        fresh = self._new_pending_path(protocol)
+        os.rename(pending, fresh)
+        return fresh
+
+    def _new_pending_path(self, protocol: str) -> Path:
+        """A stamp of now, or just after the newest pending file's if the clock was set back:
+        stamps never repeat among the pending files and keep their order."""
+        stamp = time.time_ns()
+        existing = self.pending_paths(protocol)
+        if existing:
+            stamp = max(stamp, pending_stamp(existing[-1]) + 1)
+        return self.directory / f"{protocol}.pending-{stamp:020d}.log"
 
     def dropped_path(self, protocol: str) -> Path:
         return self.directory / f"{protocol}.dropped"
@@ -642,15 +671,23 @@ def _queued_bytes(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
-def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False) -> int:
+def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False,
+             listening: socket.socket | None = None) -> int:
     """Run the sink in this process until SIGTERM/SIGINT; 0 if already running.
 
     With ``take_over``, a running sink's socket is taken over and that sink stopped.
+    ``listening`` is a socket bound to the socket path by someone else (systemd's
+    libra-logsink.socket): the path stays theirs, and datagrams queue in it while no
+    sink runs (a restart, an upgrade).
     """
     log_dir = Path(state_dir) / LOG_DIR_NAME
     log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     claim = _Claim(log_dir)
     claim.lock_fd = try_lock(log_dir / LOCKFILE_NAME)
+    if claim.lock_fd is None and listening is not None:
+        LOG.error("another sink (pid %s) already serves %s; stop it first",
+                  _read_int(log_dir / PIDFILE_NAME) or "unknown", log_dir)
+        return 1
     if claim.lock_fd is None and not take_over:
         LOG.info("another sink already serves %s", log_dir)
         return 0
@@ -661,7 +698,10 @@ def run_sink(state_dir: Path, max_bytes: int, take_over: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    if claim.lock_fd is None:
+    if listening is not None:
+        sock = listening
+        claim.announce()
+    elif claim.lock_fd is None:
         sock, previous = claim.take_over()
 
         def retire_then_announce() -> None:

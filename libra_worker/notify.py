@@ -1,4 +1,5 @@
-"""systemd's notify protocol (Type=notify, WatchdogSec=), and the progress it reports.
+"""systemd's notify protocol (Type=notify, WatchdogSec=), the progress it reports, and the
+sockets a .socket unit passes.
 
 The protocol is one datagram of ``KEY=value`` lines sent to the AF_UNIX socket named by
 ``NOTIFY_SOCKET`` (``@name`` is in the abstract namespace). The worker sends ``READY=1``
@@ -74,6 +75,25 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
+
+
+# sd_listen_fds(3): the first socket systemd passes is descriptor 3.
+_LISTEN_FDS_START = 3
+
+
+def listened_socket(environ: MutableMapping[str, str] = os.environ) -> socket.socket | None:
+    """The socket a .socket unit passed to this process (LISTEN_PID/LISTEN_FDS), or None.
+
+    The variables are taken out of the environment, as sd_listen_fds does: a child must
+    not believe the socket is its own.
+    """
+    meant_for_us = environ.get("LISTEN_PID") == str(os.getpid())
+    count = environ.get("LISTEN_FDS", "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        environ.pop(name, None)
+    if not meant_for_us or not count.isdigit() or int(count) < 1:
+        return None
+    return socket.socket(fileno=_LISTEN_FDS_START)
 
 
 def watchdog_interval(environ: MutableMapping[str, str] = os.environ) -> float | None:

@@ -6,9 +6,12 @@
 # It installs haproxy, gearman-tools, python3-venv and logrotate with apt; creates the
 # system user and group `libra` (no login, home /var/lib/libra-worker); installs the
 # package into the virtualenv /opt/libra-worker; puts the config into /etc/libra-worker/
-# (an existing one is never overwritten: the new reference goes beside it as *.dist), the
-# unit into /etc/systemd/system/ and the logrotate file into /etc/logrotate.d/. Running it
-# again is harmless; an upgrade keeps config and state.
+# (an existing one is never overwritten: the new reference goes beside it as *.dist; one
+# from before the units existed gets `[haproxy] supervisor = systemd`), the units
+# (libra-worker.service, libra-haproxy.service, libra-logsink.socket/.service, libra.target)
+# into /etc/systemd/system/, the logrotate file into /etc/logrotate.d/ and a sysctl file
+# that lets HAProxy queue log lines while the sink is busy. Running it again is harmless;
+# an upgrade keeps config and state and restarts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 checkout=$(pwd)
@@ -68,7 +71,8 @@ tar -C "$checkout" --exclude=./.git --exclude=./.venv --exclude=./.tox --exclude
 shipped=$("$root$prefix/bin/python" -I -c \
     'from importlib.resources import files; print(files("libra_worker") / "etc")')
 
-install -d -m 0755 "$root$config_dir" "$root/etc/systemd/system" "$root/etc/logrotate.d"
+install -d -m 0755 "$root$config_dir" "$root/etc/systemd/system" "$root/etc/logrotate.d" \
+    "$root/etc/sysctl.d"
 for name in libra-worker.conf logging.conf; do
     if [[ -e $root$config_dir/$name ]]; then
         # The operator's file stays; the new reference is there to compare with.
@@ -77,23 +81,44 @@ for name in libra-worker.conf logging.conf; do
         install -m 0640 "${config_owner[@]}" "$shipped/$name" "$root$config_dir/$name"
     fi
 done
-install -m 0644 "$shipped/libra-worker.service" "$root/etc/systemd/system/libra-worker.service"
+# A config from before the units existed would make the worker start its own HAProxy
+# beside libra-haproxy.service's.
+if ! grep -Eq '^[[:space:]]*supervisor[[:space:]]*=' "$root$config_dir/libra-worker.conf"; then
+    if grep -Eq '^[[:space:]]*\[haproxy\]' "$root$config_dir/libra-worker.conf"; then
+        sed -i -E 's/^[[:space:]]*\[haproxy\].*/&\nsupervisor = systemd/' \
+            "$root$config_dir/libra-worker.conf"
+    else
+        printf '\n[haproxy]\nsupervisor = systemd\n' >> "$root$config_dir/libra-worker.conf"
+    fi
+    echo "install-service: added [haproxy] supervisor = systemd to $config_dir/libra-worker.conf"
+fi
+for unit in libra-worker.service libra-haproxy.service libra-logsink.socket \
+            libra-logsink.service libra.target; do
+    install -m 0644 "$shipped/$unit" "$root/etc/systemd/system/$unit"
+done
 install -m 0644 "$shipped/libra-worker.logrotate" "$root/etc/logrotate.d/libra-worker"
+install -m 0644 "$shipped/libra-worker.sysctl" "$root/etc/sysctl.d/60-libra-worker.conf"
 # systemd creates these too (StateDirectory=, LogsDirectory=); a daemon started without
-# systemd needs them as well.
+# systemd needs them as well. logs/ holds the sink's socket, which libra-logsink.socket
+# makes as root: the directory must already be the service user's.
 install -d -m 0750 "${owner[@]}" "$root$state_dir" "$root$log_dir"
+install -d -m 0700 "${owner[@]}" "$root$state_dir/logs"
 
 version=$("$root$prefix/bin/libra-worker" --version)
 if [[ -n $root ]]; then
     echo "install-service: $version staged under $root"
     exit 0
 fi
-# The test machine (and any container) has no running systemd: nothing to reload there.
+sysctl -q -p /etc/sysctl.d/60-libra-worker.conf 2>/dev/null \
+    || echo "install-service: could not apply /etc/sysctl.d/60-libra-worker.conf now (applied at boot)"
+# A machine without a running systemd has nothing to reload.
 if [[ -d /run/systemd/system ]]; then
     systemctl daemon-reload
 fi
 echo "install-service: $version installed in $prefix"
 echo "  config:  $config_dir/libra-worker.conf (set [gearman] servers first)"
-echo "  start:   sudo systemctl enable --now libra-worker"
-echo "  upgrade: sudo systemctl restart libra-worker   (after running this script again)"
-echo "  status:  systemctl status libra-worker; journalctl -u libra-worker"
+echo "  start:   sudo systemctl enable --now libra.target   (the worker, HAProxy, the log sink)"
+echo "  upgrade: sudo systemctl restart libra-worker libra-logsink   (HAProxy keeps serving)"
+echo "  status:  systemctl status libra-worker libra-haproxy libra-logsink"
+echo "  logs:    journalctl -u libra-worker -u libra-haproxy -u libra-logsink"
+echo "  stop everything: sudo systemctl stop libra.target"

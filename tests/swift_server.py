@@ -18,7 +18,11 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import gzip
+import http.client
+import http.server
 import logging
 import random
 import shutil
@@ -26,6 +30,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,6 +298,137 @@ class SwiftServer:
         for name in list(self.processes):
             self._stop_process(name)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class _FrontHandler(http.server.BaseHTTPRequestHandler):
+    server: "_FrontServer"
+
+    def _forward(self) -> None:
+        front = self.server.front
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        # /v1/<account>/<container>/<object>: only object PUTs follow the plan.
+        is_object_put = self.command == "PUT" and self.path.count("/") >= 4
+        step = front.next_step() if is_object_put else PASS
+        if step == FAIL_AFTER_BODY:
+            front.record(step, self.path)
+            return self._answer(503, {}, b"")
+        if step == HOLD_REQUEST:
+            front.record(step, self.path)
+            front.released.wait(60)
+            return  # never forwarded: the store never saw it
+        upstream = http.client.HTTPConnection("127.0.0.1", front.swift.ports["proxy"], timeout=30)
+        try:
+            headers = {key: value for key, value in self.headers.items()
+                       if key.lower() not in ("host", "connection")}
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            answer = response.read()
+            status, reply_headers = response.status, dict(response.getheaders())
+        finally:
+            upstream.close()
+        front.record(step, self.path, status)
+        if step == HOLD_ANSWER:
+            front.released.wait(60)
+        if step == FAIL_AFTER_STORING:
+            status, answer = 503, b""
+        self._answer(status, reply_headers, answer)
+
+    def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        with contextlib.suppress(OSError):  # a killed client is gone
+            self.send_response(status)
+            for key, value in headers.items():
+                if key.lower() not in ("connection", "transfer-encoding", "content-length",
+                                       "date", "server"):
+                    self.send_header(key, value)
+            length = headers.get("Content-Length", str(len(body))) if self.command == "HEAD" \
+                else str(len(body))
+            self.send_header("Content-Length", length)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _FrontServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    front: "SwiftFront"
+
+
+PASS = "pass"
+HOLD_ANSWER = "hold-answer"          # forwarded (Swift keeps the object), answer held
+HOLD_REQUEST = "hold-request"        # body read, held, never forwarded
+FAIL_AFTER_BODY = "fail-after-body"  # body read, 503, never forwarded
+FAIL_AFTER_STORING = "fail-after-storing"  # forwarded (Swift keeps it), then 503
+
+
+class SwiftFront:
+    """An object store that misbehaves on cue: an HTTP front on 127.0.0.1 for the test
+    Swift, forwarding every request, except that object PUTs follow `plan` (one step
+    each, then PASS). `events` gets (step, path, Swift's status or None) per object PUT
+    handled; held requests and answers wait for `release()`."""
+
+    def __init__(self, swift: SwiftServer) -> None:
+        self.swift = swift
+        self.plan: list[str] = []
+        self.events: list[tuple[str, str, int | None]] = []
+        self.released = threading.Event()
+        self._lock = threading.Lock()
+        self._server = _FrontServer(("127.0.0.1", free_port(set())), _FrontHandler)
+        self._server.front = self
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        """The test Swift's storage URL, through this front."""
+        path = self.swift.endpoint.split("/", 3)[3]
+        return f"http://127.0.0.1:{self._server.server_address[1]}/{path}"
+
+    def next_step(self) -> str:
+        with self._lock:
+            return self.plan.pop(0) if self.plan else PASS
+
+    def record(self, step: str, path: str, status: int | None = None) -> None:
+        with self._lock:
+            self.events.append((step, path, status))
+
+    def wait_for(self, step: str, timeout: float = 30.0) -> tuple[str, str, int | None]:
+        """The first event of `step`, once it happened (for HOLD_ANSWER: Swift answered)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [event for event in self.events if event[0] == step]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise TimeoutError(f"no object PUT reached step {step} within {timeout:g} s")
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def container_lines(swift: SwiftServer, container: str, prefix: str) -> dict[str, list[bytes]]:
+    """Every object under `prefix` in `container`, gunzipped: name -> its lines."""
+    import swiftclient.client
+
+    connection = swiftclient.client.Connection(
+        preauthurl=swift.endpoint, preauthtoken=swift.token, retries=0, timeout=10)
+    try:
+        _headers, listing = connection.get_container(container, prefix=prefix, full_listing=True)
+        return {item["name"]: gzip.decompress(connection.get_object(container, item["name"])[1])
+                .splitlines() for item in listing}
+    finally:
+        connection.close()
 
 
 if __name__ == "__main__":

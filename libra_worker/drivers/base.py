@@ -69,8 +69,11 @@ class LoadBalancerDriver(abc.ABC):
         """Prove the load balancer runs, and report each node's health."""
 
     @abc.abstractmethod
-    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
-        """Ship the load balancer's logs to an object store; returns extra reply fields."""
+    def archive(self, request: ArchiveRequest, job: str | None = None) -> dict[str, Any]:
+        """Ship the load balancer's logs to an object store; returns extra reply fields.
+
+        The same `job` (a Gearman job's identity) asked again gets the same answer, and
+        no line is ever shipped twice."""
 
     @abc.abstractmethod
     def metrics(self, job: str | None = None) -> MetricsPeriod:

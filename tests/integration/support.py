@@ -23,6 +23,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -376,6 +377,87 @@ class SilentEndpoint:
         self.listener.close()
         for connection in self.accepted:
             connection.close()
+
+
+class AnswerCatcher:
+    """A TCP relay between a worker and gearmand that, once armed, keeps the worker's
+    next answer (WORK_COMPLETE, WORK_FAIL or WORK_EXCEPTION) from reaching gearmand.
+
+    The job has run; gearmand never hears of it. Kill the worker then, and gearmand
+    hands the same job (same handle and unique id) to the next worker: a job delivered
+    twice. Only the worker's connections go through it; clients talk to gearmand.
+    """
+
+    _MAGIC = b"\0REQ"
+    _ANSWERS = (13, 14, 25)  # WORK_COMPLETE, WORK_FAIL, WORK_EXCEPTION
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server((LOOPBACK, free_port()))
+        self.caught = threading.Event()
+        self._armed = threading.Event()
+        threading.Thread(target=self._accept, name="answer-catcher", daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.listener.getsockname()[1]}"
+
+    def arm(self) -> None:
+        self.caught.clear()
+        self._armed.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                worker_side, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server_side = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                worker_side.close()
+                continue
+            server_side.settimeout(None)
+            threading.Thread(target=self._copy, args=(server_side, worker_side), daemon=True).start()
+            threading.Thread(target=self._relay_worker, args=(worker_side, server_side),
+                             daemon=True).start()
+
+    @staticmethod
+    def _copy(source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                target.sendall(chunk)
+        with contextlib.suppress(OSError):
+            target.shutdown(socket.SHUT_WR)
+
+    def _relay_worker(self, worker_side: socket.socket, server_side: socket.socket) -> None:
+        """Forward the worker's packets whole; after a caught answer, nothing more."""
+        buffer, forwarding = b"", True
+        with contextlib.suppress(OSError):
+            while chunk := worker_side.recv(65536):
+                buffer += chunk
+                while forwarding and len(buffer) >= 12:
+                    if not buffer.startswith(self._MAGIC):  # not a binary packet: pass it on
+                        server_side.sendall(buffer)
+                        buffer = b""
+                        break
+                    kind, size = struct.unpack(">II", buffer[4:12])
+                    if len(buffer) < 12 + size:
+                        break
+                    packet, buffer = buffer[:12 + size], buffer[12 + size:]
+                    if kind in self._ANSWERS and self._armed.is_set():
+                        self._armed.clear()
+                        forwarding = False
+                        self.caught.set()
+                    else:
+                        server_side.sendall(packet)
+        # The worker is gone (killed): so is its connection, for gearmand too.
+        server_side.close()
+        worker_side.close()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 def request_once(url: str, timeout: float = 5.0) -> str:

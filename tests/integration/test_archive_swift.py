@@ -7,6 +7,7 @@ test gets its own state dir, sink, HAProxy and load balancer id.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import logging
 import signal
@@ -25,7 +26,8 @@ import swiftclient.client
 from libra_worker.archive import archive_logs
 from libra_worker.errors import ArchiveFailed
 from libra_worker.logsink import LogSink
-from tests.swift_server import SwiftServer, free_port, wait_for_port
+from tests.swift_server import (HOLD_ANSWER, SwiftFront, SwiftServer, container_lines,
+                                free_port, wait_for_port)
 
 CONTAINER = "lbaaslogs"
 
@@ -192,6 +194,12 @@ def requested_paths(lines: list[bytes]) -> list[str]:
     return [line.split(b'"GET ')[1].split(b" ")[0].decode() for line in lines]
 
 
+def shipped_paths(swift: SwiftServer, balancer: Balancer) -> list[str]:
+    """The requested paths of every object of the balancer, objects in name order."""
+    objects = container_lines(swift, CONTAINER, balancer.lb_id + "/")
+    return [path for name in sorted(objects) for path in requested_paths(objects[name])]
+
+
 def assert_no_temp_files(balancer: Balancer) -> None:
     names = [path.name for path in balancer.sink.log_dir.iterdir()]
     assert not [name for name in names if name.startswith(".") or "tmp" in name], names
@@ -242,7 +250,8 @@ def test_wrong_token_fails_and_loses_nothing(swift: SwiftServer,
     balancer.http_request("/after")
     balancer.wait_for_lines("http", 2)
     result = balancer.archive(swift, "HTTP")
-    assert requested_paths(download(swift, result)) == ["/before", "/after"]
+    assert len(result["objects"]) == 2  # the lines set aside by the failed ARCHIVE, the newer
+    assert shipped_paths(swift, balancer) == ["/before", "/after"]
     assert_no_temp_files(balancer)
 
 
@@ -261,8 +270,8 @@ def test_unreachable_swift_fails_fast_and_retries_later(
         swift.start_proxy()
     balancer.http_request("/after-outage")
     balancer.wait_for_lines("http", 2)
-    result = balancer.archive(swift, "HTTP")
-    assert requested_paths(download(swift, result)) == ["/during-outage", "/after-outage"]
+    balancer.archive(swift, "HTTP")
+    assert shipped_paths(swift, balancer) == ["/during-outage", "/after-outage"]
     assert_no_temp_files(balancer)
 
 
@@ -322,3 +331,39 @@ def test_collection_survives_haproxy_reload_and_sink_restart(
     result = balancer.archive(swift, "HTTP")
     assert requested_paths(download(swift, result)) == [
         "/before-reload", "/after-reload", "/after-sink-restart"]
+
+
+def test_an_upload_whose_answer_never_came_is_not_shipped_again(
+        swift: SwiftServer, balancer: Balancer) -> None:
+    """Swift keeps the object, its 201 is held past the ARCHIVE's timeout: the next
+    ARCHIVE finds it under the same name (412, HEAD) and ships only the newer lines."""
+    connection = swiftclient.client.Connection(
+        preauthurl=swift.endpoint, preauthtoken=swift.token, retries=0, timeout=10)
+    connection.put_container(CONTAINER)
+    front = SwiftFront(swift)
+    try:
+        balancer.http_request("/held")
+        balancer.wait_for_lines("http", 1)
+        front.plan = [HOLD_ANSWER]
+        with pytest.raises(ArchiveFailed, match="Could not reach"):
+            archive_logs(balancer.sink.state_dir, protocol="HTTP", lb_id=balancer.lb_id,
+                         basepath=CONTAINER, endpoint=front.endpoint, token=swift.token,
+                         timeout=2)
+        assert front.wait_for(HOLD_ANSWER)[2] == 201
+    finally:
+        front.close()
+    balancer.http_request("/newer")
+    balancer.wait_for_lines("http", 2)
+
+    result = balancer.archive(swift, "HTTP")
+
+    objects = container_lines(swift, CONTAINER, balancer.lb_id + "/")
+    assert [requested_paths(objects[name]) for name in sorted(objects)] == [["/held"], ["/newer"]]
+    assert [f"{CONTAINER}/{name}" for name in sorted(objects)] == result["objects"]
+    try:
+        headers = connection.head_object(CONTAINER, result["object"].split("/", 1)[1])
+    finally:
+        connection.close()
+    assert headers["x-object-meta-lines-md5"] == hashlib.md5(b"".join(
+        line + b"\n" for line in objects[result["object"].split("/", 1)[1]])).hexdigest()
+    assert_no_temp_files(balancer)

@@ -2,53 +2,34 @@
 
 Marked ``install``. The staged test installs under a temporary root (no apt, no system
 user, nothing outside it). The real one needs root (CI runs as root): it installs on
-this machine as an operator would, runs it again (an upgrade), verifies the installed
-unit with `systemd-analyze verify`, and runs the unit's ExecStart as the service user
-with the unit's capability, as systemd would, against a test gearmand: the worker
-answers DISCOVER and serves a load balancer on port 80 with real HTTP traffic.
-Both install the package's dependencies into the new virtualenv with pip.
+this machine as an operator would, runs it again (an upgrade) and verifies the installed
+units with `systemd-analyze verify`. Both install the package's dependencies into the new
+virtualenv with pip. The installed service itself is tested under a real systemd, in
+tests/system.
 """
 
 from __future__ import annotations
 
-import configparser
-import contextlib
 import grp
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
-from tests.integration.support import (
-    LOOPBACK,
-    Gearmand,
-    HTTPBackend,
-    Worker,
-    lb,
-    make_temp_dir,
-    traffic,
-    update,
-)
 
 INSTALL = Path(__file__).resolve().parents[2] / "scripts" / "install-service.sh"
 SHIPPED_ETC = INSTALL.parents[1] / "etc"
 SERVICE_USER = "libra"
 PREFIX = Path("/opt/libra-worker")
 CONFIG = Path("/etc/libra-worker/libra-worker.conf")
-UNIT = Path("/etc/systemd/system/libra-worker.service")
+UNIT_DIR = Path("/etc/systemd/system")
+UNITS = ["libra-worker.service", "libra-haproxy.service", "libra-logsink.socket",
+         "libra-logsink.service", "libra.target"]
+SYSCTL = Path("/etc/sysctl.d/60-libra-worker.conf")
 LOGROTATE = Path("/etc/logrotate.d/libra-worker")
 STATE_DIR = Path("/var/lib/libra-worker")
-# What systemd puts in a system service's environment, plus the unit's Environment=.
-SERVICE_ENVIRONMENT = {
-    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": str(STATE_DIR), "USER": SERVICE_USER, "LOGNAME": SERVICE_USER,
-    "SHELL": "/usr/sbin/nologin", "PYTHONDONTWRITEBYTECODE": "1",
-}
 
 pytestmark = pytest.mark.install
 
@@ -60,14 +41,30 @@ def run_install(*arguments: str) -> str:
     return result.stdout
 
 
+def test_an_older_config_is_given_the_systemd_supervisor(tmp_path: Path) -> None:
+    """A config from before the HAProxy and log-sink units would make the worker start a
+    second HAProxy beside libra-haproxy.service's."""
+    root = tmp_path / "root"
+    config = root / CONFIG.relative_to("/")
+    config.parent.mkdir(parents=True)
+    shipped = (SHIPPED_ETC / "libra-worker.conf").read_text()
+    config.write_text(shipped.replace("supervisor = systemd\n", ""))
+    output = run_install("--root", str(root))
+    assert "added [haproxy] supervisor = systemd" in output
+    assert config.read_text().count("supervisor = systemd") == 1
+    assert "supervisor = systemd" in config.read_text().split("[haproxy]", 1)[1].split("[", 1)[0]
+
+
 def test_staged_install_twice_keeps_the_operators_config_and_state(tmp_path: Path) -> None:
     root = tmp_path / "root"
     output = run_install("--root", str(root))
     assert f"staged under {root}" in output
-    for installed, shipped in [(UNIT, "libra-worker.service"),
+    for installed, shipped in [*((UNIT_DIR / unit, unit) for unit in UNITS),
                                (LOGROTATE, "libra-worker.logrotate"),
+                               (SYSCTL, "libra-worker.sysctl"),
                                (CONFIG, "libra-worker.conf")]:
         assert (root / installed.relative_to("/")).read_text() == (SHIPPED_ETC / shipped).read_text()
+    assert (root / STATE_DIR.relative_to("/") / "logs").is_dir()
     assert (root / "opt/libra-worker/share/doc/libra-worker/README.rst").exists()
     config = root / CONFIG.relative_to("/")
     config.write_text(config.read_text() + "# the operator's change\n")
@@ -101,7 +98,7 @@ def installed() -> str:
 
 
 def test_install_creates_the_service_user_and_says_what_to_run(installed: str) -> None:
-    assert "systemctl enable --now libra-worker" in installed
+    assert "systemctl enable --now libra.target" in installed
     account = pwd.getpwnam(SERVICE_USER)
     assert (account.pw_dir, account.pw_shell) == (str(STATE_DIR), "/usr/sbin/nologin")
     assert account.pw_gid == grp.getgrnam(SERVICE_USER).gr_gid
@@ -121,78 +118,10 @@ def test_logrotate_accepts_the_installed_file(installed: str, tmp_path: Path) ->
     assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
 
 
-def test_systemd_analyze_verify_passes_on_the_installed_unit(installed: str) -> None:
+def test_systemd_analyze_verify_passes_on_the_installed_units(installed: str) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(UNIT)],
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                             *(str(UNIT_DIR / unit) for unit in UNITS)],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
-
-
-def unit_exec_start() -> list[str]:
-    (line,) = [line for line in UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
-    return line.removeprefix("ExecStart=").split()
-
-
-class ServiceWorker(Worker):
-    """The installed worker, started as the unit starts it, on a copy of the installed
-    config edited to use this test's job server, directories and loopback."""
-
-    def write_config(self) -> None:
-        super().write_config()
-        merged = configparser.ConfigParser(interpolation=None)
-        merged.read([CONFIG, self.config_path])
-        merged["worker"]["pid_file"] = str(self.root / "worker.pid")
-        with open(self.config_path, "w") as output:
-            merged.write(output)
-
-    def command(self) -> list[str]:
-        binary, *arguments = unit_exec_start()
-        assert arguments == ["--config", str(CONFIG), "--foreground"]
-        return ["setpriv", f"--reuid={SERVICE_USER}", f"--regid={SERVICE_USER}",
-                "--init-groups", "--inh-caps=+net_bind_service",
-                "--ambient-caps=+net_bind_service",
-                binary, "--config", str(self.config_path), "--foreground"]
-
-    def environment(self) -> dict[str, str]:
-        return dict(SERVICE_ENVIRONMENT)
-
-
-def port_80_free() -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind((LOOPBACK, 80))
-        except OSError:
-            return False
-    return True
-
-
-def owner_of(pid: int) -> str:
-    with open(f"/proc/{pid}/status") as status:
-        uid = next(line.split()[1] for line in status if line.startswith("Uid:"))
-    return pwd.getpwuid(int(uid)).pw_name
-
-
-def test_the_units_exec_start_as_the_service_user_serves_port_80(
-        installed: str, gearmand: Gearmand,
-        http_backend: Callable[[str], HTTPBackend]) -> None:
-    if not port_80_free():
-        pytest.skip("port 80 on 127.0.0.1 is taken")
-    root = make_temp_dir()
-    worker = ServiceWorker(root, [gearmand.address])
-    account = pwd.getpwnam(SERVICE_USER)
-    os.chown(root, account.pw_uid, account.pw_gid)
-    os.chmod(worker.config_path, 0o644)
-    try:
-        worker.start()
-        assert owner_of(worker.process.pid) == SERVICE_USER
-        backend = http_backend("node-a")
-        reply = worker.submit(update(lb("HTTP", 80, [backend.node()])))
-        assert reply["hpcs_response"] == "PASS", reply
-        answered, failures = traffic(f"http://{LOOPBACK}:80/", 20)
-        assert (answered, failures) == ({"node-a": 20}, 0)
-        assert {owner_of(pid) for pid in worker.haproxy.our_pids()} == {SERVICE_USER}
-    finally:
-        worker.cleanup()
-        with contextlib.suppress(OSError):
-            shutil.rmtree(root)

@@ -8,15 +8,19 @@ Swift starts once for the module (tests/swift_server.py).
 
 from __future__ import annotations
 
+import collections
 import gzip
+import threading
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import swiftclient.client
 
+from tests import swift_server
 from tests.integration.support import (
     LOOPBACK,
+    AnswerCatcher,
     HTTPBackend,
     TCPBackend,
     Worker,
@@ -25,7 +29,7 @@ from tests.integration.support import (
     update,
     wait_until,
 )
-from tests.swift_server import SwiftServer
+from tests.swift_server import SwiftFront, SwiftServer, container_lines
 
 CONTAINER = "lbaaslogs"
 
@@ -108,6 +112,12 @@ def requested_paths(lines: list[bytes]) -> list[str]:
     return [line.split(b'"GET ')[1].split(b" ")[0].decode() for line in lines]
 
 
+def shipped_paths(archived: Archived) -> collections.Counter[str]:
+    """How many times each requested path is in the store, across every object."""
+    objects = container_lines(archived.swift, CONTAINER, archived.lb_id["HTTP"] + "/")
+    return collections.Counter(path for lines in objects.values() for path in requested_paths(lines))
+
+
 def test_archive_ships_each_protocols_lines_and_then_only_new_ones(archived):
     paths = [f"/arch-{number}" for number in range(3)]
     archived.http_requests(*paths)
@@ -183,8 +193,8 @@ def test_archive_fails_within_the_deadline_when_swift_is_down(archived):
     # The lines were kept for the next ARCHIVE.
     archived.http_requests("/after-outage")
     archived.wait_for_lines("HTTP", 1)
-    assert requested_paths(archived.download(archived.archive("HTTP"))) == [
-        "/during-outage", "/after-outage"]
+    assert archived.archive("HTTP")["hpcs_response"] == "PASS"
+    assert shipped_paths(archived) == collections.Counter(["/during-outage", "/after-outage"])
 
 
 def test_archive_with_an_unsupported_store_type_is_a_bad_request(archived):
@@ -222,3 +232,116 @@ def test_logs_are_collected_again_after_delete_and_a_new_update(archived):
     archived.wait_for_lines("HTTP", 1)
 
     assert requested_paths(archived.download(archived.archive("HTTP"))) == ["/reborn"]
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+@pytest.fixture
+def front(swift) -> Iterator[SwiftFront]:
+    """The test Swift behind a front that misbehaves on cue; the container exists, so
+    the first PUT of an object is the one that stores it."""
+    connection = swiftclient.client.Connection(
+        preauthurl=swift.endpoint, preauthtoken=swift.token, retries=0, timeout=10)
+    try:
+        connection.put_container(CONTAINER)
+    finally:
+        connection.close()
+    store = SwiftFront(swift)
+    yield store
+    store.close()
+
+
+def archive_in_hand(archived: Archived, front: SwiftFront) -> tuple[threading.Thread, list[Any]]:
+    """An ARCHIVE submitted in a thread (the client waits while the worker dies)."""
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(archived.worker.submit(
+        archived.message("HTTP", endpoint=front.endpoint), timeout=90)), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("step", [swift_server.HOLD_ANSWER, swift_server.HOLD_REQUEST])
+def test_a_worker_killed_mid_archive_ships_every_line_once_after_the_job_is_handed_over(
+        archived, front, step):
+    """kill -9 while the store holds its 201 for an object it kept (HOLD_ANSWER), or
+    before the store saw the upload (HOLD_REQUEST); traffic goes on meanwhile; the new
+    worker gets the same ARCHIVE from gearmand, with more lines waiting."""
+    before = [f"/before-{number}" for number in range(10)]
+    archived.http_requests(*before)
+    archived.wait_for_lines("HTTP", 10)
+    front.plan = [step]
+    thread, outcome = archive_in_hand(archived, front)
+    _step, first_object, status = front.wait_for(step)
+    assert status == (201 if step == swift_server.HOLD_ANSWER else None)
+    archived.worker.kill()
+    front.release()
+    assert not outcome, "the ARCHIVE was answered before the kill"
+    during = [f"/during-{number}" for number in range(5)]
+    archived.http_requests(*during)
+    archived.wait_for_lines("HTTP", 5)
+
+    archived.worker.start()
+    thread.join(60)
+
+    assert outcome and outcome[0]["hpcs_response"] == "PASS", outcome
+    result = outcome[0]["archive"]
+    assert len(result["objects"]) == 2 and result["lines"] == 15, result
+    assert shipped_paths(archived) == collections.Counter(before + during)
+    assert first_object.endswith("/" + result["objects"][0]), (first_object, result)
+
+
+@pytest.mark.parametrize("step", [swift_server.FAIL_AFTER_BODY, swift_server.FAIL_AFTER_STORING])
+def test_a_store_failing_the_put_after_reading_it_loses_and_repeats_no_line(archived, front, step):
+    before = [f"/before-{number}" for number in range(6)]
+    archived.http_requests(*before)
+    archived.wait_for_lines("HTTP", 6)
+    front.plan = [step] * 3  # every attempt of this ARCHIVE
+
+    failed = archived.archive("HTTP", endpoint=front.endpoint)
+
+    assert failed["hpcs_response"] == "FAIL" and "503" in failed["hpcs_error"], failed
+    assert [event[::2] for event in front.events] == [
+        (step, 201 if step == swift_server.FAIL_AFTER_STORING else None),
+        *[(step, 412 if step == swift_server.FAIL_AFTER_STORING else None)] * 2]
+    after = ["/after-0", "/after-1"]
+    archived.http_requests(*after)
+    archived.wait_for_lines("HTTP", 2)
+    passed = archived.archive("HTTP", endpoint=front.endpoint)
+    assert passed["hpcs_response"] == "PASS", passed
+    assert passed["archive"]["lines"] == 8 and len(passed["archive"]["objects"]) == 2
+    assert shipped_paths(archived) == collections.Counter(before + after)
+
+
+def test_an_archive_answered_then_handed_over_again_answers_the_same(archived, gearmand):
+    """The worker shipped and retired the lines, then died before gearmand heard the
+    answer: the job handed over again answers what the first run did, ships nothing."""
+    catcher = AnswerCatcher(gearmand.address)
+    try:
+        worker = archived.worker
+        worker.stop()
+        worker.servers = [catcher.address]
+        worker.write_config()
+        worker.start()
+        archived.http_requests("/once-0", "/once-1")
+        archived.wait_for_lines("HTTP", 2)
+        catcher.arm()
+        outcome: list[Any] = []
+        thread = threading.Thread(target=lambda: outcome.append(worker.submit(
+            archived.message("HTTP"), timeout=90, servers=[gearmand.address])), daemon=True)
+        thread.start()
+        assert catcher.caught.wait(30), "the ARCHIVE never answered"
+        worker.kill()
+        archived.http_requests("/later")
+        archived.wait_for_lines("HTTP", 1)
+        worker.start()
+        thread.join(60)
+    finally:
+        catcher.close()
+
+    assert outcome and outcome[0]["hpcs_response"] == "PASS", outcome
+    assert outcome[0]["archive"]["lines"] == 2
+    assert shipped_paths(archived) == collections.Counter(["/once-0", "/once-1"])
+    later = archived.archive("HTTP")
+    assert later["archive"]["lines"] == 1
+    assert shipped_paths(archived) == collections.Counter(["/once-0", "/once-1", "/later"])

@@ -359,10 +359,8 @@ def test_shipped_config_loads_as_shipped_on_any_device():
 
 def test_shipped_paths_are_the_directories_systemd_makes_for_the_unit():
     settings = load(SHIPPED_CONFIG).worker
-    paths = {"StateDirectory": settings.state_dir, "RuntimeDirectory": settings.pid_file.parent,
-             "LogsDirectory": settings.log_file.parent}
-    roots = {"StateDirectory": Path("/var/lib"), "RuntimeDirectory": Path("/run"),
-             "LogsDirectory": Path("/var/log")}
+    paths = {"StateDirectory": settings.state_dir, "RuntimeDirectory": settings.pid_file.parent}
+    roots = {"StateDirectory": Path("/var/lib"), "RuntimeDirectory": Path("/run")}
     assert paths == {key: roots[key] / "libra-worker" for key in paths}
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read(REPO / "etc" / "libra-worker.service")

@@ -93,7 +93,7 @@ class FakeDriver(LoadBalancerDriver):
         self._record("stats")
         return STATS
 
-    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+    def archive(self, request: ArchiveRequest, job: str | None = None) -> dict[str, Any]:
         self._record("archive", request)
         return self.archive_result
 

@@ -29,7 +29,7 @@ class SlowDriver:
         self.finished_stats += 1
         raise WorkerError("HAProxy is not running.")
 
-    def archive(self, request: Any) -> dict[str, Any]:
+    def archive(self, request: Any, job: str | None = None) -> dict[str, Any]:
         raise WorkerError(f"Swift refused token {request.token}.")
 
 

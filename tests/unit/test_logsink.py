@@ -133,6 +133,29 @@ class TestLogStore:
         assert store.pending_paths("tcp") == rotated
         assert store.stored_bytes("tcp") == 6
 
+    def test_stamps_never_repeat_nor_go_back_with_the_clock(
+            self, store: LogStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        clock = iter([2_000, 2_000, 1_000])  # a second rotation in the same ns, then set back
+        monkeypatch.setattr(logsink.time, "time_ns", lambda: next(clock))
+        stamps = []
+        for text in (b"a\n", b"b\n", b"c\n"):
+            store.active_path("http").write_bytes(text)
+            stamps.append(logsink.pending_stamp(store.rotate("http")))
+        assert stamps == [2_000, 2_001, 2_002]
+        assert [path.read_bytes() for path in store.pending_paths("http")] == [
+            b"a\n", b"b\n", b"c\n"]
+
+    def test_restamp_moves_a_pending_file_after_the_others(
+            self, store: LogStore) -> None:
+        for text in (b"a\n", b"b\n"):
+            store.active_path("http").write_bytes(text)
+            store.rotate("http")
+        oldest, newest = store.pending_paths("http")
+        moved = store.restamp("http", oldest)
+        assert logsink.pending_stamp(moved) > logsink.pending_stamp(newest)
+        assert store.pending_paths("http") == [newest, moved]
+        assert moved.read_bytes() == b"a\n"
+
     def test_reported_counter_only_reports_the_difference(
             self, store: LogStore) -> None:
         store.dropped_path("http").write_text("5\n")

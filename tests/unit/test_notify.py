@@ -7,13 +7,23 @@ clock of `Progress` is a fake one, so no test depends on how fast this machine i
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
-from libra_worker.notify import Notifier, Progress, ServiceMonitor, watchdog_interval
+from libra_worker.notify import (
+    Notifier,
+    Progress,
+    ServiceMonitor,
+    listened_socket,
+    watchdog_interval,
+)
 
 
 @pytest.fixture
@@ -166,3 +176,38 @@ def test_a_failing_status_does_not_stop_the_pings():
     notifier = RecordingNotifier()
     ServiceMonitor(notifier, progress(FakeClock()), broken, 20.0, threading.Event()).tick()
     assert notifier.sent == ["WATCHDOG=1", "STATUS=status unavailable: state.json unreadable"]
+
+
+LISTENED = """
+import os, socket
+from libra_worker.notify import listened_socket
+sock = listened_socket()
+print(sock.type == socket.SOCK_DGRAM, sock.getsockname(), "LISTEN_PID" in os.environ)
+"""
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+def test_the_socket_a_socket_unit_passes_is_taken_and_the_variables_dropped(tmp_path):
+    path = str(tmp_path / "sink.sock")
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "--datagram", "-l", path, sys.executable, "-c", LISTENED],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2])
+    try:
+        # It starts the program at the first datagram, as systemd does.
+        while not os.path.exists(path):
+            assert activator.poll() is None, activator.communicate()
+            threading.Event().wait(0.01)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"<134>a line", path)
+        out, err = activator.communicate(timeout=60)
+    finally:
+        activator.kill()
+    assert out.split() == ["True", path, "False"], err
+
+
+def test_no_socket_when_the_variables_name_another_process():
+    environ = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x"}
+    assert listened_socket(environ) is None
+    assert environ == {}

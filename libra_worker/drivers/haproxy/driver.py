@@ -12,6 +12,14 @@ with the real `haproxy -c` that the validator and the shipped template make only
 lines HAProxy accepts. An operator's own template is not covered by that proof, so with
 one every UPDATE is checked. The state file is the commit point: a restart re-renders the
 live file from it if they differ (`_undo_interrupted_update`).
+
+Who keeps HAProxy and its log sink alive is `[haproxy] supervisor`. With "worker" the driver
+starts them, restarts them when they die (`reconcile`) and stops HAProxy for SUSPEND and
+DELETE. With "systemd" they are units of their own that outlive the worker
+(etc/libra-haproxy.service, etc/libra-logsink.socket): the driver never starts, stops or
+signals them; HAProxy always runs, and the live file is what the desired state serves, an
+idle configuration without listeners while the load balancer is not ACTIVE
+(`_serving_text`). Every change still reaches HAProxy through its master CLI.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ from libra_worker.reconciler import Repair, decide
 from libra_worker.state import DesiredState, Lifecycle, StateStore, utc_now
 
 LOG = logging.getLogger(__name__)
+# What HAProxy serves under systemd while no load balancer is ACTIVE: no listener at all.
+IDLE_DEVICE = Device(loadbalancers=())
 
 
 class StateDirLayout:
@@ -109,6 +119,9 @@ class HAProxyDriver(LoadBalancerDriver):
         # reuse until a reload; the timer of the reload for them (see `_consolidate`).
         self._added_at_runtime: set[str] = set()
         self._consolidation: threading.Timer | None = None
+        self.supervised = settings.supervised_by_systemd
+        # The master pid last seen: under systemd, a new one means its unit restarted it.
+        self._master_seen: int | None = None
 
     # ------------------------------------------------------------------ actions
 
@@ -120,14 +133,26 @@ class HAProxyDriver(LoadBalancerDriver):
             LOG.warning("Cannot restrict the mode of %s: %s", self.files.root, exc)
         with self._exclusive():
             self._undo_interrupted_update()
+            self._master_seen = self.process.master_pid()
             self.reconcile()
             if self.process.is_running():
                 # An adopted sink may run the code of the release before an upgrade.
-                self.logs.ensure_running()
+                self._ensure_sink()
+
+    def sync_live_config(self, lock_timeout: float) -> None:
+        """Make the live file what state.json says, without touching HAProxy: for
+        libra-haproxy.service before HAProxy starts (a first boot, a file torn by a power
+        cut). A worker holding the lock longer than `lock_timeout` is changing the file
+        itself; the file is then left as it is."""
+        with self._exclusive(lock_timeout):
+            self._undo_interrupted_update()
 
     def reconcile(self) -> None:
         """Repair any difference between the desired state and what runs."""
         with self._exclusive():
+            if self.supervised:
+                self._notice_unit_restart()
+                return
             desired = self.store.load()
             running = self.process.is_running()
             repair = decide(desired.lifecycle, running, self.files.config.exists())
@@ -137,7 +162,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 if running and not self.logs.is_running():
                     # Without the sink, access lines (and the bytes METRICS bills) are lost.
                     LOG.warning("The log sink is not running: starting it again")
-                    self.logs.ensure_running()
+                    self._ensure_sink()
                 return
             LOG.warning("Desired state %s but HAProxy is %s: %sing it", desired.lifecycle.value,
                         "running" if running else "not running", repair.value)
@@ -163,6 +188,9 @@ class HAProxyDriver(LoadBalancerDriver):
                                   "stays stopped); send ENABLE to serve it again.")
             if self.process.is_running():
                 self._reload()
+            elif self.supervised:
+                raise WorkerError("HAProxy is not running; its unit starts it: "
+                                  "systemctl start libra-haproxy.")
             else:
                 self._start()
 
@@ -172,7 +200,8 @@ class HAProxyDriver(LoadBalancerDriver):
             previous = self._read_live_config()
             accepted = self.configured_device()
             self._check_new_ports_free(device)
-            running = desired.lifecycle is not Lifecycle.SUSPENDED and self.process.is_running()
+            suspended = desired.lifecycle is Lifecycle.SUSPENDED
+            running = not suspended and self.process.is_running()
             plan, reason = (self._runtime_plan(desired, accepted, previous, device)
                             if running else (None, ""))
             text = self._render(device)
@@ -180,18 +209,22 @@ class HAProxyDriver(LoadBalancerDriver):
             self._cancel_consolidation()  # this UPDATE's outcome decides it anew (finally)
             try:
                 # Always: a later start or reload must come up exactly as this UPDATE says.
-                # If the file is refused, the live one is untouched.
-                self._install(text, checked)
+                # If the file is refused, the live one is untouched. Under systemd a
+                # suspended device keeps serving its idle file; ENABLE renders this one.
+                if suspended and self.supervised:
+                    self._check(text)
+                    self.files.candidate.unlink()
+                else:
+                    self._install(text, checked)
                 try:
-                    if desired.lifecycle is Lifecycle.SUSPENDED:
+                    if suspended:
                         LOG.info("Suspended: the new configuration is kept for ENABLE")
                     elif running:
-                        self.logs.ensure_running()
+                        self._ensure_sink()
                         self._apply_to_running(plan, reason, accepted, checked)
                     else:
                         self._start()
-                    lifecycle = (Lifecycle.SUSPENDED if desired.lifecycle is Lifecycle.SUSPENDED
-                                 else Lifecycle.ACTIVE)
+                    lifecycle = Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE
                     saved = self._save(desired, lifecycle,
                                        loadbalancers=device_document(device)["loadbalancers"])
                 except BaseException as exc:
@@ -213,14 +246,23 @@ class HAProxyDriver(LoadBalancerDriver):
         listens there, which is what SUSPEND asks; the state stays NEW or DELETED."""
         with self._exclusive():
             desired = self.store.load()
-            self.process.stop()
+            if self.supervised:
+                self._serve(self._render(IDLE_DEVICE))
+            else:
+                self.process.stop()
             if desired.lifecycle is Lifecycle.ACTIVE:
                 self._save(desired, Lifecycle.SUSPENDED)
 
     def enable(self) -> None:
         with self._exclusive():
             desired = self._configured("enable")
-            if not self.process.is_running():
+            if self.supervised:
+                accepted = self.configured_device()
+                if accepted is None:
+                    raise WorkerError("Cannot enable: the saved load-balancer definition is "
+                                      "no longer valid; send an UPDATE.")
+                self._serve(self._render(accepted))
+            elif not self.process.is_running():
                 self._start()
             if desired.lifecycle is not Lifecycle.ACTIVE:
                 self._save(desired, Lifecycle.ACTIVE)
@@ -228,11 +270,18 @@ class HAProxyDriver(LoadBalancerDriver):
     def delete(self) -> None:
         with self._exclusive():
             desired = self.store.load()
-            self.process.stop()
-            for path in (self.files.config, self.files.candidate, self.files.rejected,
-                         self.files.stats_socket):
+            if self.supervised:
+                # HAProxy and the sink stay up, idle: their units, not DELETE, decide their
+                # life. The stored access lines go; the byte counters METRICS bills stay.
+                self._serve(self._render(IDLE_DEVICE))
+                self.logs.store.discard_lines()
+            else:
+                self.process.stop()
+                self.files.config.unlink(missing_ok=True)
+                self.files.stats_socket.unlink(missing_ok=True)
+                self.logs.remove_logs()
+            for path in (self.files.candidate, self.files.rejected):
                 path.unlink(missing_ok=True)
-            self.logs.remove_logs()
             if desired.lifecycle is not Lifecycle.DELETED:
                 self._save(desired, Lifecycle.DELETED, loadbalancers=[])
 
@@ -242,6 +291,9 @@ class HAProxyDriver(LoadBalancerDriver):
             raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
         if desired.lifecycle is Lifecycle.NEW:
             raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
+        if self.supervised and desired.lifecycle is Lifecycle.SUSPENDED:
+            raise StatsUnavailable("The load balancer is SUSPENDED: HAProxy serves none of its "
+                                   "ports.", status=desired.lifecycle.value)
         if not self.process.is_running_beside_reload():
             raise StatsUnavailable(
                 f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
@@ -299,7 +351,7 @@ class HAProxyDriver(LoadBalancerDriver):
             unreadable_access_lines=traffic.unreadable_lines if traffic else 0,
         )
 
-    def archive(self, request: ArchiveRequest) -> dict[str, Any]:
+    def archive(self, request: ArchiveRequest, job: str | None = None) -> dict[str, Any]:
         self.endpoint_policy.check(request.endpoint)  # before any connection is made
         return archive.archive_logs(
             self.logs.log_dir,
@@ -309,6 +361,7 @@ class HAProxyDriver(LoadBalancerDriver):
             endpoint=request.endpoint,
             token=request.token,
             timeout=self.settings.archive_timeout,
+            job=job,
         )
 
     def configured_device(self) -> Device | None:
@@ -331,15 +384,17 @@ class HAProxyDriver(LoadBalancerDriver):
     # ------------------------------------------------------------------ steps
 
     @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """This thread alone, and this process alone, may change the device (re-entrant)."""
+    def _exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        """This thread alone, and this process alone, may change the device (re-entrant).
+
+        With `timeout`, a WorkerError if another process holds it that long."""
         with self._lock:
             if self._lock_depth == 0:
                 if self._lock_fd < 0:
                     # Opened once and kept: a state_dir that turns read-only later must
                     # not stop the reconciler from restarting HAProxy.
                     self._lock_fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+                _flock(self._lock_fd, self._lock_file, timeout)
             self._lock_depth += 1
             try:
                 yield
@@ -429,17 +484,21 @@ class HAProxyDriver(LoadBalancerDriver):
         if not checked:
             atomic_write(self.files.config, text, durable=False)
             return
+        self._check(text)
+        os.replace(self.files.candidate, self.files.config)
+
+    def _check(self, text: str) -> None:
+        """Write the candidate and prove it with `haproxy -c`; it is left for the caller
+        to swap in (or remove). A refused one is kept for the operator to read."""
         atomic_write(self.files.candidate, text, durable=False)
         try:
             self.process.check(self.files.candidate)
         except ConfigCheckFailed:
-            # Kept for the operator to read; the live file is untouched.
             os.replace(self.files.candidate, self.files.rejected)
             raise
         except BaseException:
             self.files.candidate.unlink(missing_ok=True)
             raise
-        os.replace(self.files.candidate, self.files.config)
 
     def _check_new_ports_free(self, device: Device) -> None:
         """Refuse a port HAProxy cannot listen on (held by another program, privileged,
@@ -449,10 +508,12 @@ class HAProxyDriver(LoadBalancerDriver):
         seconds while it retries, so this is checked first. Ports HAProxy already serves
         cannot be test-bound, and need not be.
         """
-        current = self.configured_device() if self.process.is_running() else None
-        serving = {lb.port for lb in current.loadbalancers} if current else set()
+        serving = (self.store.load().lifecycle is Lifecycle.ACTIVE
+                   and self.process.is_running())
+        current = self.configured_device() if serving else None
+        ports = {lb.port for lb in current.loadbalancers} if current else set()
         for lb in device.loadbalancers:
-            problem = None if lb.port in serving else bind_problem(self.settings.bind_address, lb.port)
+            problem = None if lb.port in ports else bind_problem(self.settings.bind_address, lb.port)
             if problem:
                 raise WorkerError(f"{problem}; the load balancer was left unchanged.")
         self._check_peers_address_free(device, current)
@@ -502,8 +563,52 @@ class HAProxyDriver(LoadBalancerDriver):
     def _start(self) -> None:
         if not self.files.config.exists():
             raise WorkerError("There is no configuration to start HAProxy with; send an UPDATE.")
+        if self.supervised:
+            # Its unit restarts a dead HAProxy within seconds, on the file as it is then.
+            self.process.wait_for_master()
+            self._reload()
+            return
         self.logs.ensure_running()
         self.process.start()
+        self._retired.clear()
+        self._added_at_runtime.clear()
+
+    def _ensure_sink(self) -> None:
+        """Under systemd the sink is libra-logsink.service's, socket-activated."""
+        if not self.supervised:
+            self.logs.ensure_running()
+
+    def _serve(self, text: str) -> None:
+        """Under systemd: install `text` (checked) and bring the running HAProxy to it; on
+        any failure the previous file is put back and keeps serving."""
+        previous = self._read_live_config()
+        self._cancel_consolidation()
+        self._install(text)
+        try:
+            if self.process.is_running():
+                self._reload()
+            else:
+                self._start()
+        except BaseException as exc:
+            self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
+            raise
+
+    def _notice_unit_restart(self) -> None:
+        """Under systemd: a new master pid means libra-haproxy.service restarted HAProxy
+        (on the live file): runtime-only state is gone, and STATS says it happened."""
+        master = self.process.master_pid()
+        if master is None or master == self._master_seen:
+            if master is not None and self._retired:
+                self._delete_retired()
+            return
+        if self._master_seen is not None:
+            LOG.warning("HAProxy's master is now pid %d (was %d): its unit restarted it",
+                        master, self._master_seen)
+            desired = self.store.load()
+            self.store.save(replace(
+                desired, restarts=desired.restarts + 1,
+                last_error=f"HAProxy was restarted by libra-haproxy.service at {utc_now()}."))
+        self._master_seen = master
         self._retired.clear()
         self._added_at_runtime.clear()
 
@@ -559,18 +664,24 @@ class HAProxyDriver(LoadBalancerDriver):
 
     def _undo_interrupted_update(self) -> None:
         """Put back the configuration of the last accepted UPDATE if a killed worker left
-        another one live (it died between swapping the file and recording the UPDATE)."""
-        accepted = self.configured_device()
+        another one live (it died between swapping the file and recording the UPDATE).
+        Under systemd also the file a SUSPEND, ENABLE or DELETE left half-done, or none."""
+        expected = self._expected_live_text(self.store.load())
         live = self._read_live_config()
-        if accepted is None or live is None:
-            return
-        expected = self._render(accepted)
-        if live == expected:
+        if expected is None or live == expected or (live is None and not self.supervised):
             return
         LOG.warning("The live configuration is not the last accepted UPDATE's: putting it back")
         self._install(expected)
         if self.process.is_running():
             self._reload()
+
+    def _expected_live_text(self, desired: DesiredState) -> str | None:
+        """The live file the desired state asks for; None where the worker keeps none."""
+        accepted = self.configured_device()
+        if not self.supervised:
+            return None if accepted is None else self._render(accepted)
+        active = desired.lifecycle is Lifecycle.ACTIVE and accepted is not None
+        return self._render(accepted if active else IDLE_DEVICE)
 
     def _configured(self, action: str) -> DesiredState:
         desired = self.store.load()
@@ -590,3 +701,19 @@ class HAProxyDriver(LoadBalancerDriver):
         saved = desired.moved_to(lifecycle, **changes)
         self.store.save(saved)
         return saved
+
+
+def _flock(descriptor: int, path: Path, timeout: float | None) -> None:
+    if timeout is None:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise WorkerError(f"{path} stayed locked for {timeout:g} s: the worker is "
+                                  "changing the configuration.") from None
+            time.sleep(0.05)

@@ -206,19 +206,28 @@ class HAProxyProcess:
                                detail="HAProxy failed to start: " + _alerts(output))
         # The daemonized master writes its pidfile a moment after the command returns, and
         # handles signals (a SUSPEND's soft stop) only once its CLI lists a worker.
+        self._wait_for_worker("HAProxy started but")
+        LOG.info("HAProxy started, master pid %s", self.master_pid())
+
+    def wait_for_master(self) -> None:
+        """For an HAProxy that its own unit (re)starts: wait until it serves, or fail."""
+        self._wait_for_worker("HAProxy is not running (libra-haproxy.service restarts it), and")
+
+    def _wait_for_worker(self, failure: str) -> None:
+        """Until the master runs and its CLI lists a worker, within `command_timeout`."""
         deadline = time.monotonic() + self.command_timeout
         while not self.is_running():
             if time.monotonic() >= deadline:
-                raise ReloadFailed("HAProxy started but its master process is not running.")
+                raise ReloadFailed(f"{failure} its master process is not running "
+                                   f"after {self.command_timeout:g} s.")
             time.sleep(_POLL_INTERVAL)
         try:
             while not self.process_table().worker_pids:
                 if time.monotonic() >= deadline:
-                    raise ReloadFailed("HAProxy started but its master lists no worker.")
+                    raise ReloadFailed(f"{failure} its master lists no worker.")
                 time.sleep(_POLL_INTERVAL)
         except OSError as exc:
-            raise ReloadFailed(f"HAProxy started but its master does not answer: {exc}.") from None
-        LOG.info("HAProxy started, master pid %s", self.master_pid())
+            raise ReloadFailed(f"{failure} its master does not answer: {exc}.") from None
 
     def reload(self) -> None:
         """Reload through the master, and prove that a new worker took over.
