@@ -65,11 +65,10 @@ def test_update_as_the_api_server_builds_it(worker, libra, http_backend, tcp_bac
     assert traffic(f"tcp://127.0.0.1:{tcp_lb.port}", 3) == ({"raw": 3}, 0)
     config = worker.haproxy_config()
     # The default monitor and options the API server sends, as HAProxy runs them, and
-    # the cookie Libra's worker gave each HTTP node.
-    assert (f"server 101 127.0.0.1:{web_a.port} weight 1 check inter 30s fall 2 rise 2 "
-            "cookie id-101\n") in config
-    assert (f"server 103 127.0.0.1:{spare.port} weight 1 check inter 30s fall 2 rise 2 backup "
-            "cookie id-103\n") in config
+    # Libra's SERVERID cookie (each node's value derived from the device's key).
+    assert f"server 101 127.0.0.1:{web_a.port} weight 1 check inter 30s fall 2 rise 2\n" in config
+    assert f"server 103 127.0.0.1:{spare.port} weight 1 check inter 30s fall 2 rise 2 backup\n" in config
+    assert "    cookie SERVERID insert indirect nocache dynamic\n" in config
     assert "server 104 " not in config
     assert config.count("timeout client 30000\n") == 2 and config.count("retries 3\n") == 2
     assert set(node_statuses(worker.submit("STATS"))) == {"101", "102", "103", "201"}

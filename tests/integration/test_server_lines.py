@@ -6,8 +6,8 @@ libra_worker/drivers/haproxy/driver.py): the file differs from the checked one i
 lines only, and HAProxy must be able to start from it after any restart. So hypothesis
 generates node sets across the whole range `messages.parse_device` accepts (ids, IPv4 and
 IPv6 addresses, ports, weights, backup, condition, omitted ids, monitor delays and
-attempts, which go into the server line; HTTP servers carry their persistence cookie,
-GALERA load balancers one primary and backups) and each rendered file is checked by the
+attempts, which go into the server line; HTTP backends with their dynamic persistence
+cookie, GALERA load balancers one primary and backups) and each rendered file is checked by the
 HAProxy binary the worker runs. Each example carries many nodes, so a few dozen checks
 cover thousands of server lines.
 """
@@ -27,9 +27,10 @@ from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.messages import MAX_MONITOR_SECONDS, MAX_WEIGHT, parse_device
 
 NODES_PER_LB = 150
-# The worker's defaults: every HTTP server line carries its cookie (`haproxy -c` binds no
-# port, so the peers address is never listened on here).
-PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441))
+# The worker's defaults: every HTTP backend derives its servers' cookies from the key
+# (`haproxy -c` binds no port, so the peers address is never listened on here).
+PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                                 cookie_key="5e" * 32)
 
 node_ids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 addresses = st.ip_addresses().filter(

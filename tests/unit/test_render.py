@@ -46,8 +46,11 @@ PATHS = render.RuntimePaths(
     log_socket=Path("/run/libra-worker/haproxy-log.sock"),
 )
 MAXCONN = 4096
-# The worker's defaults: Libra's cookie and source persistence, the default peers address.
-PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441))
+# The worker's defaults: Libra's cookie and source persistence, the default peers address,
+# and a fixed cookie key (a device's own is random: cookie_key.py).
+COOKIE_KEY = "0123456789abcdef" * 4
+PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                                 cookie_key=COOKIE_KEY)
 
 
 # ---------------------------------------------------------------------- fixture factories
@@ -287,17 +290,24 @@ def test_persistence_is_libras_per_protocol_and_never_galeras():
     http, tcp = make_lb(Protocol.HTTP), make_lb(Protocol.TCP)
     galera = make_lb(Protocol.GALERA, nodes=(make_node(id="7"),))
     assert render.backend_options(http, PERSISTENCE, "0.0.0.0") == (
-        "cookie SERVERID insert indirect",)
-    assert render.server_line_options(make_node(id="7"), http, PERSISTENCE).endswith(" cookie id-7")
+        "cookie SERVERID insert indirect nocache dynamic", f"dynamic-cookie-key {COOKIE_KEY}")
     assert render.backend_options(tcp, PERSISTENCE, "0.0.0.0") == (
         "stick-table type ip size 200k expire 30m peers lb-peers",
         "stick store-request src", "stick match src")
     # An "ip" table would store no IPv6 client.
     assert render.backend_options(tcp, PERSISTENCE, "::")[0].startswith("stick-table type ipv6 ")
     assert render.backend_options(galera, PERSISTENCE, "0.0.0.0") == ()
-    assert "cookie" not in render.server_line_options(make_node(id="7"), galera, PERSISTENCE)
-    only_http = render.Persistence(http_cookie=True, tcp_source=False)
+    only_http = render.Persistence(http_cookie=True, tcp_source=False, cookie_key=COOKIE_KEY)
     assert render.backend_options(tcp, only_http, "0.0.0.0") == ()
+
+
+def test_the_cookie_key_reaches_the_file_only_as_64_hex_digits():
+    for key in (None, "", COOKIE_KEY[:-1], COOKIE_KEY.upper(), COOKIE_KEY[:-1] + "\n",
+                COOKIE_KEY[:-2] + " x"):
+        with pytest.raises(ValueError):
+            render.Persistence(http_cookie=True, tcp_source=False, cookie_key=key)
+    # Without cookies no key is needed.
+    assert render.Persistence(http_cookie=False, tcp_source=False).cookie_key is None
 
 
 def test_peers_section_only_while_a_table_needs_it():
@@ -407,7 +417,7 @@ def test_injection_baseline_is_sane(rendered):
     # The baseline message must itself render, with exactly one server line.
     text = rendered(parse(_message("node.id", "n1")).device)
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("server ")] == [
-        "server n1 127.0.0.2:80 weight 1 check inter 5s fall 2 rise 2 cookie id-n1"
+        "server n1 127.0.0.2:80 weight 1 check inter 5s fall 2 rise 2"
     ]
     assert "option httpchk GET '/ok'" in text
 

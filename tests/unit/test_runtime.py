@@ -80,32 +80,48 @@ BASE = device(http_lb(node("a", 8001), node("b", 8002, weight=2)))
 # ---------------------------------------------------------------------- the diff: node changes
 
 
-COOKIES = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441))
+COOKIES = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                             cookie_key="ab" * 32)
 
 
-def test_a_node_added_to_a_cookie_backend_takes_a_reload():
-    # HAProxy 2.6 refuses `cookie` on `add server`: the file's server line carries it.
-    added = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003)))
-    assert plan_node_changes(BASE, added, persistence=COOKIES) is None
-    assert texts(plan_node_changes(BASE, added))[0].startswith("add server lb-http/c ")
+def test_servers_added_to_a_cookie_backend_get_their_cookies_before_they_serve():
+    added = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003),
+                           node("d", 8004, enabled=False)))
+
+    plan = plan_node_changes(BASE, added, persistence=COOKIES)
+
+    assert plan is not None
+    # HAProxy 2.6 computes no cookie on `add server`: once for both, then they serve.
+    assert texts(plan) == [
+        f"add server lb-http/c 127.0.0.2:8003 weight 1 {CHECK}",
+        f"add server lb-http/d 127.0.0.2:8004 weight 1 {CHECK} disabled",
+        "enable dynamic-cookie backend lb-http",
+        "enable health lb-http/c",
+        "enable server lb-http/c",
+        "enable health lb-http/d",
+    ]
+    assert plan.added == ("lb-http/c", "lb-http/d")
+    assert "enable dynamic-cookie backend lb-http" not in texts(plan_node_changes(BASE, added))
 
 
-def test_a_cookie_backend_still_changes_at_runtime_without_additions():
+def test_a_cookie_backend_without_additions_needs_no_cookie_command():
     changed = device(http_lb(node("a", 8001, weight=5)))
     plan = plan_node_changes(BASE, changed, persistence=COOKIES)
     assert texts(plan) == ["set server lb-http/a weight 5", "set server lb-http/b state maint"]
-    # A retired server keeps the cookie its file line gave it: it comes back at runtime.
+    # A retired server keeps the cookie it was given: it comes back as it was.
     back = plan_node_changes(changed, BASE, {"lb-http/b": node("b", 8002, weight=2)},
                              persistence=COOKIES)
     assert texts(back) == ["set server lb-http/b state ready", "set server lb-http/a weight 1"]
 
 
-def test_tcp_and_galera_backends_add_servers_at_runtime_with_persistence_on():
+def test_tcp_and_galera_backends_have_no_cookie_to_compute():
     for protocol in (Protocol.TCP, Protocol.GALERA):
         old = device(http_lb(node("a", 8001), protocol=protocol, port=3306))
         new = device(http_lb(node("a", 8001), node("b", 8002, backup=True), protocol=protocol,
                              port=3306))
-        assert plan_node_changes(old, new, persistence=COOKIES).added == ("lb-tcp/b",)
+        plan = plan_node_changes(old, new, persistence=COOKIES)
+        assert plan.added == ("lb-tcp/b",)
+        assert not any("dynamic-cookie" in text for text in texts(plan))
 
 
 def test_an_identical_update_needs_no_command_and_touches_no_server():

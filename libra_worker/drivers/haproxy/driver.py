@@ -39,7 +39,7 @@ from typing import Any, Iterator
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
 from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
-from libra_worker.drivers.haproxy import render, runtime
+from libra_worker.drivers.haproxy import cookie_key, render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import (
@@ -74,6 +74,7 @@ class StateDirLayout:
         self.master_socket = state_dir / "haproxy-master.sock"
         self.stats_socket = state_dir / "haproxy-stats.sock"
         self.state = state_dir / "state.json"
+        self.cookie_key = state_dir / "cookie.key"
 
 
 class HAProxyDriver(LoadBalancerDriver):
@@ -98,6 +99,8 @@ class HAProxyDriver(LoadBalancerDriver):
             http_cookie=settings.http_cookie_persistence,
             tcp_source=settings.tcp_source_persistence,
             peer=settings.peers_address,
+            cookie_key=(cookie_key.load_or_create(self.files.cookie_key)
+                        if settings.http_cookie_persistence else None),
         )
         self.endpoint_policy = archive.EndpointPolicy(
             settings.archive_allowed_endpoints, settings.archive_allow_plain_http

@@ -8,6 +8,7 @@ loops and output, and every key it reads is always present (StrictUndefined).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,13 @@ _FRONTEND_OPTIONS = {
 # The log sink tells protocols apart by these names, and STATS finds nodes by them. A
 # GALERA load balancer is the device's TCP one, as in Libra: its bytes are billed as tcp.
 PROXY_NAMES = {protocol: f"lb-{protocol.mode}" for protocol in Protocol}
-# Libra's worker's session persistence, kept word for word: the HTTP cookie, and the
-# TCP source table of 200k client addresses (about 50 bytes each) kept 30 minutes.
+# Libra's worker's session persistence: the HTTP cookie's name and its `insert indirect`,
+# and the TCP source table of 200k client addresses (about 50 bytes each) kept 30 minutes.
 COOKIE_NAME = "SERVERID"
+# The device's secret from which HAProxy derives each HTTP node's cookie value (a hash of
+# it and the node's address and port): 32 random bytes, in hex, so it is one word in the
+# file. See cookie_key.py.
+COOKIE_KEY = re.compile(r"[0-9a-f]{64}")
 _STICK_TABLE = "size 200k expire 30m"
 # The peers section that hands the TCP stick table to the next HAProxy process at a
 # reload: HAProxy learns a table only from a peer, the old process being the local one.
@@ -50,15 +55,20 @@ class Persistence:
 
     `peer` is the loopback address HAProxy listens on, while a TCP load balancer keeps
     client addresses, to hand its table to the process that replaces it at a reload.
+    `cookie_key` is the device's dynamic-cookie key (COOKIE_KEY), needed with `http_cookie`.
     """
 
     http_cookie: bool
     tcp_source: bool
     peer: tuple[str, int] | None = None
+    cookie_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.tcp_source and self.peer is None:
             raise ValueError("TCP source persistence needs the peers address")
+        # Checked here, so nothing but hex ever reaches the file.
+        if self.http_cookie and not COOKIE_KEY.fullmatch(self.cookie_key or ""):
+            raise ValueError("HTTP cookie persistence needs a cookie key of 64 hex digits")
 
     def uses_cookie(self, lb: LoadBalancer) -> bool:
         return self.http_cookie and lb.protocol is Protocol.HTTP
@@ -107,12 +117,6 @@ def haproxy_timeout_ms(milliseconds: int) -> int:
     return milliseconds or MAX_HAPROXY_TIMEOUT_MS
 
 
-def server_cookie(node: Node) -> str:
-    """The node's cookie value: Libra's worker's, so a browser that got its cookie from
-    that worker still reaches the same node here."""
-    return f"id-{node.id}"
-
-
 def server_options(node: Node, lb: LoadBalancer) -> str:
     monitor = lb.monitor
     words = [
@@ -131,8 +135,14 @@ def backend_options(lb: LoadBalancer, persistence: Persistence,
                     listen_address: str) -> tuple[str, ...]:
     lines: list[str] = []
     if persistence.uses_cookie(lb):
-        # Inserted when a client has none (it is balanced), removed before the node sees it.
-        lines.append(f"cookie {COOKIE_NAME} insert indirect")
+        # Inserted when a client has none (it is balanced), removed before the node sees it
+        # (Libra's `insert indirect`). `nocache`: a cacheable response that gets the cookie
+        # is marked private, so a shared cache never hands one node's cookie to everyone
+        # behind it. `dynamic`: each server's value is derived from the key and its
+        # address:port, so a server added at runtime gets one too (HAProxy 2.6 refuses
+        # `cookie` on `add server`), and the same node keeps it across reloads.
+        lines += [f"cookie {COOKIE_NAME} insert indirect nocache dynamic",
+                  f"dynamic-cookie-key {persistence.cookie_key}"]
     if persistence.sticks_source(lb):
         # An "ip" table stores IPv4 addresses only; clients of an IPv6 listener need "ipv6".
         key = "ipv6" if ipaddress.ip_address(listen_address).version == 6 else "ip"
@@ -141,15 +151,6 @@ def backend_options(lb: LoadBalancer, persistence: Persistence,
     if lb.monitor.type is MonitorType.HTTP:
         lines.append(f"option httpchk GET {config_word(lb.monitor.path)}")
     return tuple(lines)
-
-
-def server_line_options(node: Node, lb: LoadBalancer, persistence: Persistence) -> str:
-    """The options of a server line in the file: those of `server_options`, plus the
-    cookie, which HAProxy 2.6 refuses on a server added at runtime."""
-    words = server_options(node, lb)
-    if persistence.uses_cookie(lb):
-        words += f" cookie {server_cookie(node)}"
-    return words
 
 
 def transform_loadbalancer(lb: LoadBalancer, listen_address: str,
@@ -170,7 +171,7 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str,
             {
                 "name": node.id,
                 "address": host_port(node.address, node.port),
-                "options": server_line_options(node, lb, persistence),
+                "options": server_options(node, lb),
             }
             for node in lb.nodes
         ],
