@@ -11,6 +11,7 @@ reloads and worker restarts. TCP clients use their own loopback source addresses
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import time
 
@@ -24,9 +25,12 @@ from tests.integration.libra_servers import (
     update_node_statuses,
 )
 from tests.integration.support import LOOPBACK, node_statuses, traffic, wait_until
+from tests.integration.test_faults import reboot
 
 # Checked every second, DOWN at the first failure: failovers show within a few seconds.
 QUICK = LibraMonitor("CONNECT", delay=1, timeout=1, attempts=1)
+# HAProxy's dynamic cookie: a 64-bit hash of the device's key and the node's address:port.
+COOKIE = re.compile(r"SERVERID=[0-9a-f]{16}")
 
 
 def libra_node(node_id: int, backend, **extra) -> LibraNode:
@@ -184,38 +188,66 @@ def test_the_cookie_keeps_a_browser_on_its_node(worker, libra, http_backend, fre
                                                         libra_node(102, web_b)])
     assert libra.send_update(worker.function, lb)[0]
 
-    # Without the cookie a client is balanced, and told which node served it.
-    answers = [http_get(lb.port) for _ in range(6)]
-    assert {body for body, _ in answers} == {"web-a", "web-b"}
-    assert {(body, cookie) for body, cookie in answers} == {
-        ("web-a", "SERVERID=id-101"), ("web-b", "SERVERID=id-102")}
-    cookie = "SERVERID=id-102"  # a browser that Libra's worker sent to web-b
+    # Without the cookie a client is balanced, and told which node served it: one value
+    # per node, derived from the device's key and the node's address and port.
+    cookies = cookies_by_node(lb.port, 6)
+    assert set(cookies) == {"web-a", "web-b"} and len(set(cookies.values())) == 2
 
-    def stays_on_web_b() -> None:
+    def stays(node: str) -> None:
         # With its cookie the browser stays; the cookie is not set again (`indirect`).
-        assert [http_get(lb.port, cookie) for _ in range(4)] == [("web-b", None)] * 4
+        assert [http_get(lb.port, cookies[node]) for _ in range(4)] == [(node, None)] * 4
 
-    stays_on_web_b()
-    # A node-only UPDATE: web-c joins. Its file line carries its cookie.
+    stays("web-b")
+    # A browser still holding the cookie Libra's worker gave (id-<node id>) is balanced
+    # once, given this worker's cookie of the node it reached, and stays from then on.
+    node, given = http_get(lb.port, "SERVERID=id-102")
+    assert given == cookies[node]
+    stays(node)
+
+    # A node-only UPDATE: web-c joins at runtime, without a reload, with its own cookie
+    # from its first answer on (HAProxy 2.6 computes none on `add server` by itself).
     lb.nodes.append(libra_node(103, web_c))
+    before = haproxy_workers(worker)
     assert libra.send_update(worker.function, lb)[0]
-    stays_on_web_b()
-    balanced = {http_get(lb.port) for _ in range(9)}
-    assert balanced == {("web-a", "SERVERID=id-101"), ("web-b", "SERVERID=id-102"),
-                        ("web-c", "SERVERID=id-103")}
-    assert [http_get(lb.port, "SERVERID=id-103")[0] for _ in range(3)] == ["web-c"] * 3
-    # Node-only again, at runtime: a weight change and a node removed.
+    assert haproxy_workers(worker) == before
+    added = cookies_by_node(lb.port, 9)
+    assert added == {**cookies, "web-c": added["web-c"]} and len(set(added.values())) == 3
+    cookies = added
+    stays("web-c")
+    stays("web-b")
+
+    # A reload, then a reboot (everything killed, started again): the same node has the
+    # same cookie, web-c's included, now a line of the file. The key is read back from
+    # state_dir, never made again.
+    reload_with_new_timeout(libra, worker, lb)
+    assert cookies_by_node(lb.port, 9) == cookies
+    stays("web-c")
+    reboot(worker)
+    worker.start()
+    assert cookies_by_node(lb.port, 9) == cookies
+    stays("web-c")
+    stays("web-b")
+
+    # Node-only again, at runtime: a weight change and web-c removed.
     lb.nodes[0].weight = 5
     del lb.nodes[2]
     before = haproxy_workers(worker)
     assert libra.send_update(worker.function, lb)[0]
-    assert haproxy_workers(worker) == before  # no reload
-    stays_on_web_b()
-    # A reload: the new HAProxy process reads the same cookies from the file.
-    reload_with_new_timeout(libra, worker, lb)
-    stays_on_web_b()
-    # The cookie of a node that left balances the client again.
-    assert http_get(lb.port, "SERVERID=id-103")[0] in ("web-a", "web-b")
+    assert haproxy_workers(worker) == before
+    stays("web-b")
+    # The cookie of a node that left balances the client again, and gives it a new one.
+    node, given = http_get(lb.port, cookies["web-c"])
+    assert node in ("web-a", "web-b") and given == cookies[node]
+
+
+def cookies_by_node(port: int, requests: int) -> dict[str, str]:
+    """Cookie-less requests: the cookie each node's answers set (always the same one)."""
+    cookies: dict[str, str] = {}
+    for _ in range(requests):
+        node, cookie = http_get(port)
+        assert cookie is not None and COOKIE.fullmatch(cookie), (node, cookie)
+        assert cookies.setdefault(node, cookie) == cookie, (node, cookie, cookies)
+    return cookies
 
 
 # --------------------------------------------------------------------------- TCP sources
