@@ -158,7 +158,7 @@ def plan_node_changes(old: Device, new: Device,
         for node in new_nodes:
             waiting = retired.get(f"{backend}/{node.id}")
             if waiting is None:
-                additions += _add_server(backend, node, after)
+                additions.append(_add_server(backend, node, after))
                 activations += _activate_server(backend, node)
             elif _identity(waiting) == _identity(node):
                 # Retired means in maintenance, with its old weight, checks and cookie.
@@ -191,12 +191,12 @@ def _identity(node: Node) -> tuple[str, int, bool]:
     return node.address, node.port, node.backup
 
 
-def _add_server(backend: str, node: Node, lb: LoadBalancer) -> list[Command]:
+def _add_server(backend: str, node: Node, lb: LoadBalancer) -> Command:
     # The option words of the configuration line, `disabled` included: HAProxy 2.6
     # accepts it, and the new server then stays in maintenance like the file's.
     address = render.host_port(node.address, node.port)
-    return [Command(f"add server {backend}/{node.id} {address} {render.server_options(node, lb)}",
-                    ADDED)]
+    return Command(f"add server {backend}/{node.id} {address} {render.server_options(node, lb)}",
+                   ADDED)
 
 
 def _activate_server(backend: str, node: Node) -> list[Command]:
