@@ -326,12 +326,19 @@ def configure_http_lb(client: RawClient, worker: Worker, nodes: int = 2) -> None
 
 def render_config(message: dict[str, Any], state_dir: Path, log_socket: Path) -> str:
     """The exact text the worker renders for `message`, with sockets under `state_dir`."""
-    from libra_worker.drivers.haproxy import render
+    from libra_worker.config import HAProxySettings
+    from libra_worker.drivers.haproxy import cookie_key, render
+    from libra_worker.drivers.haproxy.driver import StateDirLayout
     from libra_worker.messages import parse_device
 
     device = parse_device({"loadbalancers": message["loadbalancers"]})
     paths = render.RuntimePaths(state_dir / "haproxy-stats.sock", log_socket)
-    context = render.build_context(device, listen_address=LOOPBACK, paths=paths, maxconn=4096)
+    defaults = HAProxySettings(state_dir=state_dir)
+    persistence = render.Persistence(
+        defaults.http_cookie_persistence, defaults.tcp_source_persistence, defaults.peers_address,
+        cookie_key.load_or_create(StateDirLayout(state_dir).cookie_key))
+    context = render.build_context(device, listen_address=LOOPBACK, paths=paths, maxconn=4096,
+                                   persistence=persistence)
     return render.render(render.template_environment(), context)
 
 

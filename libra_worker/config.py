@@ -26,6 +26,11 @@ from libra_worker.messages import DEFAULT_MAX_MESSAGE_BYTES, Action
 
 
 DEFAULT_GEARMAN_PORT = 4730
+# Where HAProxy hands TCP stick tables to its next process at a reload. Loopback, above
+# the privileged ports (the service user binds it), below the ephemeral range (no
+# outgoing connection of the host is ever given it), and no port a load balancer
+# usually serves.
+DEFAULT_PEERS_ADDRESS = ("127.0.0.1", 7441)
 GEARMAN_STATUS_NAME = "gearman.status"
 # `[haproxy] supervisor`: "worker" starts HAProxy and the log sink itself; "systemd" leaves
 # them to the units etc/libra-haproxy.service and etc/libra-logsink.socket.
@@ -165,6 +170,11 @@ class HAProxySettings:
     # Where ARCHIVE may upload: host names or URL prefixes; empty means any host.
     archive_allowed_endpoints: tuple[str, ...] = ()
     archive_allow_plain_http: bool = False
+    # Libra's session persistence, per protocol: the HTTP SERVERID cookie and the TCP
+    # client-address table (handed over at reloads through peers_address).
+    http_cookie_persistence: bool = True
+    tcp_source_persistence: bool = True
+    peers_address: tuple[str, int] = DEFAULT_PEERS_ADDRESS
     # Who starts, restarts and stops HAProxy and its log sink: the worker itself, or
     # systemd's units (libra-haproxy.service, libra-logsink.socket), which outlive it.
     supervisor: str = "worker"
@@ -375,6 +385,11 @@ def _build(parser: StrictParser) -> Config:
             parser.get("archive", "allowed_endpoints", fallback="")
         ),
         archive_allow_plain_http=parser.getboolean("archive", "allow_plain_http", fallback=False),
+        http_cookie_persistence=parser.getboolean("haproxy", "http_cookie_persistence",
+                                                  fallback=defaults.http_cookie_persistence),
+        tcp_source_persistence=parser.getboolean("haproxy", "tcp_source_persistence",
+                                                 fallback=defaults.tcp_source_persistence),
+        peers_address=_peers_address(parser.get("haproxy", "peers_address", fallback="")),
         supervisor=_supervisor(parser.get("haproxy", "supervisor", fallback=defaults.supervisor)),
     )
     _check_bind_address(haproxy.bind_address)
@@ -538,3 +553,28 @@ def _check_bind_address(address: str) -> None:
     if getattr(parsed, "scope_id", None) is not None:
         raise ConfigError(f"[haproxy] bind_address: {quoted(address)} must not carry an "
                           "IPv6 zone.")
+
+
+def _peers_address(text: str) -> tuple[str, int]:
+    """`127.0.0.1:PORT` or `[::1]:PORT`: a loopback address, never one beyond the host,
+    for the peers listener only HAProxy's next process connects to."""
+    text = text.strip()
+    if not text:
+        return DEFAULT_PEERS_ADDRESS
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"[haproxy] peers_address: {quoted(text)} is not address:port "
+                          "(e.g. 127.0.0.1:7441 or [::1]:7441).")
+    if not address.is_loopback or getattr(address, "scope_id", None) is not None:
+        raise ConfigError(f"[haproxy] peers_address: {quoted(text)} is not a loopback address; "
+                          "the stick-table hand-over never listens beyond this host.")
+    return str(address), int(port)

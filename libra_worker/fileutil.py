@@ -38,6 +38,34 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
         fsync_directory(path.parent)
 
 
+def create_once(path: Path, data: str, mode: int = 0o600) -> bool:
+    """Create `path` holding `data` unless it exists; False if it already did.
+
+    Written and fsynced under a temporary name, then hard-linked into place, which fails
+    if the name is taken: of two processes creating the same file at once, one wins and
+    both then read the winner's content, never half of it.
+    """
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    fsync_directory(path.parent)
+    return True
+
+
 def _naming(error: OSError, path: Path) -> OSError:
     """A full disk fails a write with no file name; the operator needs to know which."""
     if error.filename is not None:

@@ -86,6 +86,15 @@ class Action(enum.Enum):
 class Protocol(enum.Enum):
     HTTP = "HTTP"
     TCP = "TCP"
+    # Libra's database load balancer: TCP to one primary node (a Galera cluster's write
+    # node), to a backup only while the primary is down.
+    GALERA = "GALERA"
+
+    @property
+    def mode(self) -> str:
+        """HAProxy's mode, "http" or "tcp": also the name access logs and billing know the
+        load balancer by (Libra's billing reads a GALERA one's bytes under "tcp")."""
+        return "http" if self is Protocol.HTTP else "tcp"
 
 
 class Algorithm(enum.Enum):
@@ -146,7 +155,8 @@ class LoadBalancer:
 
 @dataclass(frozen=True)
 class Device:
-    """Everything one UPDATE declares: at most one HTTP and one TCP load balancer."""
+    """Everything one UPDATE declares: at most one HTTP and one TCP (or GALERA) load
+    balancer."""
 
     loadbalancers: tuple[LoadBalancer, ...]
 
@@ -331,10 +341,11 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
         _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]")
         for i, entry in enumerate(entries)
     )
-    protocols = [lb.protocol for lb in loadbalancers]
-    if len(set(protocols)) != len(protocols):
+    # As in Libra: one HTTP and one TCP-mode (TCP or GALERA) load balancer per device.
+    modes = [lb.protocol.mode for lb in loadbalancers]
+    if len(set(modes)) != len(modes):
         raise InvalidMessage(
-            "Two load balancers must use different protocols (one HTTP and one TCP)."
+            "Two load balancers must use different protocols (one HTTP and one TCP or GALERA)."
         )
     ports = [lb.port for lb in loadbalancers]
     if len(set(ports)) != len(ports):
@@ -354,6 +365,8 @@ def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
     _reject_duplicates(
         [f"{node.address} port {node.port}" for node in nodes], f"{where}.nodes", "address"
     )
+    if protocol is Protocol.GALERA:
+        _check_one_primary(nodes, f"{where}.nodes")
     return LoadBalancer(
         protocol=protocol,
         port=port,
@@ -386,6 +399,20 @@ def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
         backup=_bool(fields.get("backup", False), f"{where}.backup"),
         enabled=condition is None or condition == "ENABLED",
     )
+
+
+def _check_one_primary(nodes: tuple[Node, ...], where: str) -> None:
+    """Libra's API rule for GALERA: every write goes to the one primary node.
+
+    Counted as Libra's API counts, whatever the nodes' condition: a DISABLED primary is
+    still the primary, and the backups are never balanced as equals.
+    """
+    primaries = sum(not node.backup for node in nodes)
+    if primaries != 1:
+        raise InvalidMessage(
+            f"{where}: Galera load balancer must have exactly one primary node (the "
+            f"others backup), got {primaries}."
+        )
 
 
 def derived_node_id(address: str, port: int) -> str:

@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Collection
 
 from libra_worker.config import ConfigError
 
@@ -40,6 +41,22 @@ def check_bind_address(address: str) -> None:
     problem = bind_problem(address, 0)
     if problem:
         raise ConfigError(f"[haproxy] bind_address: {problem}.")
+
+
+def check_peers_address(address: str, port: int, haproxy_pids: Collection[int]) -> None:
+    """At start-up: raise ConfigError naming `[haproxy] peers_address` unless HAProxy can
+    listen there, or this worker's own HAProxy (`haproxy_pids`) already does.
+
+    Only HAProxy's next process connects there, at a reload; another program (or another
+    worker's HAProxy) on it would make every reload of a TCP load balancer fail.
+    """
+    problem = bind_problem(address, port)
+    if problem is None:
+        return
+    holders = [pid for pid, _ in listeners(address, port)]
+    if holders and set(holders) <= set(haproxy_pids):
+        return
+    raise ConfigError(f"[haproxy] peers_address: {problem}.")
 
 
 def _explain(exc: OSError, address: str, port: int) -> str:

@@ -29,10 +29,11 @@ from typing import Callable, Protocol
 import daemon
 
 from libra_worker import logsetup
-from libra_worker.config import Config, ConfigError, WorkerSettings
-from libra_worker.drivers.haproxy.process import find_binary
+from libra_worker.config import Config, ConfigError, HAProxySettings, WorkerSettings
+from libra_worker.drivers.haproxy.driver import StateDirLayout
+from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.errors import WorkerError
-from libra_worker.netcheck import check_bind_address
+from libra_worker.netcheck import check_bind_address, check_peers_address
 from libra_worker.tls import check_tls_files
 
 EXIT_OK = 0
@@ -173,7 +174,7 @@ def check_access(config: Config, identity: Identity) -> None:
             raise StartupError(f"[worker] {key}: user {identity.name} cannot write to "
                                f"{directory} ({exc.strerror}).") from None
     try:
-        find_binary(config.haproxy.binary)
+        binary = find_binary(config.haproxy.binary)
     except WorkerError:
         raise StartupError(
             f"[haproxy] binary {config.haproxy.binary[:80]!r} was not found (PATH, /usr/sbin) "
@@ -181,9 +182,18 @@ def check_access(config: Config, identity: Identity) -> None:
         ) from None
     try:
         check_bind_address(config.haproxy.bind_address)
+        if config.haproxy.tcp_source_persistence:
+            check_peers_address(*config.haproxy.peers_address,
+                                _running_haproxy(config.haproxy, binary))
         check_tls_files(config.gearman)  # as the service user: can it read the key?
     except ConfigError as exc:
         raise StartupError(str(exc)) from None
+
+
+def _running_haproxy(settings: HAProxySettings, binary: str) -> list[int]:
+    """The pids of the HAProxy a previous run of this worker left serving (it is adopted)."""
+    files = StateDirLayout(settings.state_dir)
+    return HAProxyProcess(binary, files.config, files.pid_file, files.master_socket).our_pids()
 
 
 def check_job_servers(config: Config) -> None:

@@ -603,6 +603,9 @@ class Worker:
         # Extra [gearman] options (TLS, keepalive) and the TLS files submit() uses.
         self.gearman_options = dict(gearman_options or {})
         self.client_tls = client_tls
+        # Its own, kept across restarts: the default port is one per host, and workers of
+        # other tests (and other test runs) share this host.
+        self.peers_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.write_config()
 
@@ -629,6 +632,7 @@ class Worker:
             # Tests read "applied at runtime" from unchanged HAProxy workers; the reload that
             # follows a runtime add has its own test (test_runtime_changes.py).
             "consolidate_after = 0",
+            f"peers_address = {LOOPBACK}:{self.peers_port}",
             "",
             "[archive]",
             # The test Swift (tests/swift_server.py) speaks plain http on loopback.

@@ -33,7 +33,7 @@ from tests.swift_server import SwiftServer
 
 CONTAINER = "privlogs"
 # Files holding the device's configuration, state, journal or tenant access logs.
-PRIVATE_FILES = ("state.json", "jobs.journal", "haproxy.cfg", "logs/http.log",
+PRIVATE_FILES = ("state.json", "jobs.journal", "haproxy.cfg", "cookie.key", "logs/http.log",
                  "logs/haproxy-events.log")
 OWNER_ONLY_SOCKETS = ("haproxy-stats.sock", "haproxy-master.sock", "logs/haproxy.sock")
 # Written 0644 by HAProxy and python-daemon; harmless, and unreachable inside state_dir.

@@ -64,9 +64,11 @@ def test_update_as_the_api_server_builds_it(worker, libra, http_backend, tcp_bac
     assert (set(answered), failures) == ({"web-a", "web-b"}, 0)
     assert traffic(f"tcp://127.0.0.1:{tcp_lb.port}", 3) == ({"raw": 3}, 0)
     config = worker.haproxy_config()
-    # The default monitor and options the API server sends, as HAProxy runs them.
+    # The default monitor and options the API server sends, as HAProxy runs them, and
+    # Libra's SERVERID cookie (each node's value derived from the device's key).
     assert f"server 101 127.0.0.1:{web_a.port} weight 1 check inter 30s fall 2 rise 2\n" in config
     assert f"server 103 127.0.0.1:{spare.port} weight 1 check inter 30s fall 2 rise 2 backup\n" in config
+    assert "    cookie SERVERID insert indirect nocache dynamic\n" in config
     assert "server 104 " not in config
     assert config.count("timeout client 30000\n") == 2 and config.count("retries 3\n") == 2
     assert set(node_statuses(worker.submit("STATS"))) == {"101", "102", "103", "201"}
@@ -137,14 +139,17 @@ def test_health_check_requests_exactly_the_path_libra_sends(worker, libra, http_
 def test_refusals_fit_the_errmsg_column_and_lead_with_the_cause(worker, libra, http_backend,
                                                                  free_port):
     web = http_backend("web")
-    galera = LibraLoadBalancer("db", "GALERA", free_port(), [libra_node(1, web)])
+    # Libra's API adds a node as a primary unless told it is a backup: a GALERA load
+    # balancer can reach a device with two.
+    galera = LibraLoadBalancer("db", "GALERA", free_port(),
+                               [libra_node(1, web), libra_node(2, port=free_port())])
 
     success, stored = libra.send_update(worker.function, galera)
 
     assert not success
     assert galera.errmsg == stored  # read from badRequest, as the API server reads it first
-    assert stored.startswith("loadbalancers[0].protocol"), stored
-    assert "GALERA" in stored and len(stored) <= ERRMSG_LENGTH
+    assert stored.startswith("loadbalancers[0].nodes: Galera load balancer"), stored
+    assert "exactly one primary" in stored and len(stored) <= ERRMSG_LENGTH
 
     with socket.socket() as holder:
         holder.bind((LOOPBACK, 0))

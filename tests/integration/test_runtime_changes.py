@@ -382,7 +382,7 @@ def test_a_removed_server_with_open_connections_is_retired_without_cutting_them(
     reply = worker.submit(update(lb("TCP", port, [a.node(), b.node()])))
     assert reply["hpcs_response"] == "PASS", reply
     workers = current_workers(worker)
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    held = _clients(port, 2)
     try:
         # Round robin over two servers: one held connection sits on each.
         wait_until(lambda: _server_has_sessions(worker, "held-b"), 5, "a session on held-b")
@@ -414,7 +414,7 @@ def test_a_node_back_while_its_server_is_retired_is_revived_at_runtime(
     port = free_port()
     assert worker.submit(update(lb("TCP", port, [a.node(), b.node()])))["hpcs_response"] == "PASS"
     workers = current_workers(worker)
-    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    held = _clients(port, 2)
     try:
         wait_until(lambda: _server_has_sessions(worker, "back-b"), 5, "a session on back-b")
         assert worker.submit(update(lb("TCP", port, [a.node()])))["hpcs_response"] == "PASS"
@@ -425,8 +425,8 @@ def test_a_node_back_while_its_server_is_retired_is_revived_at_runtime(
         assert reply["hpcs_response"] == "PASS", reply
         assert_applied_at_runtime(worker, workers, 1)
         answers = set()
-        for _ in range(8):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as fresh:
+        for fresh in _clients(port, 8, first=10):
+            with fresh:
                 fresh.sendall(b"new\n")
                 answers.add(fresh.recv(64).decode())
         assert answers == {"back-a", "back-b"}
@@ -435,6 +435,15 @@ def test_a_node_back_while_its_server_is_retired_is_revived_at_runtime(
         for connection in held:
             connection.close()
     assert current_workers(worker) == workers
+
+
+def _clients(port: int, count: int, first: int = 2) -> list[socket.socket]:
+    """Connections from `count` client addresses (127.0.0.<first>, ...): the TCP load
+    balancer keeps each client address on one node (Libra's source stickiness), so only
+    different clients are balanced."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=5,
+                                     source_address=(f"127.0.0.{first + n}", 0))
+            for n in range(count)]
 
 
 def _server_state(worker: Worker, name: str) -> str | None:

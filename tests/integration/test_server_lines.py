@@ -6,7 +6,8 @@ libra_worker/drivers/haproxy/driver.py): the file differs from the checked one i
 lines only, and HAProxy must be able to start from it after any restart. So hypothesis
 generates node sets across the whole range `messages.parse_device` accepts (ids, IPv4 and
 IPv6 addresses, ports, weights, backup, condition, omitted ids, monitor delays and
-attempts, which go into the server line) and each rendered file is checked by the
+attempts, which go into the server line; HTTP backends with their dynamic persistence
+cookie, GALERA load balancers one primary and backups) and each rendered file is checked by the
 HAProxy binary the worker runs. Each example carries many nodes, so a few dozen checks
 cover thousands of server lines.
 """
@@ -26,6 +27,10 @@ from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.messages import MAX_MONITOR_SECONDS, MAX_WEIGHT, parse_device
 
 NODES_PER_LB = 150
+# The worker's defaults: every HTTP backend derives its servers' cookies from the key
+# (`haproxy -c` binds no port, so the peers address is never listened on here).
+PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                                 cookie_key="5e" * 32)
 
 node_ids = st.from_regex(r"[A-Za-z0-9_.-]{1,64}", fullmatch=True)
 addresses = st.ip_addresses().filter(
@@ -61,13 +66,24 @@ def monitors(draw: st.DrawFn) -> dict[str, Any]:
             "timeout": draw(st.integers(1, delay)), "attempts": draw(st.integers(1, 10))}
 
 
+def one_primary(generated: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A GALERA load balancer's nodes: the first is its one primary, the others backups."""
+    return [{**node, "backup": index > 0} for index, node in enumerate(generated)]
+
+
 @st.composite
 def devices(draw: st.DrawFn) -> dict[str, Any]:
-    protocols = draw(st.sampled_from([["HTTP"], ["TCP"], ["HTTP", "TCP"]]))
-    return {"loadbalancers": [
-        {"protocol": protocol, "port": 20000 + i, "monitor": draw(monitors()), "nodes": draw(nodes())}
-        for i, protocol in enumerate(protocols)
-    ]}
+    protocols = draw(st.sampled_from([["HTTP"], ["TCP"], ["GALERA"], ["HTTP", "TCP"],
+                                      ["HTTP", "GALERA"]]))
+    loadbalancers = []
+    for i, protocol in enumerate(protocols):
+        if protocol == "GALERA":
+            generated = one_primary(draw(nodes().filter(bool)))
+        else:
+            generated = draw(nodes())
+        loadbalancers.append({"protocol": protocol, "port": 20000 + i,
+                              "monitor": draw(monitors()), "nodes": generated})
+    return {"loadbalancers": loadbalancers}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +102,8 @@ def test_every_valid_node_set_renders_a_file_haproxy_accepts(checker, document):
     device = parse_device(document)  # the generator stays inside what the validator accepts
     context = render.build_context(
         device, listen_address="127.0.0.1", maxconn=1024,
-        paths=render.RuntimePaths(root / "stats.sock", root / "log.sock"))
+        paths=render.RuntimePaths(root / "stats.sock", root / "log.sock"),
+        persistence=PERSISTENCE)
     config = root / "haproxy.cfg"
     config.write_text(render.render(render.template_environment(), context))
 

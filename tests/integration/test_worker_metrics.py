@@ -4,7 +4,9 @@ The proof the billing needs: a client downloads answers of known size through bo
 balancers while UPDATEs change nodes at runtime and force reloads, the device is
 suspended and enabled, and the worker restarts; METRICS is polled at random moments all
 along. The bytes of all replies together equal the bytes the client received, headers
-included, within 0.1%, and the periods follow each other without gap or overlap.
+included, within 0.1%, and the periods follow each other without gap or overlap. The HTTP
+client keeps the persistence cookie it is given and sends it back, as a browser does: the
+Set-Cookie header HAProxy inserts when a session starts is not billed (its own test).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class Downloads:
     """Requests back to back on fresh connections, counting every byte received.
 
     `received` counts all bytes (HTTP headers included); `complete` only those of
-    answers that arrived whole, so `received - complete` is what was cut in flight.
+    answers that arrived whole, so `received - complete` is what was cut in flight. Over
+    HTTP it is a browser: it keeps the SERVERID cookie it is given and sends it back, so
+    HAProxy inserts one only when a session starts or its node has left.
     """
 
     def __init__(self, protocol: str, port: int) -> None:
@@ -59,6 +63,7 @@ class Downloads:
         self.timeline: list[tuple[float, int]] = []  # (monotonic time, bytes received so far)
         self.answers = 0
         self.failures = 0
+        self.cookie: bytes | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"downloads-{protocol}", daemon=True)
 
@@ -67,8 +72,7 @@ class Downloads:
             data = b""
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=10) as connection:
-                    connection.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
-                                       if self.protocol == "http" else b"hello\n")
+                    connection.sendall(self._request())
                     while chunk := connection.recv(65536):
                         data += chunk
             except OSError:
@@ -79,6 +83,18 @@ class Downloads:
             if data and self._is_whole(data):
                 self.complete += len(data)
                 self.answers += 1
+                self._keep_cookie(data)
+
+    def _request(self) -> bytes:
+        if self.protocol == "tcp":
+            return b"hello\n"
+        cookie = b"Cookie: " + self.cookie + b"\r\n" if self.cookie else b""
+        return b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n" + cookie + b"\r\n"
+
+    def _keep_cookie(self, answer: bytes) -> None:
+        given = set_cookie(answer)
+        if given is not None:  # an empty value: HAProxy tells the browser to drop it
+            self.cookie = given if not given.endswith(b"=") else None
 
     def received_between(self, start: float, end: float) -> int:
         before = [total for moment, total in self.timeline if moment < start]
@@ -100,6 +116,13 @@ class Downloads:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=15)
+
+
+def set_cookie(answer: bytes) -> bytes | None:
+    """The "name=value" of an HTTP answer's Set-Cookie header, if it has one."""
+    head = answer.partition(b"\r\n\r\n")[0]
+    found = re.search(rb"(?im)^set-cookie: *([^;\r\n]*)", head)
+    return found[1] if found else None
 
 
 class MetricsPoller:
@@ -305,3 +328,45 @@ def test_metrics_through_the_lifecycle(worker_factory, free_port):
         passed(worker.submit(update(lb("HTTP", free_port(), [http_a.node()]))))
         again = passed(worker.submit("METRICS"))
         assert again["utc_start"] > suspended["utc_end"]
+
+
+
+def test_the_cookie_haproxy_inserts_is_not_billed(worker_factory, free_port):
+    """What METRICS bills is what the node answered: HAProxy's count leaves out the
+    Set-Cookie header it adds to a cookie-less client's answer, once per session."""
+    worker = worker_factory()
+    with backends(HTTPBackend("http-a", padding=1000)) as (http_a,):
+        port = free_port()
+        passed(worker.submit(update(lb("HTTP", port, [http_a.node()]))))
+        passed(worker.submit("METRICS"))
+
+        def get(cookie: bytes | None) -> bytes:
+            with socket.create_connection((LOOPBACK, port), timeout=10) as connection:
+                connection.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n" +
+                                   (b"Cookie: " + cookie + b"\r\n" if cookie else b"") + b"\r\n")
+                data = b""
+                while chunk := connection.recv(65536):
+                    data += chunk
+            return data
+
+        def billed_for_it() -> int:
+            replies: list[dict[str, Any]] = []
+
+            def arrived() -> bool:
+                replies.append(passed(worker.submit("METRICS")))
+                return billed(replies, "http") > 0
+            wait_until(arrived, 15, "the answer to be billed", interval=0.3)
+            return billed(replies, "http")
+
+        session_start = get(None)
+        cookie = set_cookie(session_start)
+        first = billed_for_it()
+        in_session = get(cookie)
+        second = billed_for_it()
+
+    assert cookie is not None and re.fullmatch(rb"SERVERID=[0-9a-f]{16}", cookie), session_start
+    inserted = b"set-cookie: " + cookie + b"; path=/\r\n"
+    assert inserted in session_start and set_cookie(in_session) is None
+    # The same answer billed the same; the client received the header's bytes on top.
+    assert first == second
+    assert len(session_start) - len(in_session) == len(inserted) == 47

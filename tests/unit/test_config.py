@@ -55,6 +55,47 @@ def test_defaults(write_config, tmp_path):
     assert settings.haproxy.template_dir is None
     assert settings.haproxy.log_max_bytes == 64 * 1024 * 1024
     assert settings.haproxy.archive_timeout == 15.0
+    # Libra's worker kept sessions on their node: on unless turned off.
+    assert settings.haproxy.http_cookie_persistence is True
+    assert settings.haproxy.tcp_source_persistence is True
+    assert settings.haproxy.peers_address == ("127.0.0.1", 7441)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:20001", ("127.0.0.1", 20001)),
+    ("127.0.0.2:7441", ("127.0.0.2", 7441)),
+    ("[::1]:7441", ("::1", 7441)),
+])
+def test_peers_address_read(write_config, tmp_path, text, expected):
+    settings = load(write_config(minimal(tmp_path, f"[haproxy]\npeers_address = {text}\n")))
+    assert settings.haproxy.peers_address == expected
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("0.0.0.0:7441", "is not a loopback address"),
+    ("10.0.0.1:7441", "is not a loopback address"),
+    ("[::]:7441", "is not a loopback address"),
+    ("[::1%%lo]:7441", "is not a loopback address"),
+    ("localhost:7441", "is not address:port"),
+    ("127.0.0.1", "is not address:port"),
+    ("127.0.0.1:0", "is not address:port"),
+    ("127.0.0.1:65536", "is not address:port"),
+    ("::1:7441", "is not address:port"),
+])
+def test_peers_address_refused_unless_loopback_address_and_port(write_config, tmp_path, text,
+                                                                problem):
+    with pytest.raises(ConfigError, match=r"\[haproxy\] peers_address: .*" + problem) as caught:
+        load(write_config(minimal(tmp_path, f"[haproxy]\npeers_address = {text}\n")))
+    assert "\n" not in str(caught.value)
+
+
+def test_persistence_turned_off_per_protocol(write_config, tmp_path):
+    text = minimal(tmp_path, "[haproxy]\nhttp_cookie_persistence = off\n"
+                             "tcp_source_persistence = no\n")
+    settings = load(write_config(text)).haproxy
+    assert (settings.http_cookie_persistence, settings.tcp_source_persistence) == (False, False)
+    with pytest.raises(ConfigError, match=r"\[haproxy\] tcp_source_persistence: 'sometimes' is not"):
+        load(write_config(minimal(tmp_path, "[haproxy]\ntcp_source_persistence = sometimes\n")))
 
 
 def test_function_defaults_to_hostname_when_blank(write_config, tmp_path):

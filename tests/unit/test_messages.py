@@ -472,10 +472,41 @@ def test_more_than_two_load_balancers_rejected():
     assert error == "At most 2 load balancers may be defined, got 3."
 
 
-@pytest.mark.parametrize("protocol", ["HTTP", "TCP"])
-def test_two_of_the_same_protocol_rejected(protocol):
-    error = rejected(update(lb(protocol, port=81), lb(protocol.lower(), port=82)))
-    assert "different protocols" in error
+@pytest.mark.parametrize("first, second", [
+    ("HTTP", "http"), ("TCP", "tcp"), ("GALERA", "galera"), ("TCP", "GALERA"), ("galera", "TCP"),
+])
+def test_two_of_the_same_protocol_rejected(first, second):
+    # As in Libra: a device has one HTTP and one TCP-mode (TCP or GALERA) load balancer.
+    primary = [node(), node("10.0.0.2", backup="TRUE")]
+    error = rejected(update(lb(first, primary, port=81), lb(second, primary, port=82)))
+    assert "different protocols" in error and "GALERA" in error
+
+
+def test_galera_beside_http_with_one_primary_and_backups():
+    nodes = [node("10.0.0.1"), node("10.0.0.2", backup="TRUE"), node("10.0.0.3", backup=True)]
+    device = device_of(update(lb("HTTP"), lb("Galera", nodes, port=3306)))
+    galera = device.loadbalancers[1]
+    assert galera.protocol is Protocol.GALERA and galera.protocol.mode == "tcp"
+    assert [n.backup for n in galera.nodes] == [False, True, True]
+    assert device_of({"hpcs_action": "UPDATE", **device_document(device)}) == device
+
+
+@pytest.mark.parametrize("backups", [[True, True], [False, False], [False, False, True], []])
+def test_galera_needs_exactly_one_primary(backups):
+    nodes = [node(f"10.0.0.{i + 1}", backup=backup) for i, backup in enumerate(backups)]
+    error = rejected(update(lb("HTTP"), lb("GALERA", nodes, port=3306)))
+    primaries = backups.count(False)
+    assert error == (f"loadbalancers[1].nodes: Galera load balancer must have exactly one "
+                     f"primary node (the others backup), got {primaries}.")
+    assert len(error) <= messages.MAX_ERROR_LENGTH
+
+
+def test_a_disabled_galera_primary_is_still_its_primary():
+    # Libra's API counts primaries whatever their condition.
+    nodes = [node("10.0.0.1", condition="DISABLED"), node("10.0.0.2")]
+    assert "exactly one primary" in rejected(update(lb("GALERA", nodes, port=3306)))
+    nodes = [node("10.0.0.1", condition="DISABLED"), node("10.0.0.2", backup=True)]
+    assert device_of(update(lb("GALERA", nodes, port=3306))).loadbalancers[0].nodes[0].enabled is False
 
 
 def test_same_port_twice_rejected():

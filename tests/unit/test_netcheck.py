@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from libra_worker.config import ConfigError
-from libra_worker.netcheck import bind_problem, check_bind_address, listeners
+from libra_worker.netcheck import bind_problem, check_bind_address, check_peers_address, listeners
 from tests.integration.support import AS_NOBODY, free_privileged_port
 
 NOT_HERE = "192.0.2.1"
@@ -112,3 +112,15 @@ def test_a_privileged_port_says_it_needs_the_capability(nobody_python):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         f"Port {port} needs CAP_NET_BIND_SERVICE or root (ports below {first_unprivileged} are privileged)")
+
+
+def test_peers_address_is_checked_at_start_up():
+    check_peers_address("127.0.0.1", unused_port(), haproxy_pids=[])
+    with listening("127.0.0.1") as holder:
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError) as caught:
+            check_peers_address("127.0.0.1", port, haproxy_pids=[os.getpid() + 1])
+        assert str(caught.value).startswith(f"[haproxy] peers_address: Port {port} on 127.0.0.1 "
+                                            f"is already in use by pid {os.getpid()}")
+        # This worker's own HAProxy, adopted at a restart, holds it: nothing to refuse.
+        check_peers_address("127.0.0.1", port, haproxy_pids=[os.getpid()])

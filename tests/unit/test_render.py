@@ -46,6 +46,11 @@ PATHS = render.RuntimePaths(
     log_socket=Path("/run/libra-worker/haproxy-log.sock"),
 )
 MAXCONN = 4096
+# The worker's defaults: Libra's cookie and source persistence, the default peers address,
+# and a fixed cookie key (a device's own is random: cookie_key.py).
+COOKIE_KEY = "0123456789abcdef" * 4
+PERSISTENCE = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                                 cookie_key=COOKIE_KEY)
 
 
 # ---------------------------------------------------------------------- fixture factories
@@ -93,9 +98,11 @@ def rendered(monkeypatch):
     monkeypatch.setattr(render, "__version__", TEST_VERSION)
     environment = render.template_environment()
 
-    def _render(device: Device, listen_address: str = "127.0.0.1") -> str:
+    def _render(device: Device, listen_address: str = "127.0.0.1",
+                persistence: render.Persistence = PERSISTENCE) -> str:
         context = render.build_context(
-            device, listen_address=listen_address, paths=PATHS, maxconn=MAXCONN
+            device, listen_address=listen_address, paths=PATHS, maxconn=MAXCONN,
+            persistence=persistence,
         )
         return render.render(environment, context)
 
@@ -193,6 +200,25 @@ CASES = {
         )
     ),
     "empty_node_list": lambda: make_device(make_lb(Protocol.HTTP, 80, ())),
+    # Libra's database load balancer: the one primary, then the first backup that is up;
+    # TCP mode and the TCP frontend's name, without a stick table.
+    "galera_beside_http": lambda: make_device(
+        make_lb(Protocol.HTTP, 80, (make_node("127.0.0.2", 80, id="web1"),)),
+        make_lb(
+            Protocol.GALERA,
+            3306,
+            (
+                make_node("127.0.0.2", 3306, id="db-primary"),
+                make_node("127.0.0.3", 3306, id="db-backup1", backup=True),
+                make_node("127.0.0.4", 3306, id="db-backup2", backup=True),
+            ),
+        ),
+    ),
+    # [haproxy] http_cookie_persistence and tcp_source_persistence both off.
+    "persistence_off": lambda: make_device(
+        make_lb(Protocol.HTTP, 80, (make_node("127.0.0.2", 80, id="web1"),)),
+        make_lb(Protocol.TCP, 443, (make_node("127.0.0.2", 443, id="tls1"),)),
+    ),
     # Libra's API: timeouts of 0 ("no timeout"), 256 retries, a check timeout of 0 and a
     # health-check path with a query string and the characters HAProxy's parser treats
     # specially.
@@ -212,11 +238,13 @@ CASES = {
     ),
 }
 LISTEN_ADDRESS = {"ipv6": "::1"}
+PERSISTENCE_OF = {"persistence_off": render.NO_PERSISTENCE}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_config_matches_golden(case, rendered):
-    text = rendered(CASES[case](), LISTEN_ADDRESS.get(case, "127.0.0.1"))
+    text = rendered(CASES[case](), LISTEN_ADDRESS.get(case, "127.0.0.1"),
+                    PERSISTENCE_OF.get(case, PERSISTENCE))
     assert_matches_golden(case, text)
 
 
@@ -253,17 +281,67 @@ def test_server_options_words():
 
 def test_http_monitor_becomes_httpchk_and_connect_monitor_does_not():
     http = make_lb(monitor=Monitor(MonitorType.HTTP, 5, 5, 2, "/ping"))
-    assert render.backend_options(http) == ("option httpchk GET '/ping'",)
-    assert render.backend_options(make_lb()) == ()
+    options = render.backend_options(http, render.NO_PERSISTENCE, "127.0.0.1")
+    assert options == ("option httpchk GET '/ping'",)
+    assert render.backend_options(make_lb(), render.NO_PERSISTENCE, "127.0.0.1") == ()
+
+
+def test_persistence_is_libras_per_protocol_and_never_galeras():
+    http, tcp = make_lb(Protocol.HTTP), make_lb(Protocol.TCP)
+    galera = make_lb(Protocol.GALERA, nodes=(make_node(id="7"),))
+    assert render.backend_options(http, PERSISTENCE, "0.0.0.0") == (
+        "cookie SERVERID insert indirect nocache dynamic", f"dynamic-cookie-key {COOKIE_KEY}")
+    assert render.backend_options(tcp, PERSISTENCE, "0.0.0.0") == (
+        "stick-table type ip size 200k expire 30m peers lb-peers",
+        "stick store-request src", "stick match src")
+    # An "ip" table would store no IPv6 client.
+    assert render.backend_options(tcp, PERSISTENCE, "::")[0].startswith("stick-table type ipv6 ")
+    assert render.backend_options(galera, PERSISTENCE, "0.0.0.0") == ()
+    only_http = render.Persistence(http_cookie=True, tcp_source=False, cookie_key=COOKIE_KEY)
+    assert render.backend_options(tcp, only_http, "0.0.0.0") == ()
+
+
+def test_the_cookie_key_reaches_the_file_only_as_64_hex_digits():
+    for key in (None, "", COOKIE_KEY[:-1], COOKIE_KEY.upper(), COOKIE_KEY[:-1] + "\n",
+                COOKIE_KEY[:-2] + " x"):
+        with pytest.raises(ValueError):
+            render.Persistence(http_cookie=True, tcp_source=False, cookie_key=key)
+    # Without cookies no key is needed.
+    assert render.Persistence(http_cookie=False, tcp_source=False).cookie_key is None
+
+
+def test_peers_section_only_while_a_table_needs_it():
+    def peers(persistence, *loadbalancers):
+        return render.build_context(make_device(*loadbalancers), listen_address="127.0.0.1",
+                                    paths=PATHS, maxconn=10, persistence=persistence)
+    tcp = make_lb(Protocol.TCP, 81)
+    galera = make_lb(Protocol.GALERA, 81)
+    with_table = peers(PERSISTENCE, make_lb(Protocol.HTTP, 80), tcp)
+    assert with_table["global_options"] == ("localpeer local",)
+    assert with_table["peers"] == [{"name": "lb-peers", "peer": "local",
+                                    "address": "127.0.0.1:7441"}]
+    ipv6 = render.Persistence(http_cookie=False, tcp_source=True, peer=("::1", 7441))
+    assert peers(ipv6, tcp)["peers"][0]["address"] == "[::1]:7441"
+    for context in (peers(PERSISTENCE, make_lb(Protocol.HTTP, 80), galera),
+                    peers(render.NO_PERSISTENCE, tcp)):
+        assert (context["global_options"], context["peers"]) == ((), [])
+    with pytest.raises(ValueError):
+        render.Persistence(http_cookie=False, tcp_source=True)
 
 
 def test_context_names_proxies_by_protocol():
     device = make_device(make_lb(Protocol.HTTP, 80), make_lb(Protocol.TCP, 81))
-    context = render.build_context(device, listen_address="127.0.0.1", paths=PATHS, maxconn=10)
+    context = render.build_context(device, listen_address="127.0.0.1", paths=PATHS, maxconn=10,
+                                   persistence=PERSISTENCE)
     assert [lb["name"] for lb in context["loadbalancers"]] == ["lb-http", "lb-tcp"]
     assert [lb["mode"] for lb in context["loadbalancers"]] == ["http", "tcp"]
     assert context["maxconn"] == 10
     assert context["stats_socket"] == str(PATHS.stats_socket)
+    galera = render.build_context(make_device(make_lb(Protocol.GALERA, 81)),
+                                  listen_address="127.0.0.1", paths=PATHS, maxconn=10,
+                                  persistence=PERSISTENCE)["loadbalancers"][0]
+    # The TCP frontend's name: the log sink bills its bytes as tcp, as Libra's billing reads.
+    assert (galera["name"], galera["mode"]) == ("lb-tcp", "tcp")
 
 
 # ---------------------------------------------------------------------- injection

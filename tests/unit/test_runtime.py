@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from libra_worker.drivers.haproxy import runtime
+from libra_worker.drivers.haproxy import render, runtime
 from libra_worker.drivers.haproxy.runtime import (
     Command,
     DesiredServer,
@@ -78,6 +78,50 @@ BASE = device(http_lb(node("a", 8001), node("b", 8002, weight=2)))
 
 
 # ---------------------------------------------------------------------- the diff: node changes
+
+
+COOKIES = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
+                             cookie_key="ab" * 32)
+
+
+def test_servers_added_to_a_cookie_backend_get_their_cookies_before_they_serve():
+    added = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003),
+                           node("d", 8004, enabled=False)))
+
+    plan = plan_node_changes(BASE, added, persistence=COOKIES)
+
+    assert plan is not None
+    # HAProxy 2.6 computes no cookie on `add server`: once for both, then they serve.
+    assert texts(plan) == [
+        f"add server lb-http/c 127.0.0.2:8003 weight 1 {CHECK}",
+        f"add server lb-http/d 127.0.0.2:8004 weight 1 {CHECK} disabled",
+        "enable dynamic-cookie backend lb-http",
+        "enable health lb-http/c",
+        "enable server lb-http/c",
+        "enable health lb-http/d",
+    ]
+    assert plan.added == ("lb-http/c", "lb-http/d")
+    assert "enable dynamic-cookie backend lb-http" not in texts(plan_node_changes(BASE, added))
+
+
+def test_a_cookie_backend_without_additions_needs_no_cookie_command():
+    changed = device(http_lb(node("a", 8001, weight=5)))
+    plan = plan_node_changes(BASE, changed, persistence=COOKIES)
+    assert texts(plan) == ["set server lb-http/a weight 5", "set server lb-http/b state maint"]
+    # A retired server keeps the cookie it was given: it comes back as it was.
+    back = plan_node_changes(changed, BASE, {"lb-http/b": node("b", 8002, weight=2)},
+                             persistence=COOKIES)
+    assert texts(back) == ["set server lb-http/b state ready", "set server lb-http/a weight 1"]
+
+
+def test_tcp_and_galera_backends_have_no_cookie_to_compute():
+    for protocol in (Protocol.TCP, Protocol.GALERA):
+        old = device(http_lb(node("a", 8001), protocol=protocol, port=3306))
+        new = device(http_lb(node("a", 8001), node("b", 8002, backup=True), protocol=protocol,
+                             port=3306))
+        plan = plan_node_changes(old, new, persistence=COOKIES)
+        assert plan.added == ("lb-tcp/b",)
+        assert not any("dynamic-cookie" in text for text in texts(plan))
 
 
 def test_an_identical_update_needs_no_command_and_touches_no_server():

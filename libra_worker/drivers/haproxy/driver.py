@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ from typing import Any, Iterator
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
 from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
-from libra_worker.drivers.haproxy import render, runtime
+from libra_worker.drivers.haproxy import cookie_key, render, runtime
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import (
@@ -73,6 +74,7 @@ class StateDirLayout:
         self.master_socket = state_dir / "haproxy-master.sock"
         self.stats_socket = state_dir / "haproxy-stats.sock"
         self.state = state_dir / "state.json"
+        self.cookie_key = state_dir / "cookie.key"
 
 
 class HAProxyDriver(LoadBalancerDriver):
@@ -93,6 +95,13 @@ class HAProxyDriver(LoadBalancerDriver):
             reload_retry_wait=settings.reload_retry_wait,
         )
         self.templates = render.template_environment(settings.template_dir)
+        self.persistence = render.Persistence(
+            http_cookie=settings.http_cookie_persistence,
+            tcp_source=settings.tcp_source_persistence,
+            peer=settings.peers_address,
+            cookie_key=(cookie_key.load_or_create(self.files.cookie_key)
+                        if settings.http_cookie_persistence else None),
+        )
         self.endpoint_policy = archive.EndpointPolicy(
             settings.archive_allowed_endpoints, settings.archive_allow_plain_http
         )
@@ -294,15 +303,16 @@ class HAProxyDriver(LoadBalancerDriver):
                 status=desired.lifecycle.value,
             )
         accepted = self.configured_device()
-        # Only the nodes of the last UPDATE: not servers retired in maintenance.
+        # Only the nodes of the last UPDATE: not servers retired in maintenance. A TCP and
+        # a GALERA load balancer share their backend's name: the UPDATE says which it is.
         wanted = {
-            (render.PROXY_NAMES[lb.protocol], node.id)
+            (render.PROXY_NAMES[lb.protocol], node.id): lb.protocol.value
             for lb in (accepted.loadbalancers if accepted else ())
             for node in lb.nodes
         }
-        protocols = {name: protocol.value for protocol, name in render.PROXY_NAMES.items()}
         nodes = tuple(
-            NodeStatus(server.server, "UP" if server.is_up else "DOWN", protocols[server.backend])
+            NodeStatus(server.server, "UP" if server.is_up else "DOWN",
+                       wanted[server.backend, server.server])
             for server in server_statuses(self.files.stats_socket)
             if (server.backend, server.server) in wanted
         )
@@ -322,7 +332,7 @@ class HAProxyDriver(LoadBalancerDriver):
             raise WorkerError("No load balancer is configured yet.", status="NEW")
         # Counted by the log sink, so SUSPENDED or a crashed HAProxy still report.
         accepted = self.configured_device()
-        configured = tuple(lb.protocol.value.lower() for lb in accepted.loadbalancers) if accepted else ()
+        configured = tuple(lb.protocol.mode for lb in accepted.loadbalancers) if accepted else ()
         return self.metrics_ledger.report(configured, job)
 
     def health(self) -> DeviceHealth:
@@ -348,7 +358,7 @@ class HAProxyDriver(LoadBalancerDriver):
         self.endpoint_policy.check(request.endpoint)  # before any connection is made
         return archive.archive_logs(
             self.logs.log_dir,
-            protocol=request.protocol.value,
+            protocol=request.protocol.mode,  # a GALERA load balancer's logs are its tcp ones
             lb_id=request.lb_id,
             basepath=request.basepath,
             endpoint=request.endpoint,
@@ -433,7 +443,8 @@ class HAProxyDriver(LoadBalancerDriver):
             return None, "there is no accepted configuration to change at runtime"
         if self._retired:
             self._delete_retired()  # a name that is free again can simply be added
-        plan = runtime.plan_node_changes(accepted, device, self._retired)
+        plan = runtime.plan_node_changes(accepted, device, self._retired,
+                                         persistence=self.persistence)
         if plan is None:
             return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         # The running HAProxy serves the live file; a change to the template (or a hand
@@ -456,6 +467,7 @@ class HAProxyDriver(LoadBalancerDriver):
             listen_address=self.settings.bind_address,
             paths=paths,
             maxconn=self.settings.maxconn,
+            persistence=self.persistence,
         )
         return render.render(self.templates, context)
 
@@ -507,6 +519,27 @@ class HAProxyDriver(LoadBalancerDriver):
             problem = None if lb.port in ports else bind_problem(self.settings.bind_address, lb.port)
             if problem:
                 raise WorkerError(f"{problem}; the load balancer was left unchanged.")
+        self._check_peers_address_free(device, current)
+
+    def _check_peers_address_free(self, device: Device, current: Device | None) -> None:
+        """The peers listener of TCP source persistence: no load balancer may take its
+        port, and it must be free when the first TCP load balancer brings it."""
+        if not self.persistence.tcp_source:
+            return
+        host, port = self.settings.peers_address
+        listen = ipaddress.ip_address(self.settings.bind_address)
+        if listen.is_unspecified or listen == ipaddress.ip_address(host):
+            for lb in device.loadbalancers:
+                if lb.port == port:
+                    raise WorkerError(f"Port {port} is taken by [haproxy] peers_address on this "
+                                      "device; the load balancer was left unchanged.")
+        listening = current is not None and render.transform_peers(current, self.persistence)
+        if listening or not render.transform_peers(device, self.persistence):
+            return
+        problem = bind_problem(host, port)
+        if problem:
+            raise WorkerError(f"[haproxy] peers_address: {problem}; the load balancer was left "
+                              "unchanged.")
 
     def _put_back(self, previous: str | None, hurry: bool = False) -> None:
         """After a failed reload or start: the live file goes back to what HAProxy serves.

@@ -8,6 +8,7 @@ loops and output, and every key it reads is always present (StrictUndefined).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,62 @@ _BALANCE = {Algorithm.ROUND_ROBIN: "roundrobin", Algorithm.LEAST_CONNECTIONS: "l
 _FRONTEND_OPTIONS = {
     # idle-close-on-response lets an old worker close idle keep-alive connections after
     # answering, instead of cutting them, which is what makes reloads lose no request.
-    Protocol.HTTP: ("option httplog", "option forwardfor", "option idle-close-on-response"),
-    Protocol.TCP: ("option tcplog",),
+    "http": ("option httplog", "option forwardfor", "option idle-close-on-response"),
+    "tcp": ("option tcplog",),
 }
-# The log sink tells protocols apart by these names, and STATS finds nodes by them.
-PROXY_NAMES = {Protocol.HTTP: "lb-http", Protocol.TCP: "lb-tcp"}
+# The log sink tells protocols apart by these names, and STATS finds nodes by them. A
+# GALERA load balancer is the device's TCP one, as in Libra: its bytes are billed as tcp.
+PROXY_NAMES = {protocol: f"lb-{protocol.mode}" for protocol in Protocol}
+# Libra's worker's session persistence: the HTTP cookie's name and its `insert indirect`,
+# and the TCP source table of 200k client addresses (about 50 bytes each) kept 30 minutes.
+COOKIE_NAME = "SERVERID"
+# The device's secret from which HAProxy derives each HTTP node's cookie value (a hash of
+# it and the node's address and port): 32 random bytes, in hex, so it is one word in the
+# file. See cookie_key.py.
+COOKIE_KEY = re.compile(r"[0-9a-f]{64}")
+_STICK_TABLE = "size 200k expire 30m"
+# The peers section that hands the TCP stick table to the next HAProxy process at a
+# reload: HAProxy learns a table only from a peer, the old process being the local one.
+PEERS_SECTION = "lb-peers"
+LOCAL_PEER = "local"
 # HAProxy's largest timer (2**31 - 1 ms, about 24.8 days). A timeout of 0 ("no timeout"
 # in Libra's API) is rendered as this: HAProxy would read 0 as infinite too, but warns on
 # every check and start that sessions may then pile up; 24.8 days is no timeout for any
 # real connection and still lets an abandoned one go in the end.
 MAX_HAPROXY_TIMEOUT_MS = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Persistence:
+    """Which load balancers keep a client on one node ([haproxy] settings).
+
+    `peer` is the loopback address HAProxy listens on, while a TCP load balancer keeps
+    client addresses, to hand its table to the process that replaces it at a reload.
+    `cookie_key` is the device's dynamic-cookie key (COOKIE_KEY), needed with `http_cookie`.
+    """
+
+    http_cookie: bool
+    tcp_source: bool
+    peer: tuple[str, int] | None = None
+    cookie_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tcp_source and self.peer is None:
+            raise ValueError("TCP source persistence needs the peers address")
+        # Checked here, so nothing but hex ever reaches the file.
+        if self.http_cookie and not COOKIE_KEY.fullmatch(self.cookie_key or ""):
+            raise ValueError("HTTP cookie persistence needs a cookie key of 64 hex digits")
+
+    def uses_cookie(self, lb: LoadBalancer) -> bool:
+        return self.http_cookie and lb.protocol is Protocol.HTTP
+
+    def sticks_source(self, lb: LoadBalancer) -> bool:
+        # Never GALERA: it must go back to its primary as soon as that is up again.
+        return self.tcp_source and lb.protocol is Protocol.TCP
+
+
+# Libra's worker served none: for tests and tools that render without the settings.
+NO_PERSISTENCE = Persistence(http_cookie=False, tcp_source=False)
 
 
 @dataclass(frozen=True)
@@ -84,19 +131,36 @@ def server_options(node: Node, lb: LoadBalancer) -> str:
     return " ".join(words)
 
 
-def backend_options(lb: LoadBalancer) -> tuple[str, ...]:
+def backend_options(lb: LoadBalancer, persistence: Persistence,
+                    listen_address: str) -> tuple[str, ...]:
+    lines: list[str] = []
+    if persistence.uses_cookie(lb):
+        # Inserted when a client has none (it is balanced), removed before the node sees it
+        # (Libra's `insert indirect`). `nocache`: a cacheable response that gets the cookie
+        # is marked private, so a shared cache never hands one node's cookie to everyone
+        # behind it. `dynamic`: each server's value is derived from the key and its
+        # address:port, so a server added at runtime gets one too (HAProxy 2.6 refuses
+        # `cookie` on `add server`), and the same node keeps it across reloads.
+        lines += [f"cookie {COOKIE_NAME} insert indirect nocache dynamic",
+                  f"dynamic-cookie-key {persistence.cookie_key}"]
+    if persistence.sticks_source(lb):
+        # An "ip" table stores IPv4 addresses only; clients of an IPv6 listener need "ipv6".
+        key = "ipv6" if ipaddress.ip_address(listen_address).version == 6 else "ip"
+        lines += [f"stick-table type {key} {_STICK_TABLE} peers {PEERS_SECTION}",
+                  "stick store-request src", "stick match src"]
     if lb.monitor.type is MonitorType.HTTP:
-        return (f"option httpchk GET {config_word(lb.monitor.path)}",)
-    return ()
+        lines.append(f"option httpchk GET {config_word(lb.monitor.path)}")
+    return tuple(lines)
 
 
-def transform_loadbalancer(lb: LoadBalancer, listen_address: str) -> dict[str, Any]:
+def transform_loadbalancer(lb: LoadBalancer, listen_address: str,
+                           persistence: Persistence) -> dict[str, Any]:
     return {
         "name": PROXY_NAMES[lb.protocol],
-        "mode": lb.protocol.value.lower(),
+        "mode": lb.protocol.mode,
         "bind": bind_address(listen_address, lb.port),
-        "frontend_options": _FRONTEND_OPTIONS[lb.protocol],
-        "backend_options": backend_options(lb),
+        "frontend_options": _FRONTEND_OPTIONS[lb.protocol.mode],
+        "backend_options": backend_options(lb, persistence, listen_address),
         "balance": _BALANCE[lb.algorithm],
         "client_timeout_ms": haproxy_timeout_ms(lb.options.client_timeout_ms),
         "server_timeout_ms": haproxy_timeout_ms(lb.options.server_timeout_ms),
@@ -114,15 +178,31 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str) -> dict[str, A
     }
 
 
+def transform_peers(device: Device, persistence: Persistence) -> list[dict[str, str]]:
+    """The peers section, only while a load balancer keeps a stick table: otherwise
+    HAProxy would hold the peers port for nothing."""
+    if not any(persistence.sticks_source(lb) for lb in device.loadbalancers):
+        return []
+    # sticks_source implies tcp_source, which the dataclass only allows with a peer.
+    return [{"name": PEERS_SECTION, "peer": LOCAL_PEER,
+             "address": bind_address(*persistence.peer)}]
+
+
 def build_context(
-    device: Device, *, listen_address: str, paths: RuntimePaths, maxconn: int
+    device: Device, *, listen_address: str, paths: RuntimePaths, maxconn: int,
+    persistence: Persistence,
 ) -> dict[str, Any]:
+    peers = transform_peers(device, persistence)
     return {
         "version": __version__,
         "maxconn": maxconn,
         "stats_socket": str(paths.stats_socket),
         "log_socket": str(paths.log_socket),
-        "loadbalancers": [transform_loadbalancer(lb, listen_address) for lb in device.loadbalancers],
+        # The local peer is named here, not by the host name HAProxy would use by default.
+        "global_options": (f"localpeer {LOCAL_PEER}",) if peers else (),
+        "peers": peers,
+        "loadbalancers": [transform_loadbalancer(lb, listen_address, persistence)
+                          for lb in device.loadbalancers],
     }
 
 

@@ -28,6 +28,12 @@ servers inherit nothing from `default-server`), and their health checks are enab
 before they leave maintenance; enabled the other way round they would run unchecked.
 Measured on 2.6.12: such a server is UP at once and goes DOWN at its first failed check,
 exactly like a server of a freshly loaded file, so a reload would serve it no sooner.
+An HTTP backend with cookie persistence derives each server's cookie from its key and
+the server's address:port (`cookie ... dynamic`), but 2.6 computes none for a server
+added at runtime (measured on 2.6.12: its clients were told to delete their cookie), so
+`enable dynamic-cookie backend` computes the cookies of all its servers again, the new
+ones included, before any of them leaves maintenance. It leaves the others' values as
+they were (same key, same addresses) and puts no key on the socket.
 Removed servers go to maintenance first, so no new request reaches them, then `del
 server` is tried once. A server still holding connections cannot be deleted yet: with
 keep-alive clients, HAProxy keeps a server-side connection attached to each client
@@ -117,12 +123,15 @@ class RuntimePlan:
 
 
 def plan_node_changes(old: Device, new: Device,
-                      retired: Mapping[str, Node] | None = None) -> RuntimePlan | None:
+                      retired: Mapping[str, Node] | None = None, *,
+                      persistence: render.Persistence = render.NO_PERSISTENCE,
+                      ) -> RuntimePlan | None:
     """The Runtime API commands that turn `old` into `new`, or None if it takes a reload.
 
     `retired` are servers ("backend/name") an earlier plan removed that still sit in
     maintenance: a node coming back under such a name is brought back to service rather
-    than added (HAProxy refuses a second server of that name).
+    than added (HAProxy refuses a second server of that name). `persistence` is what the
+    file is rendered with: servers added to a cookie backend get their cookies computed.
     """
     retired = retired or {}
     if len(old.loadbalancers) != len(new.loadbalancers):
@@ -144,15 +153,22 @@ def plan_node_changes(old: Device, new: Device,
         if any(_identity(old_node) != _identity(node) for old_node, node in modified):
             return None
         gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
+        additions: list[Command] = []
+        activations: list[Command] = []
         for node in new_nodes:
             waiting = retired.get(f"{backend}/{node.id}")
             if waiting is None:
-                commands += _add_server(backend, node, after)
+                additions.append(_add_server(backend, node, after))
+                activations += _activate_server(backend, node)
             elif _identity(waiting) == _identity(node):
-                # Retired means in maintenance, with its old weight and checks running.
-                commands += _change_server(backend, replace(waiting, enabled=False), node)
+                # Retired means in maintenance, with its old weight, checks and cookie.
+                activations += _change_server(backend, replace(waiting, enabled=False), node)
             else:
                 return None
+        if additions and persistence.uses_cookie(after):
+            # Once for all the new servers: it walks every server of the backend.
+            additions.append(Command(f"enable dynamic-cookie backend {backend}"))
+        commands += additions + activations
         for old_node, node in modified:
             commands += _change_server(backend, old_node, node)
         commands += [Command(f"set server {server} state maint") for server in gone]
@@ -175,16 +191,19 @@ def _identity(node: Node) -> tuple[str, int, bool]:
     return node.address, node.port, node.backup
 
 
-def _add_server(backend: str, node: Node, lb: LoadBalancer) -> list[Command]:
-    server = f"{backend}/{node.id}"
+def _add_server(backend: str, node: Node, lb: LoadBalancer) -> Command:
     # The option words of the configuration line, `disabled` included: HAProxy 2.6
     # accepts it, and the new server then stays in maintenance like the file's.
     address = render.host_port(node.address, node.port)
-    commands = [
-        Command(f"add server {server} {address} {render.server_options(node, lb)}", ADDED),
-        # Health checks first: a server enabled before them would run unchecked.
-        Command(f"enable health {server}"),
-    ]
+    return Command(f"add server {backend}/{node.id} {address} {render.server_options(node, lb)}",
+                   ADDED)
+
+
+def _activate_server(backend: str, node: Node) -> list[Command]:
+    """An added server's checks, then (unless disabled) the server: a server enabled
+    before its checks would run unchecked."""
+    server = f"{backend}/{node.id}"
+    commands = [Command(f"enable health {server}")]
     if node.enabled:
         commands.append(Command(f"enable server {server}"))
     return commands
