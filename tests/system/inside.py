@@ -55,23 +55,29 @@ def swift() -> None:
 
 
 def traffic(port: str, interval: str) -> None:
-    """HTTP/1.1 requests on fresh connections, one every `interval` s; at SIGTERM, how
-    many were answered whole, which failed (when, why) and every byte received."""
+    """HTTP/1.1 requests on fresh connections, one every `interval` s, sending back the
+    persistence cookie as a browser does; at SIGTERM, how many were answered whole, which
+    failed (when, why) and every byte received."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     pause = float(interval)
     answered, received, failures = 0, 0, []
+    cookie = b""
     say({"started": time.time()})
     while not stop.is_set():
         began = time.monotonic()
         data = b""
         try:
             with socket.create_connection((LOOPBACK, int(port)), timeout=5) as connection:
-                connection.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+                connection.sendall(b"GET / HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n"
+                                   + cookie + b"\r\n")
                 while chunk := connection.recv(65536):
                     data += chunk
             if not re.match(rb"HTTP/1\.[01] 200 ", data):
                 raise OSError(f"answer {data[:40]!r}")
+            given = re.search(rb"(?im)^set-cookie: *(SERVERID=[^;\r\n]+)", data)
+            if given:
+                cookie = b"Cookie: " + given[1] + b"\r\n"
             answered += 1
         except OSError as exc:
             failures.append({"at": time.time(), "error": str(exc)[:120]})

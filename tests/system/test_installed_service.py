@@ -40,6 +40,7 @@ UNITS = ("libra-worker.service", "libra-haproxy.service", "libra-logsink.socket"
 SERVICES = ("libra-worker.service", "libra-haproxy.service", "libra-logsink.service")
 NODE_PORTS = {"node-a": 21080, "node-b": 21081}
 LB_PORT = 80
+TCP_LB_PORT = 3306
 CAP_NET_BIND_SERVICE = 1 << 10
 # Unclean designs systemd complains about (KillMode=process and the like).
 UNCLEAN = ("left-over process", "remains running after unit stopped")
@@ -100,7 +101,11 @@ class Machine:
         balancer = {"protocol": "HTTP", "port": LB_PORT, "nodes": nodes}
         if monitor:
             balancer["monitor"] = monitor
-        return self.passes({"hpcs_action": "UPDATE", "loadBalancers": [balancer]})
+        # Beside it a TCP load balancer, as Libra's devices have: its source stickiness
+        # brings HAProxy's peers listener, which a restarting worker finds held by the
+        # HAProxy of libra-haproxy.service (and must accept as its own).
+        tcp = {"protocol": "TCP", "port": TCP_LB_PORT, "nodes": nodes}
+        return self.passes({"hpcs_action": "UPDATE", "loadBalancers": [balancer, tcp]})
 
     def main_pid(self, unit: str) -> int:
         return int(self.sandbox.systemctl("show", "-p", "MainPID", "--value", unit).stdout)
