@@ -430,14 +430,19 @@ def within_slope(slope: float, bound: float) -> bool:
     return abs(slope) <= bound
 
 
-def fit_slope(points: list[tuple[float, float, int]]) -> float:
-    """Least-squares slope of (t, y) per second, with one intercept per group (a worker
-    restart starts a new process: only the growth inside each lifetime is a slope)."""
+def fit_slope(points: list[tuple[float, float, int]], warmup: float) -> float:
+    """Least-squares slope of (t, y) per second, with one intercept per group: a worker
+    (or sink) restart starts a new process, so only the growth inside each life is a slope,
+    and each life's first `warmup` seconds (imports, first jobs, caches) are left out."""
     groups: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for t, y, group in points:
         groups[group].append((t, y))
     top = bottom = 0.0
     for members in groups.values():
+        born = members[0][0]
+        members = [(t, y) for t, y in members if t - born >= warmup]
+        if len(members) < 2:
+            continue
         mean_t = statistics.fmean(t for t, _ in members)
         mean_y = statistics.fmean(y for _, y in members)
         top += sum((t - mean_t) * (y - mean_y) for t, y in members)
@@ -861,15 +866,18 @@ class Report:
 
     def slopes(self) -> None:
         soak = self.soak
-        warm = [s for s in soak.samples if s["t"] >= soak.args.warmup]
+        warmup = soak.args.warmup
+        warm = [s for s in soak.samples if s["t"] >= warmup]
         span = (warm[-1]["t"] - warm[0]["t"]) if len(warm) > 1 else 0.0
         judged = span >= MIN_FIT_SECONDS
         rows, ok = [], True
         for name, bound in SLOPE_BOUNDS.items():
             group_key = "incarnation" if name.startswith("worker") else ("sink pid" if "sink" in name else None)
-            points = [(s["t"], s[name], int(s[group_key]) if group_key else 0) for s in warm
-                      if s[name] == s[name]]
-            slope = fit_slope(points) * 3600 if len(points) > 2 else float("nan")
+            # The first life's first sample is at t=0: its warm-up is the run's.
+            points = [(s["t"], s[name], int(s[group_key]) if group_key else 0)
+                      for s in soak.samples if s[name] == s[name]]
+            slope = fit_slope(points, warmup) * 3600 if len(points) > 2 else float("nan")
+            points = [p for p in points if p[0] >= warmup]
             values = [p[1] for p in points]
             within = within_slope(slope, bound) if slope == slope else False
             if judged:
@@ -883,7 +891,8 @@ class Report:
             ["series", "min", "max", "slope per hour", "bound per hour (abs)", "within"], rows)
             + f"\n\nFitted on {len(warm)} samples from t={soak.args.warmup:g} s on ({span / 60:.1f} min); "
               "least squares with one intercept per process lifetime (worker restarts, sink "
-              "restarts), so only growth within a life is a slope. ")
+              f"restarts), each life's first {warmup:g} s left out, so only growth within a "
+              "settled life is a slope. ")
         if judged:
             text += "Target flat: " + self.target("slopes flat", ok)
         else:
@@ -892,6 +901,20 @@ class Report:
             text += (f"\n\n1-minute load average during the run: min {min(loads):.1f}, median "
                      f"{statistics.median(loads):.1f}, max {max(loads):.1f} (2 CPUs, shared).")
         self.sections.append(text)
+
+    def save_raw(self, path: Path) -> None:
+        """Every sample, fault, job and failed request, for a second look at a long run."""
+        soak = self.soak
+        path.write_text(json.dumps({
+            "t0": soak.t0, "t_end": soak.t_end, "args": {k: str(v) for k, v in vars(soak.args).items()},
+            "samples": soak.samples,
+            "faults": [dataclasses.asdict(f) for f in soak.faults],
+            "jobs": [{**dataclasses.asdict(j), "reply": j.reply if j.action == "METRICS" else None}
+                     for j in soak.jobs],
+            "traffic": {loop.mode: {"failures": loop.failures, "ok": loop.ok, "retried": loop.retried,
+                                    "whole_bytes": loop.whole_bytes, "partial_bytes": loop.partial_bytes,
+                                    "seconds": loop.seconds} for loop in soak.traffic},
+        }))
 
     def parameters(self) -> str:
         a = self.soak.args
@@ -955,6 +978,7 @@ def main() -> int:
     print("\n\n".join(sections))
     c.publish(args, "soak", "Soak: one worker for hours under Libra's jobs, traffic and faults",
               sections, info, "soak samples", report.plot)
+    report.save_raw(args.out_dir / "soak-raw.json")
     return 1 if report.missed else 0
 
 
