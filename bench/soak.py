@@ -964,6 +964,9 @@ def main() -> int:
     parser.add_argument("--job-timeout", type=float, default=150.0)
     args = parser.parse_args()
     random.seed(args.seed)
+    # `kill PID` of a soak in the background (where SIGINT is ignored) still stops
+    # everything it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     info = c.machine_info()
     with c.Run() as run:
         soak = Soak(args, run)
