@@ -873,7 +873,17 @@ class Report:
             + "\n\nExpected: every request served has its line in Swift (those served during a "
               "log-sink gap may be missing; a request cut by a HAProxy kill may have one), and "
               "the lines downloaded equal the lines the PASS replies reported: "
-            + self.target("archived lines match", ok))
+            + self.target("archived lines match", ok)
+            + self.dropped_lines())
+
+    def dropped_lines(self) -> str:
+        """What DIAGNOSTICS said about log lines lost on the way to the sink."""
+        devices = [job.reply.get("device", {}) for job in self.soak.jobs
+                   if job.action == "DIAGNOSTICS" and job.reply]
+        dropped = max((d.get("haproxy_dropped_logs") or 0 for d in devices), default=0)
+        unreadable = max((d.get("unreadable_access_lines") or 0 for d in devices), default=0)
+        return (f"\n\nDIAGNOSTICS ({len(devices)} replies): HAProxy's DroppedLogs at most {dropped}, "
+                f"lines the sink could not read at most {unreadable}.")
 
     def slopes(self) -> None:
         soak = self.soak
