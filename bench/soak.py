@@ -100,7 +100,7 @@ class Traffic:
     `whole` bytes belong to answers that arrived complete (HTTP: status 200 and the
     Content-Length read; TCP: the backend's whole answer up to EOF). A keep-alive request
     that fails on a reused connection before any byte came back is sent again once on a
-    new connection, as HTTP clients do (RFC 9112 9.3.1): counted as `retried`.
+    new connection, as HTTP clients do (RFC 9112 9.3.1): its time is kept in `retries`.
     """
 
     def __init__(self, mode: str, port: int, names: set[str], pause: float) -> None:
@@ -112,7 +112,7 @@ class Traffic:
         self.ok = 0
         self.whole_bytes = 0
         self.partial_bytes = 0
-        self.retried = 0
+        self.retries: list[float] = []
         self.failures: list[tuple[float, str]] = []
         self.seconds: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # second -> [answers, bytes]
         self._conn: socket.socket | None = None
@@ -164,7 +164,7 @@ class Traffic:
             self._close()
             if not reused:
                 raise ConnectionError("the connection closed before any answer")
-            self.retried += 1
+            self.retries.append(now())
             return self._http()
 
     def _connect(self) -> socket.socket:
@@ -737,8 +737,8 @@ class Report:
         self.sections.append("## Faults and failed requests\n\n" + c.markdown_table(
             ["t s", "fault", "detail", "recovery s", "failed requests", "gap s (first-last failure)",
              "by client", "fault error"], rows))
-        traffic_rows = [[loop.mode, loop.ok, loop.failed, loop.retried, loop.whole_bytes, loop.partial_bytes]
-                        for loop in soak.traffic]
+        traffic_rows = [[loop.mode, loop.ok, loop.failed, len(loop.retries), loop.whole_bytes,
+                         loop.partial_bytes] for loop in soak.traffic]
         lines = [c.markdown_table(["client", "answers", "failed", "retried (reused keep-alive)",
                                    "bytes (whole answers)", "bytes (cut answers)"], traffic_rows)]
         lines.append(
@@ -748,7 +748,20 @@ class Report:
         for t, mode, error in unexplained[:20]:
             lines.append(f"- t={t - soak.t0:.1f} s {mode}: {error}")
         lines.append(f"\nEvery fault recovered: " + self.target("faults recovered", not fault_errors))
+        lines.append(self.retries_after_reloads())
         self.sections.append("\n".join(lines))
+
+    def retries_after_reloads(self) -> str:
+        """How many keep-alive retries followed a reload (a full UPDATE, or the reload that
+        makes runtime-added servers file servers, 0.1 s after a node-only add)."""
+        retries = [t for loop in self.soak.traffic for t in loop.retries]
+        reloads = [(job.answered - 0.5, job.answered + 1.5) for job in self.soak.jobs
+                   if job.kind.startswith(("UPDATE full", "UPDATE node-only (add)"))]
+        near = sum(1 for t in retries if in_windows(t, reloads))
+        return (f"\nKeep-alive requests sent again on a new connection: {len(retries)}, of which "
+                f"{near} within 1.5 s of an UPDATE that reloads HAProxy ({len(reloads)} such "
+                "UPDATEs): the old HAProxy process closes its idle client connections when it "
+                "stops, and a request sent at that moment gets no answer on that connection.")
 
     def jobs(self) -> None:
         soak = self.soak
@@ -932,7 +945,7 @@ class Report:
             "faults": [dataclasses.asdict(f) for f in soak.faults],
             "jobs": [{**dataclasses.asdict(j), "reply": j.reply if j.action == "METRICS" else None}
                      for j in soak.jobs],
-            "traffic": {loop.mode: {"failures": loop.failures, "ok": loop.ok, "retried": loop.retried,
+            "traffic": {loop.mode: {"failures": loop.failures, "ok": loop.ok, "retries": loop.retries,
                                     "whole_bytes": loop.whole_bytes, "partial_bytes": loop.partial_bytes,
                                     "seconds": loop.seconds} for loop in soak.traffic},
         }))
