@@ -16,24 +16,12 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
     (a reader still sees the old file or the new one, never half of one).
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    temporary = _temporary_beside(path, payload, mode, durable)
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _naming(exc, path) from None
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         raise _naming(exc, path) from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     if durable:
         fsync_directory(path.parent)
 
@@ -45,16 +33,8 @@ def create_once(path: Path, data: str, mode: int = 0o600) -> bool:
     if the name is taken: of two processes creating the same file at once, one wins and
     both then read the winner's content, never half of it.
     """
+    temporary = _temporary_beside(path, data.encode("utf-8"), mode, durable=True)
     try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise _naming(exc, path) from None
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
         os.link(temporary, path)
     except FileExistsError:
         return False
@@ -64,6 +44,29 @@ def create_once(path: Path, data: str, mode: int = 0o600) -> bool:
         Path(temporary).unlink(missing_ok=True)
     fsync_directory(path.parent)
     return True
+
+
+def _temporary_beside(path: Path, payload: bytes, mode: int, durable: bool) -> str:
+    """`payload` in a new temporary file in `path`'s directory (fsynced if `durable`),
+    with `mode`; its name. Removed again if anything fails."""
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _naming(exc, path) from None
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise _naming(exc, path) from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return temporary
 
 
 def _naming(error: OSError, path: Path) -> OSError:
