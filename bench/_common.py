@@ -267,6 +267,8 @@ class Worker:
             f"log_level = {self.log_level}\n"
             "[haproxy]\n"
             f"bind_address = {self.bind_address}\n"
+            # Its own peers port: benches of other checkouts may run beside this one.
+            f"peers_address = {LOOPBACK}:{free_port()}\n"
             "command_timeout = 60\n"
             + self.more_config
         )

@@ -2,7 +2,8 @@
 
 This is the single boundary where failures become FAIL replies: a validation error gets
 Libra's `badRequest` shape, a driver error its own sentence, and anything unexpected a
-generic sentence (with the traceback in the worker's log). Nothing raises out of `handle`.
+generic sentence (with the traceback in the worker's log). Nothing raises out of `handle`;
+`execute` lets only `budget.OverBudget` through (a job run in place that must move).
 Every FAIL goes through `messages.reply`, which keeps ``hpcs_error`` within what Libra
 stores and puts the whole story in ``hpcs_error_detail``; the log gets the whole story.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from libra_worker import __version__
+from libra_worker.budget import OverBudget
 from libra_worker.diagnostics import Diagnostics
 from libra_worker.drivers.base import LoadBalancerDriver
 from libra_worker.errors import InvalidMessage, WorkerError
@@ -91,6 +93,8 @@ class LBaaSController:
         document = message.original
         try:
             extra = self._actions[message.action](message, job)
+        except OverBudget:
+            raise  # not an answer: the job runs again on a reader thread (budget.py)
         except WorkerError as exc:
             LOG.warning("%s failed: %s", message.action.value, exc.detail or exc)
             return self.failed(message, exc)

@@ -230,15 +230,16 @@ class JobServerConnection(GearmanConnection):
             self.question_since = time.monotonic()
         super().send_command(cmd_type, cmd_args)
 
-    def unanswered_for(self) -> float:
-        """Seconds a question has waited with nothing received since (0 when none is open).
+    def overdue(self, limit: float) -> bool:
+        """Whether a question has waited more than `limit` seconds with nothing received.
 
         An answer already waiting in the socket counts: the worker may have been busy with
-        a job of another server while it arrived.
+        a job of another server while it arrived. The socket is looked at only past the
+        limit: the loop asks after every poll.
         """
-        if self.question_since is None or self._answer_waiting():
-            return 0.0
-        return time.monotonic() - self.question_since
+        return (self.question_since is not None
+                and time.monotonic() - self.question_since > limit
+                and not self._answer_waiting())
 
     def _answer_waiting(self) -> bool:
         if self.use_ssl and self.gearman_socket.pending():

@@ -1,20 +1,31 @@
-"""Two lanes for jobs, so that a read-only job never waits behind a mutating one.
+"""Lanes for jobs, so that a read-only job never waits behind a mutating one.
 
 The Gearman loop (`libra_worker.transport`, on its own thread) hands every job it grabs
-to `JobLanes.take` and never waits for one:
+to `JobLanes.take` and never waits for a mutating one:
 
-* **Read-only** jobs (DISCOVER, STATS, METRICS, DIAGNOSTICS) and refused messages run at
-  once on a few reader threads. An API server's ping is answered while an ARCHIVE waits
-  on a silent Swift or an UPDATE of 10,000 nodes is rendered and checked.
+* **In place**: the cheap read-only jobs, DISCOVER and STATS (an API server's pings), and
+  refused messages are answered by `take` itself, on the Gearman loop: no thread hand-off
+  each way. The loop waits for them only within a bound: their waits (HAProxy's stats
+  socket, the pauses of `is_running_beside_reload`) run under
+  `budget.limited(IN_PLACE_BUDGET)`, and a job that would wait longer moves, with its
+  action for `IN_PLACE_PAUSE` seconds, to the readers (it runs again there: it changes
+  nothing). A stalled stats socket thus holds the loop once per pause, not per ping. What
+  the bound does not cover is their CPU time: STATS parses one CSV line per server (about
+  2 ms per 1,000 servers).
+* **Read-only** jobs that may take long (METRICS reads the traffic ledger, DIAGNOSTICS
+  waits up to 5 s on blackholed targets) run at once on a few reader threads. They are
+  answered while an ARCHIVE waits on a silent Swift or an UPDATE of 10,000 nodes is
+  rendered and checked.
 * **Mutating** jobs (UPDATE, SUSPEND, ENABLE, DELETE, ARCHIVE) wait in one FIFO queue, in
   the order they were grabbed from all job servers together, and `run_mutating` executes
   them one at a time on the thread that calls it: the main thread, where the alarm that
   enforces their timeouts works.
 
-Answers come back through `answers()`, which the Gearman loop calls after each poll (it
-alone may write to its connections); `wakeup_fd` becomes readable when one is waiting,
-so the loop's poll returns at once. A read-only job still running at its deadline is
-answered FAIL then (`JobRunner.expire`); `next_deadline` lets the poll wake for it.
+Answers of the other lanes come back through `answers()`, which the Gearman loop calls
+after each poll (it alone may write to its connections); `wakeup_fd` becomes readable when
+one is waiting, so the loop's poll returns at once. A read-only job still running on a
+reader at its deadline is answered FAIL then (`JobRunner.expire`); `next_deadline` lets the
+poll wake for it.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
+from libra_worker import budget
 from libra_worker.jobs import Answer, Job, JobRunner
-from libra_worker.messages import Oversized
+from libra_worker.messages import Action, Oversized
 
 LOG = logging.getLogger(__name__)
 
@@ -40,6 +52,14 @@ LOG = logging.getLogger(__name__)
 READERS = 4
 # How often the mutating lane checks whether it should stop when no job comes.
 _IDLE_CHECK = 0.2
+# Run on the Gearman loop: they read a few small files and HAProxy's stats socket.
+IN_PLACE = frozenset({Action.DISCOVER, Action.STATS})
+# How long a job in place may wait (its I/O and pauses) on the Gearman loop. HAProxy
+# answers `show stat` of 1,000 servers in a few milliseconds; one that needs more (a
+# stalled stats socket, a dead master's pid file looked at again) is a reader's job.
+IN_PLACE_BUDGET = 0.05
+# How long an action that ran out of its bound stays with the readers.
+IN_PLACE_PAUSE = 60.0
 
 
 @dataclass
@@ -53,8 +73,12 @@ class InHand:
 
 class JobLanes:
     def __init__(self, runner: JobRunner, readers: int = READERS,
-                 around_mutating: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
+                 around_mutating: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                 in_place_budget: float = IN_PLACE_BUDGET) -> None:
         self.runner = runner
+        self.in_place_budget = in_place_budget
+        # Per in-place action: until when (monotonic) it goes to the readers instead.
+        self._in_place_paused: dict[Action, float] = {}
         # Entered around each mutating job: systemd's watchdog counts it as progress.
         self.around_mutating = around_mutating
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="read-only-job")
@@ -69,30 +93,43 @@ class JobLanes:
 
     # ------------------------------------------------------------------ the Gearman loop's side
 
-    def take(self, token: Any, handle: str, payload: bytes | Oversized, unique: str = "") -> InHand:
-        """Accept a grabbed job and put it in its lane; returns at once."""
-        item = InHand(token, self.runner.accept(handle, payload, unique), time.monotonic())
+    def take(self, token: Any, handle: str, payload: bytes | Oversized,
+             unique: str = "") -> tuple[InHand, Answer | None]:
+        """Accept a grabbed job: its answer when it was answered here (refused, or run in
+        place), else None and the job is in its lane. Waits for no other job."""
+        grabbed = time.monotonic()
+        job = self.runner.accept(handle, payload, unique)
+        item = InHand(token, job, grabbed)
+        if job.refusal is not None:
+            return item, job.refusal
+        if job.read_only and self._in_place(job):
+            answer = self._run_in_place(item)
+            if answer is not None:
+                return item, answer
         with self._lock:
             self._in_hand[id(item)] = item
-        if item.job.refusal is not None:
-            self._answer(item, item.job.refusal)
-        elif item.job.read_only:
-            with self._lock:
+            if job.read_only:
                 self._reading[id(item)] = item
+        if job.read_only:
             self._readers.submit(self._read, item)
         else:
             self._mutating.put(item)
-        return item
+        return item, None
 
-    def answers(self) -> list[tuple[InHand, Answer]]:
-        """The answers ready to send, each job's once, timeouts of late readers included."""
-        try:
-            os.eventfd_read(self.wakeup_fd)
-        except BlockingIOError:
-            pass
-        now = time.monotonic()
-        with self._lock:
-            late = [item for item in self._reading.values() if item.job.deadline <= now]
+    def answers(self, woken: bool = True) -> list[tuple[InHand, Answer]]:
+        """The answers ready to send, each job's once, timeouts of late readers included.
+
+        `woken`: `wakeup_fd` was found readable, and is reset here. The queue is looked at
+        either way; an answer queued after that look has its wakeup still pending.
+        """
+        if woken:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.wakeup_fd)
+        late = []
+        if self._reading:  # only this thread adds to it: empty means none to time out
+            now = time.monotonic()
+            with self._lock:
+                late = [item for item in self._reading.values() if item.job.deadline <= now]
         for item in late:
             answer = self.runner.expire(item.job)
             if answer is not None:
@@ -159,21 +196,44 @@ class JobLanes:
 
     # ------------------------------------------------------------------ internals
 
+    def _in_place(self, job: Job) -> bool:
+        action = job.message.action if job.message else None
+        return action in IN_PLACE and time.monotonic() >= self._in_place_paused.get(action, 0.0)
+
+    def _run_in_place(self, item: InHand) -> Answer | None:
+        """The answer of a read-only job run on this thread within the bound; None when
+        it ran out (it goes to a reader then, and its action for `IN_PLACE_PAUSE`)."""
+        try:
+            with budget.limited(self.in_place_budget):
+                return self._outcome(item, alarm=False)
+        except budget.OverBudget as exc:
+            assert item.job.message is not None
+            self._in_place_paused[item.job.message.action] = time.monotonic() + IN_PLACE_PAUSE
+            LOG.warning("Job %s %s: %s (%g ms); it and the %s jobs of the next %g s go to "
+                        "reader threads", item.job.handle, item.job.action, exc,
+                        self.in_place_budget * 1000, item.job.action, IN_PLACE_PAUSE)
+            return None
+
     def _read(self, item: InHand) -> None:
         self._execute(item, alarm=False)
         with self._lock:
             self._reading.pop(id(item), None)
 
     def _execute(self, item: InHand, alarm: bool) -> None:
-        try:
-            answer = self.runner.execute(item.job, alarm=alarm)
-        except Exception as exc:  # noqa: BLE001 - the controller catches; this is the last net
-            LOG.exception("Job %s %s: the runner raised", item.job.handle, item.job.action)
-            answer = self.runner.crashed(item.job, exc)
+        answer = self._outcome(item, alarm)
         if answer is None:
             self._forget(item)
         else:
             self._answer(item, answer)
+
+    def _outcome(self, item: InHand, alarm: bool) -> Answer | None:
+        try:
+            return self.runner.execute(item.job, alarm=alarm)
+        except budget.OverBudget:
+            raise  # run in place: the job moves to a reader (_run_in_place)
+        except Exception as exc:  # noqa: BLE001 - the controller catches; this is the last net
+            LOG.exception("Job %s %s: the runner raised", item.job.handle, item.job.action)
+            return self.runner.crashed(item.job, exc)
 
     def _answer(self, item: InHand, answer: Answer) -> None:
         # Queued before it stops counting as in hand: a stopping loop that sees no job in

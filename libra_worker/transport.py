@@ -12,11 +12,18 @@ that refused our certificate says so). `JobServerHealth` logs the changes (one l
 server is lost, rate-limited reminders while it stays down, one line when it is back) and
 publishes them in `[gearman] status_file` for `libra-worker ctl status`.
 
-The Gearman loop runs on its own thread and never executes a job: it hands each one to
-`libra_worker.lanes` and writes the answers back (pygearman's connections are not
-thread-safe, so only this thread touches them). The main thread runs the mutating jobs.
-On a stop request the loop grabs nothing more, and ends once every job in hand is
-answered and the answers are written.
+The Gearman loop runs on its own thread and hands each job to `libra_worker.lanes`; it
+runs only the cheap read-only ones itself (pings: DISCOVER, STATS, within a bound) and
+writes every answer back (pygearman's connections are not thread-safe, so only this
+thread touches them). The main thread runs the mutating jobs. On a stop request the loop
+grabs nothing more, and ends once every job in hand is answered and the answers are written.
+
+Per job, the loop costs what a raw-socket worker's does (bench/round_trip.py): what a
+read brought in is answered in the same turn (WORK_COMPLETE and PRE_SLEEP in one write, no
+second poll to find the socket writable), and each connection is registered with the
+poller once, then modified only when what it waits for changes. pygearman unregisters and
+registers every connection around each poll; the overrides below change that without a
+fork of the library, as `libra_worker.jobserver` does for TLS.
 """
 
 from __future__ import annotations
@@ -165,6 +172,12 @@ class JobServerWorker(gearman.GearmanWorker):
                                            progress=self.progress,
                                            max_job_bytes=lanes.runner.controller.max_message_bytes)
         self.health = JobServerHealth([c.address for c in self.connection_list], settings.status_file)
+        # The poller of the current work() round, and what each descriptor is registered
+        # for in it (the socket object too: a descriptor number can be reused).
+        self._poller: Any = None
+        self._registered: dict[int, tuple[Any, int]] = {}
+        self._woken = False  # the last poll returned for the lanes' wakeup
+        self._answered: list[tuple[str, str, Any, float]] = []  # to log: see _send
         # pygearman crashes on the first job if the task name is text.
         self.register_task(settings.function.encode("utf-8"), self._not_called)
 
@@ -175,8 +188,10 @@ class JobServerWorker(gearman.GearmanWorker):
     def on_job_execute(self, current_job: Any) -> bool:
         # The handler of this connection now: after a reconnect, the job is not ours to answer.
         session = self.connection_to_handler_map[current_job.connection]
-        self.lanes.take((current_job, session), _text(current_job.handle), current_job.data,
-                        _text(current_job.unique or ""))
+        item, answer = self.lanes.take((current_job, session), _text(current_job.handle),
+                                       current_job.data, _text(current_job.unique or ""))
+        if answer is not None:
+            self._send(item, answer)  # written with the PRE_SLEEP that follows (handle_read)
         return True
 
     def still_held(self, token: tuple[Any, Any]) -> bool:
@@ -185,15 +200,16 @@ class JobServerWorker(gearman.GearmanWorker):
         return (current_job.connection.connected
                 and self.connection_to_handler_map.get(current_job.connection) is session)
 
-    def send_answers(self) -> None:
-        for item, answer in self.lanes.answers():
+    def send_answers(self, woken: bool) -> None:
+        for item, answer in self.lanes.answers(woken):
             self._send(item, answer)
 
     def _send(self, item: InHand, answer: Answer) -> None:
         current_job, session = item.token
         self.jobs_done += 1
-        LOG.info("Job %s %s answered %s in %.1f ms", item.job.handle, answer.action,
-                 answer.reply.get("hpcs_response"), (time.monotonic() - item.grabbed) * 1000)
+        # Logged after the poll round's writes (after_poll): not between a ping and its answer.
+        self._answered.append((item.job.handle, answer.action, answer.reply.get("hpcs_response"),
+                               (time.monotonic() - item.grabbed) * 1000))
         if not self.still_held(item.token):
             LOG.warning("Job %s: the connection to %s was lost before its answer; the job "
                         "server gives the job out again", item.job.handle,
@@ -203,16 +219,62 @@ class JobServerWorker(gearman.GearmanWorker):
         # pygearman's send_job_complete).
         session.send_job_complete(current_job, encode_reply(answer.reply))
 
+    def _register_connections_with_poller(self, connections: set[Any], poller: Any) -> None:
+        # pygearman's own makes two epoll_ctl calls per connection before every poll.
+        if poller is not self._poller:  # a new work() round: pygearman made a new poller
+            self._poller, self._registered = poller, {}
+            poller.register(self.lanes.wakeup_fd, gearman.io.READ)
+        for connection in connections:
+            gearman_socket = connection.gearman_socket
+            if not gearman_socket:
+                continue
+            events = gearman.io.READ if connection.readable() else 0
+            if connection.writable():
+                events |= gearman.io.WRITE
+            fileno = gearman_socket.fileno()
+            known = self._registered.get(fileno)
+            if known is None or known[0] is not gearman_socket:
+                # A closed socket left the poller with its descriptor; a new one may reuse it.
+                try:
+                    poller.register(fileno, events)
+                except FileExistsError:
+                    poller.modify(fileno, events)
+            elif known[1] != events:
+                poller.modify(fileno, events)
+            self._registered[fileno] = (gearman_socket, events)
+
     def poll_connections_once(self, poller: Any, connection_map: dict[int, Any],
                               timeout: float | None = None) -> Any:
-        # The lanes' wakeup is not a connection: connection_map has no entry for it.
-        with contextlib.suppress(FileExistsError):
-            poller.register(self.lanes.wakeup_fd, gearman.io.READ)
         deadline = self.lanes.next_deadline()
         if deadline is not None:
             until_deadline = max(deadline - time.monotonic(), 0.001)  # 0 would mean forever
             timeout = until_deadline if not timeout or timeout < 0 else min(timeout, until_deadline)
-        return super().poll_connections_once(poller, connection_map, timeout)
+        readable, writable, errors = set(), set(), set()
+        self._woken = False
+        for fileno, events in poller.poll(timeout=timeout or -1):
+            connection = connection_map.get(fileno)
+            if connection is None:
+                # The lanes' wakeup: an answer waits (after_poll sends it).
+                self._woken = self._woken or fileno == self.lanes.wakeup_fd
+                continue
+            if events & gearman.io.READ:
+                readable.add(connection)
+            if events & gearman.io.WRITE:
+                writable.add(connection)
+            if events & gearman.io.ERROR:
+                errors.add(connection)
+        return readable, writable, errors
+
+    def handle_read(self, current_connection: JobServerConnection) -> None:
+        super().handle_read(current_connection)
+        # Answer what came in now (a GRAB_JOB for a NOOP; WORK_COMPLETE and PRE_SLEEP for a
+        # job run in place), not after another poll finds the socket writable.
+        self._write_now(current_connection)
+
+    def _write_now(self, connection: JobServerConnection) -> None:
+        """Write what is queued on `connection` as far as the socket takes it now."""
+        if connection.writable():
+            self.handle_write(connection)
 
     def finished(self) -> bool:
         """Stopping, every job in hand answered and every answer written (or nobody
@@ -248,9 +310,13 @@ class JobServerWorker(gearman.GearmanWorker):
         super().handle_error(current_connection)
 
     def after_poll(self, any_activity: bool) -> bool:
-        self.send_answers()
+        self.send_answers(self._woken)
+        self._woken = False
+        for answered in self._answered:
+            LOG.info("Job %s %s answered %s in %.1f ms", *answered)
+        self._answered.clear()
         for connection in self.connection_list:
-            if connection.connected and connection.unanswered_for() > self.settings.answer_timeout:
+            if connection.connected and connection.overdue(self.settings.answer_timeout):
                 connection.last_error = (f"no answer within {self.settings.answer_timeout:g} s "
                                          f"(answer_timeout); is the job server frozen?")
                 self.handle_error(connection)

@@ -305,14 +305,15 @@ def test_a_question_counts_as_answered_once_the_answer_waits_in_the_socket():
     try:
         connection.connect()
         server_side, _ = listener.accept()
-        assert connection.unanswered_for() == 0.0  # nothing asked yet
+        assert not connection.overdue(0)  # nothing asked yet
         connection.send_command(GEARMAN_COMMAND_ECHO_REQ, {"data": b"ping"})
+        assert not connection.overdue(100)
         connection.question_since -= 100  # as if asked 100 s ago, while a long job ran
-        assert connection.unanswered_for() >= 100
+        assert connection.overdue(99)
 
         server_side.sendall(NOOP_PACKET)
         select.select([connection.gearman_socket], [], [], HANG_GUARD)
-        assert connection.unanswered_for() == 0.0  # not read yet, but there
+        assert not connection.overdue(99)  # not read yet, but there
         connection.read_data_from_socket()
         assert connection.question_since is None
         server_side.close()

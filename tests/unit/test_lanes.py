@@ -1,7 +1,9 @@
-"""JobLanes: read-only jobs beside a blocked mutating one, FIFO order, one answer per job."""
+"""JobLanes: pings in place within a bound, read-only jobs beside a blocked mutating one,
+FIFO order, one answer per job."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -10,7 +12,8 @@ from typing import Any, Iterator
 import pytest
 
 from libra_worker.controller import LBaaSController
-from libra_worker.errors import StatsUnavailable
+from libra_worker.drivers.haproxy.sockets import server_statuses
+from libra_worker.errors import StatsUnavailable, WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import Journal
 from libra_worker.lanes import JobLanes
@@ -18,12 +21,15 @@ from libra_worker.messages import Action
 
 
 class GatedDriver:
-    """SUSPEND waits for `release`; every mutating call is recorded in order."""
+    """SUSPEND waits for `release`; every mutating call is recorded in order. STATS reads
+    `stats_socket` when one is set; METRICS takes `metrics_seconds`."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
         self.calls: list[str] = []
-        self.stats_seconds = 0.0
+        self.metrics_seconds = 0.0
+        self.stats_socket: Path | None = None
+        self.stats_threads: list[str] = []
 
     def suspend(self) -> None:
         self.calls.append("SUSPEND")
@@ -36,15 +42,21 @@ class GatedDriver:
         self.calls.append("DELETE")
 
     def stats(self) -> Any:
-        time.sleep(self.stats_seconds)
+        self.stats_threads.append(threading.current_thread().name)
+        if self.stats_socket is not None:
+            server_statuses(self.stats_socket, timeout=0.5)
         raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
+
+    def metrics(self, _job: str | None) -> Any:
+        time.sleep(self.metrics_seconds)
+        raise WorkerError("No load balancer is configured yet.", status="NEW")
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[JobLanes, GatedDriver, threading.Event]]:
     driver = GatedDriver()
     runner = JobRunner(LBaaSController(driver), Journal(tmp_path / "jobs.journal"),
-                       {Action.STATS: 0.3})
+                       {Action.METRICS: 0.3})
     lanes = JobLanes(runner)
     stop = threading.Event()
     try:
@@ -66,6 +78,12 @@ def collect(lanes: JobLanes, count: int, within: float = 5.0) -> list[tuple[Any,
     return answers
 
 
+def take(lanes: JobLanes, token: str, handle: str, payload: bytes) -> tuple[str, str] | None:
+    """`lanes.take`: the action and outcome of an answer given at once, else None."""
+    _item, answer = lanes.take(token, handle, payload)
+    return None if answer is None else (answer.action, answer.reply["hpcs_response"])
+
+
 def run_mutating_in_background(lanes: JobLanes, stop: threading.Event, monkeypatch: Any,
                                still_held: Any = lambda token: True) -> None:
     """The mutating lane on a test thread: the alarm only works on the main thread, and
@@ -79,15 +97,16 @@ def run_mutating_in_background(lanes: JobLanes, stop: threading.Event, monkeypat
 def test_read_only_jobs_are_answered_while_a_mutating_job_blocks(setup, monkeypatch):
     lanes, driver, stop = setup
     run_mutating_in_background(lanes, stop, monkeypatch)
-    lanes.take("suspend", "H:1", b'{"hpcs_action": "SUSPEND"}')
-    lanes.take("enable", "H:2", b'{"hpcs_action": "ENABLE"}')
-    lanes.take("discover", "H:3", b'{"hpcs_action": "DISCOVER"}')
-    lanes.take("stats", "H:4", b'{"hpcs_action": "STATS"}')
-    lanes.take("invalid", "H:5", b"not json")
+    assert take(lanes, "suspend", "H:1", b'{"hpcs_action": "SUSPEND"}') is None
+    assert take(lanes, "enable", "H:2", b'{"hpcs_action": "ENABLE"}') is None
+    # Pings and refusals are answered in place, by `take` itself.
+    assert take(lanes, "discover", "H:3", b'{"hpcs_action": "DISCOVER"}') == ("DISCOVER", "PASS")
+    assert take(lanes, "stats", "H:4", b'{"hpcs_action": "STATS"}') == ("STATS", "FAIL")
+    assert take(lanes, "invalid", "H:5", b"not json") == ("INVALID", "FAIL")
+    # The others on a reader thread.
+    assert take(lanes, "metrics", "H:6", b'{"hpcs_action": "METRICS"}') is None
 
-    first = collect(lanes, 3)
-    assert sorted(first) == [("discover", "DISCOVER", "PASS"), ("invalid", "INVALID", "FAIL"),
-                             ("stats", "STATS", "FAIL")]
+    assert collect(lanes, 1) == [("metrics", "METRICS", "FAIL")]
     assert driver.calls == ["SUSPEND"] and lanes.busy()
 
     driver.release.set()
@@ -97,24 +116,51 @@ def test_read_only_jobs_are_answered_while_a_mutating_job_blocks(setup, monkeypa
 
 def test_a_read_only_job_past_its_timeout_is_answered_once(setup):
     lanes, driver, _stop = setup
-    driver.stats_seconds = 1.0
-    lanes.take("stats", "H:1", b'{"hpcs_action": "STATS"}')
+    driver.metrics_seconds = 1.0
+    assert take(lanes, "metrics", "H:1", b'{"hpcs_action": "METRICS"}') is None
     deadline = lanes.next_deadline()
     assert deadline is not None
 
     answers = collect(lanes, 1)
-    assert answers == [("stats", "STATS", "FAIL")]
+    assert answers == [("metrics", "METRICS", "FAIL")]
     time.sleep(1.2)  # the reader finishes late: its answer must not be sent again
     assert collect(lanes, 1, within=0.2) == [] and not lanes.busy()
     states = [record.state for record in lanes.runner.journal.recent(5)]
     assert states == ["TIMEOUT"]
 
 
+def test_a_stats_whose_socket_stalls_moves_to_a_reader_and_stays_there_a_while(setup, tmp_path):
+    lanes, driver, _stop = setup
+    # A stats socket that accepts (the kernel does) and never answers: a frozen HAProxy.
+    driver.stats_socket = tmp_path / "stats.sock"
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.bind(str(driver.stats_socket))
+    stalled.listen(8)
+    try:
+        assert take(lanes, "stats-1", "H:1", b'{"hpcs_action": "STATS"}') is None
+        # The loop is free again: pings of other kinds still run in place, STATS does not.
+        assert take(lanes, "discover", "H:2", b'{"hpcs_action": "DISCOVER"}') == ("DISCOVER", "PASS")
+        assert take(lanes, "stats-2", "H:3", b'{"hpcs_action": "STATS"}') is None
+
+        answers = collect(lanes, 2)
+        assert sorted(answers) == [("stats-1", "STATS", "FAIL"), ("stats-2", "STATS", "FAIL")]
+        assert not lanes.busy()
+    finally:
+        stalled.close()
+    # The first ran in place until its bound, then again on a reader; the second on a
+    # reader only. Each was journaled and answered once, by the reader's own timeout.
+    assert [name.startswith("read-only-job") for name in driver.stats_threads] == [False, True, True]
+    records = lanes.runner.journal.recent(5)
+    assert sorted((r.handle, r.state) for r in records) == [("H:1", "FAIL"), ("H:2", "COMPLETE"),
+                                                             ("H:3", "FAIL")]
+    assert all("stats socket does not answer" in r.hpcs_error for r in records if r.state == "FAIL")
+
+
 def test_a_mutating_job_whose_connection_was_lost_is_skipped(setup, monkeypatch):
     lanes, driver, stop = setup
     run_mutating_in_background(lanes, stop, monkeypatch, still_held=lambda token: token != "lost")
-    lanes.take("lost", "H:1", b'{"hpcs_action": "DELETE"}')
-    lanes.take("kept", "H:2", b'{"hpcs_action": "ENABLE"}')
+    assert take(lanes, "lost", "H:1", b'{"hpcs_action": "DELETE"}') is None
+    assert take(lanes, "kept", "H:2", b'{"hpcs_action": "ENABLE"}') is None
 
     assert collect(lanes, 1) == [("kept", "ENABLE", "PASS")]
     assert driver.calls == ["ENABLE"] and not lanes.busy()

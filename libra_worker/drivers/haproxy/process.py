@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from libra_worker import budget
 from libra_worker.drivers.haproxy.sockets import is_permanent, send_command, send_command_retrying
 from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed
 
@@ -83,18 +84,34 @@ def process_alive(pid: int) -> bool:
 
 def _task_state(stat_path: str) -> str | None:
     """The state letter of a process or thread, None if it is gone."""
-    try:
-        stat = Path(stat_path).read_text()
-    except OSError:
+    stat = _read_small(stat_path)
+    if stat is None:
         return None
-    return stat.rsplit(")", 1)[-1].split()[0]
+    return stat.rsplit(b")", 1)[-1].split()[0].decode("ascii")
 
 
 def process_cmdline(pid: int) -> list[str]:
+    cmdline = _read_small(f"/proc/{pid}/cmdline")
+    return [] if cmdline is None else cmdline.decode("utf-8", "replace").split("\0")
+
+
+def _read_small(path: str) -> bytes | None:
+    """A small file's bytes, None if it cannot be read. Every STATS looks at three such
+    files (pid file, cmdline, stat): plain system calls take a third of the time of
+    pathlib's buffered reads."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+        descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return []
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(descriptor, 65536):
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+    return b"".join(chunks)
 
 
 @dataclass
@@ -131,8 +148,8 @@ class HAProxyProcess:
 
     def master_pid(self) -> int | None:
         try:
-            pid = int(self.pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+            pid = int((_read_small(str(self.pid_file)) or b"").split()[0])
+        except (ValueError, IndexError):
             return None
         return pid if self._is_ours(pid) else None
 
@@ -146,7 +163,7 @@ class HAProxyProcess:
         for pause in _RELOAD_GLITCH_PAUSES:
             if self.is_running():
                 return True
-            time.sleep(pause)
+            budget.sleep(pause)  # on the Gearman loop, a bounded wait (libra_worker.lanes)
         return self.is_running()
 
     def version(self) -> str | None:

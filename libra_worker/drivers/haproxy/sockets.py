@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from libra_worker import budget
 from libra_worker.errors import StatsUnavailable
 
 _READ_CHUNK = 65536
@@ -30,15 +31,30 @@ def send_command(path: Path, command: str, timeout: float = 5.0) -> str:
 
     The write side is shut down after the command: the master CLI only closes its end
     once the client has, and reading to EOF is then the end of the answer on both sockets.
+    `timeout` bounds the whole exchange; within `budget.limited` (a job run in place on
+    the Gearman loop) so does what is left of that bound, and running out of it raises
+    `budget.OverBudget`.
     """
+    timeout, cut = budget.io_timeout(timeout)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout)
-        connection.connect(str(path))
-        connection.sendall(command.encode("ascii") + b"\n")
-        connection.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := connection.recv(_READ_CHUNK):
-            chunks.append(chunk)
+        # One deadline for the whole exchange (a socket timeout applies to each call).
+        deadline = time.monotonic() + timeout
+        try:
+            connection.settimeout(timeout)
+            connection.connect(str(path))
+            connection.sendall(command.encode("ascii") + b"\n")
+            connection.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                connection.settimeout(max(deadline - time.monotonic(), 0.001))
+                if not (chunk := connection.recv(_READ_CHUNK)):
+                    break
+                chunks.append(chunk)
+        except TimeoutError:
+            if cut:
+                raise budget.OverBudget(f"{path.name} did not answer {command!r} in the "
+                                        f"time allowed in place") from None
+            raise
     return b"".join(chunks).decode("utf-8", "replace")
 
 
