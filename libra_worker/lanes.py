@@ -135,14 +135,15 @@ class JobLanes:
             if answer is not None:
                 self._answer(item, answer)
         ready = []
-        while True:
-            try:
-                ready.append(self._answered.get_nowait())
-            except queue.Empty:
-                return ready
+        # Only this thread takes from the queue: what empty() says stays true for it.
+        while not self._answered.empty():
+            ready.append(self._answered.get_nowait())
+        return ready
 
     def next_deadline(self) -> float | None:
         """When the earliest running read-only job must be answered (monotonic)."""
+        if not self._reading:  # asked before every poll: mostly no reader runs
+            return None
         with self._lock:
             return min((item.job.deadline for item in self._reading.values()), default=None)
 

@@ -424,3 +424,21 @@ def test_a_process_whose_leader_exited_first_is_alive_until_its_last_thread_is_g
         child.kill()
         child.wait()
     assert not process_alive(child.pid)
+
+
+def test_a_master_proven_once_is_still_said_dead_once_it_exits(haproxy_process, tmp_path):
+    """`master_pid` remembers the master it proved ours (pid and start time) so that STATS
+    reads one /proc file, not three; a master that exits is still seen gone at once."""
+    fake_haproxy = tmp_path / "haproxy"
+    fake_haproxy.symlink_to(sys.executable)
+    master = subprocess.Popen([str(fake_haproxy), "-c", "import time; time.sleep(60)",
+                               "-p", str(haproxy_process.pid_file)])
+    try:
+        haproxy_process.pid_file.write_text(f"{master.pid}\n")
+        assert haproxy_process.master_pid() == master.pid  # proven by its command line
+        assert haproxy_process.master_pid() == master.pid  # known by its start time
+    finally:
+        master.kill()
+        master.wait()
+    assert haproxy_process.master_pid() is None
+    assert not haproxy_process.is_running()
