@@ -4,12 +4,15 @@ The mutating job that stalls is an ARCHIVE whose Swift endpoint is a listening s
 accepts the connection and never answers (`[archive] timeout` bounds it). While it waits,
 DISCOVER, STATS, METRICS and DIAGNOSTICS are answered; an UPDATE and a SUSPEND sent
 after it wait for it and run in the order they were sent; a SIGTERM then still answers
-every job in hand before the worker exits.
+every job in hand before the worker exits. A STATS run in place on the Gearman loop
+while HAProxy is frozen leaves it within its bound, and the DISCOVERs behind it are answered.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -99,6 +102,37 @@ def test_read_only_jobs_are_answered_while_an_archive_stalls(worker_factory, htt
     assert max(waits.values()) < ARCHIVE_STALL / 2, waits
     archive.join(ARCHIVE_STALL + 20)
     assert archive_outcome and archive_outcome[0]["hpcs_response"] == "FAIL", archive_outcome
+
+
+def test_a_stats_on_a_frozen_haproxy_holds_no_ping_behind_it(worker_factory, http_backend,
+                                                             free_port):
+    """STATS runs in place on the Gearman loop; a stats socket that accepts and never
+    answers (HAProxy's worker stopped) holds the loop for its bound only, then the job
+    runs on a reader thread and fails there, while DISCOVERs keep being answered."""
+    worker = worker_factory()
+    port = free_port()
+    assert worker.submit(update(lb("HTTP", port, [http_backend("frozen").node()])))[
+        "hpcs_response"] == "PASS"
+    assert worker.submit("STATS")["hpcs_response"] == "PASS"
+    frozen = worker.haproxy.process_table().worker_pids
+    assert frozen
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        stats, stats_outcome = in_thread(lambda: worker.submit("STATS", timeout=60))
+        wait_until(lambda: "go to reader threads" in worker.log_text(), 10,
+                   "the STATS to leave the Gearman loop")
+        for _ in range(5):
+            assert worker.submit("DISCOVER", timeout=10)["hpcs_response"] == "PASS"
+        assert stats.is_alive() and not stats_outcome, "the STATS should still wait on HAProxy"
+        stats.join(30)
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert stats_outcome and stats_outcome[0]["hpcs_response"] == "FAIL", stats_outcome
+    assert "stats socket does not answer" in stats_outcome[0]["hpcs_error"]
+    # HAProxy back: STATS is answered again (by a reader, for the rest of the pause).
+    assert worker.submit("STATS")["hpcs_response"] == "PASS"
 
 
 def test_mutating_jobs_wait_in_order_and_a_sigterm_answers_every_job_in_hand(
