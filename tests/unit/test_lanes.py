@@ -29,6 +29,7 @@ class GatedDriver:
         self.calls: list[str] = []
         self.metrics_seconds = 0.0
         self.stats_socket: Path | None = None
+        self.stats_seconds = 0.0
         self.stats_threads: list[str] = []
 
     def suspend(self) -> None:
@@ -43,6 +44,7 @@ class GatedDriver:
 
     def stats(self) -> Any:
         self.stats_threads.append(threading.current_thread().name)
+        time.sleep(self.stats_seconds)  # as a parse of many servers would hold the thread
         if self.stats_socket is not None:
             server_statuses(self.stats_socket, timeout=0.5)
         raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
@@ -154,6 +156,22 @@ def test_a_stats_whose_socket_stalls_moves_to_a_reader_and_stays_there_a_while(s
     assert sorted((r.handle, r.state) for r in records) == [("H:1", "FAIL"), ("H:2", "COMPLETE"),
                                                              ("H:3", "FAIL")]
     assert all("stats socket does not answer" in r.hpcs_error for r in records if r.state == "FAIL")
+
+
+def test_a_stats_that_held_the_loop_past_the_bound_sends_the_next_ones_to_a_reader(tmp_path):
+    driver = GatedDriver()
+    runner = JobRunner(LBaaSController(driver), Journal(tmp_path / "jobs.journal"))
+    lanes = JobLanes(runner, in_place_budget=0.01)
+    driver.stats_seconds = 0.05  # no wait the bound can cut: it is answered all the same
+    try:
+        assert take(lanes, "stats-1", "H:1", b'{"hpcs_action": "STATS"}') == ("STATS", "FAIL")
+        driver.stats_seconds = 0.0
+        assert take(lanes, "stats-2", "H:2", b'{"hpcs_action": "STATS"}') is None
+        assert take(lanes, "discover", "H:3", b'{"hpcs_action": "DISCOVER"}') == ("DISCOVER", "PASS")
+        assert collect(lanes, 1) == [("stats-2", "STATS", "FAIL")]
+    finally:
+        lanes.close()
+    assert [name.startswith("read-only-job") for name in driver.stats_threads] == [False, True]
 
 
 def test_a_mutating_job_whose_connection_was_lost_is_skipped(setup, monkeypatch):
