@@ -18,10 +18,11 @@ writes every answer back (pygearman's connections are not thread-safe, so only t
 thread touches them). The main thread runs the mutating jobs. On a stop request the loop
 grabs nothing more, and ends once every job in hand is answered and the answers are written.
 
-Per job, the loop costs what a raw-socket worker's does (bench/round_trip.py): what a
-read brought in is answered in the same turn (WORK_COMPLETE and PRE_SLEEP in one write, no
-second poll to find the socket writable), and each connection is registered with the
-poller once, then modified only when what it waits for changes. pygearman unregisters and
+Per ping, the loop polls twice and writes to the job server twice (the raw-socket worker
+of bench/round_trip.py: three of each). What a read brought in is answered in the same turn
+(WORK_COMPLETE and PRE_SLEEP in one write, no second poll to find the socket writable),
+and each connection is registered with the poller once, then modified only when what it
+waits for changes. pygearman unregisters and
 registers every connection around each poll; the overrides below change that without a
 fork of the library, as `libra_worker.jobserver` does for TLS.
 """
@@ -269,12 +270,8 @@ class JobServerWorker(gearman.GearmanWorker):
         super().handle_read(current_connection)
         # Answer what came in now (a GRAB_JOB for a NOOP; WORK_COMPLETE and PRE_SLEEP for a
         # job run in place), not after another poll finds the socket writable.
-        self._write_now(current_connection)
-
-    def _write_now(self, connection: JobServerConnection) -> None:
-        """Write what is queued on `connection` as far as the socket takes it now."""
-        if connection.writable():
-            self.handle_write(connection)
+        if current_connection.writable():
+            self.handle_write(current_connection)
 
     def finished(self) -> bool:
         """Stopping, every job in hand answered and every answer written (or nobody

@@ -320,3 +320,91 @@ def test_a_question_counts_as_answered_once_the_answer_waits_in_the_socket():
     finally:
         connection.close()
         listener.close()
+
+
+class RecordingPoller:
+    """An epoll stand-in that records what the worker asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+        self.registered: set[int] = set()
+
+    def register(self, fileno: int, events: int) -> None:
+        if fileno in self.registered:
+            raise FileExistsError(fileno)
+        self.registered.add(fileno)
+        self.calls.append(("register", fileno, events))
+
+    def modify(self, fileno: int, events: int) -> None:
+        self.calls.append(("modify", fileno, events))
+
+
+class SameNumber:
+    """A socket object that is not the one registered, under the same descriptor number."""
+
+    def __init__(self, fileno: int) -> None:
+        self._fileno = fileno
+
+    def fileno(self) -> int:
+        return self._fileno
+
+
+class PolledConnection:
+    """What the worker's registration reads of a connection."""
+
+    def __init__(self, gearman_socket: Any) -> None:
+        self.gearman_socket = gearman_socket
+        self.pending = False
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return self.pending
+
+
+def test_connections_are_registered_once_per_poller_and_modified_only_on_change(tmp_path):
+    from gearman.io import READ, WRITE
+
+    from libra_worker.controller import LBaaSController
+    from libra_worker.jobs import JobRunner
+    from libra_worker.journal import Journal
+    from libra_worker.lanes import JobLanes
+
+    settings = GearmanSettings(servers=(("127.0.0.1", free_port()),), function="lb-unit")
+    lanes = JobLanes(JobRunner(LBaaSController(driver=None), Journal(tmp_path / "jobs.journal")))
+    worker = transport.JobServerWorker(settings, lanes, threading.Event())
+    first, second = socket.socketpair()
+    try:
+        connection = PolledConnection(first)
+        poller = RecordingPoller()
+        worker._register_connections_with_poller({connection}, poller)
+        assert poller.calls == [("register", lanes.wakeup_fd, READ), ("register", first.fileno(), READ)]
+
+        poller.calls.clear()
+        worker._register_connections_with_poller({connection}, poller)  # nothing changed
+        assert poller.calls == []
+        connection.pending = True
+        worker._register_connections_with_poller({connection}, poller)
+        connection.pending = False
+        worker._register_connections_with_poller({connection}, poller)
+        assert poller.calls == [("modify", first.fileno(), READ | WRITE),
+                                ("modify", first.fileno(), READ)]
+
+        # Another socket under the same descriptor number (the first one closed, a new
+        # one opened) is registered anew, whatever the poller still holds for the number.
+        poller.calls.clear()
+        connection.gearman_socket = SameNumber(first.fileno())
+        worker._register_connections_with_poller({connection}, poller)
+        assert poller.calls == [("modify", first.fileno(), READ)]  # register said it exists
+
+        # The next work() round polls with a new poller: everything is registered on it.
+        fresh = RecordingPoller()
+        connection.gearman_socket = first
+        worker._register_connections_with_poller({connection}, fresh)
+        assert fresh.calls == [("register", lanes.wakeup_fd, READ), ("register", first.fileno(), READ)]
+    finally:
+        first.close()
+        second.close()
+        worker.shutdown()
+        lanes.close()
