@@ -381,7 +381,7 @@ def slot_row(name: str, addr: str = "127.0.0.2:8003", **held: int) -> dict[str, 
 @pytest.mark.parametrize("column", runtime.HELD)
 def test_a_slot_holding_a_session_or_a_server_connection_is_not_free(column):
     spare = Slot("slot:1", False)
-    c = node("c", 8003)
+    c = node("c", 8009)  # not the address the slot last had
 
     assert runtime.slot_reusable(slot_row("slot:1"), spare, c)
     assert not runtime.slot_reusable(slot_row("slot:1", **{column: 1}), spare, c)

@@ -327,6 +327,16 @@ def slot_reusable(row: Mapping[str, str] | None, slot: Slot, node: Node) -> bool
     return port == str(node.port) and _same_address(host.strip("[]"), node.address)
 
 
+def _send(stats_socket: Path, text: str, deadline: float) -> str:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise RuntimeChangeFailed(f"time ran out before {text!r}")
+    try:
+        return send_command(stats_socket, text, remaining)
+    except OSError as exc:
+        raise RuntimeChangeFailed(f"the stats socket failed during {text!r}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- verifying
 
 
