@@ -226,9 +226,11 @@ def test_a_server_in_maintenance_gets_no_health_check(worker, http_backend, free
 
 def test_running_out_of_slots_reloads_once_with_new_ones(worker_factory, http_backend, free_port):
     worker = worker_factory(start=False)
+    # Also a configuration of an earlier release: consolidate_after starts, ignored.
     worker.config_path.write_text(worker.config_path.read_text().replace(
-        "stop_grace = 3\n", "stop_grace = 3\nspare_servers = 1\n"))
+        "stop_grace = 3\n", "stop_grace = 3\nspare_servers = 1\nconsolidate_after = 0.1\n"))
     worker.start()
+    assert "[haproxy] consolidate_after is obsolete and ignored" in worker.log_text()
     a, b, c, d = (http_backend(name) for name in ("out-a", "out-b", "out-c", "out-d"))
     port = free_port()
     workers = start_lb(worker, port, [a.node()])
