@@ -130,7 +130,7 @@ class RuntimePlan:
 
 
 # Whether a free slot (at this position of this backend) may take this node now: its
-# server drained, or it is the node's own retired server still at the node's address.
+# server drained, or still at this node's own address and port (see `slot_reusable`).
 Reusable = Callable[[str, int, Slot, Node], bool]
 
 
@@ -154,6 +154,7 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
         slots = list(current)
         where = {slot.node: position for position, slot in enumerate(slots) if slot.node}
         previous = {node.id: node for node in before.nodes}
+        free = _FreeSlots(backend, slots, reusable)
         fills: list[Command] = []
         changes: list[Command] = []
         emptied: list[int] = []  # still serving until the end of this plan: not free
@@ -166,7 +167,7 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
                     changed.append(server)
                     desired.append(_desired_server(server, node))
                 continue
-            position = _free_slot(backend, slots, node, emptied, reusable)
+            position = free.take(node)
             if position is None:
                 kind = "backup " if node.backup else ""
                 return f"{backend} has no free {kind}server slot left"
@@ -193,18 +194,37 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
                        tuple(new_layout), tuple(added), tuple(changed), tuple(moved))
 
 
-def _free_slot(backend: str, slots: list[Slot], node: Node, emptied: Container[int],
-               reusable: Reusable) -> int | None:
-    """The node's own retired server if it can have it back, else the first free spare
-    of its kind whose server has drained."""
-    candidates = [position for position, slot in enumerate(slots)
-                  if slot.node is None and slot.backup == node.backup
-                  and position not in emptied and (slot.spare or slot.name == node.id)]
-    candidates.sort(key=lambda position: slots[position].spare)  # its own name first
-    for position in candidates:
-        if reusable(backend, position, slots[position], node):
-            return position
-    return None
+class _FreeSlots:
+    """The slots of one backend free when the plan starts, handed out in order: a
+    node's own retired server first, else the first spare of its kind that `reusable`
+    accepts. Slots the plan empties are not among them: they serve until it ends."""
+
+    def __init__(self, backend: str, slots: list[Slot], reusable: Reusable) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.reusable = reusable
+        self.own = {slot.name: position for position, slot in enumerate(slots)
+                    if slot.node is None and not slot.spare}
+        self.spares = {kind: [position for position, slot in enumerate(slots)
+                              if slot.node is None and slot.spare and slot.backup == kind]
+                       for kind in (False, True)}
+        self.next = {False: 0, True: 0}
+
+    def take(self, node: Node) -> int | None:
+        own = self.own.pop(node.id, None)
+        if own is not None and self._fits(own, node):
+            return own
+        spares = self.spares[node.backup]
+        while self.next[node.backup] < len(spares):
+            position = spares[self.next[node.backup]]
+            self.next[node.backup] += 1  # taken now, or held by connections: not again
+            if self._fits(position, node):
+                return position
+        return None
+
+    def _fits(self, position: int, node: Node) -> bool:
+        slot = self.slots[position]
+        return slot.backup == node.backup and self.reusable(self.backend, position, slot, node)
 
 
 def _without_nodes(lb: LoadBalancer) -> LoadBalancer:
