@@ -144,6 +144,10 @@ def test_a_slot_filled_node_reuses_server_connections_as_a_file_node_does(
         # `add server` on 2.6 opened one per request.
         assert connects <= sessions // 10, (server, sessions, connects)
         assert int(stats[server]["reuse"]) >= sessions - connects, stats[server]
+    # The access log names the slot (the sink reads only the frontend's name from a line).
+    access_log = worker.logsink.store.active_path("http")
+    wait_until(lambda: access_log.exists() and " lb-http/slot:1 " in access_log.read_text(
+        errors="replace"), 10, "an access line of the slot-filled server")
 
 
 def test_cookie_persistence_to_a_slot_filled_node_holds_and_survives_the_next_reload(
