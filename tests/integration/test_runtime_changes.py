@@ -6,7 +6,7 @@ names the current worker, and a reload replaces it. Each runtime change runs und
 traffic loop of back-to-back requests through the load balancer, which must see no
 failure; afterwards the traffic must reach exactly the new node set. What the server
 slots add (connection reuse, cookies, backup slots, running out, restarts) is in
-test_slots.py.
+test_server_slots.py.
 """
 
 from __future__ import annotations

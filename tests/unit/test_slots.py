@@ -3,7 +3,7 @@ spares, its JSON form in state.json, and how a saved layout is checked against i
 
 The planner that fills and empties slots is tested in test_runtime.py; that HAProxy
 accepts the lines and serves a slot-filled node as a file server, with real traffic, in
-tests/integration/test_slots.py and test_server_lines.py.
+tests/integration/test_server_slots.py and test_server_lines.py.
 """
 
 from __future__ import annotations
