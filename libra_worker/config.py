@@ -161,9 +161,11 @@ class HAProxySettings:
     stop_grace: float = 5.0
     reload_attempts: int = 3
     reload_retry_wait: float = 1.0
-    # Quiet seconds after an UPDATE added servers at runtime before a reload makes them
-    # file servers (HAProxy 2.6 reuses no connection to a server added at runtime); 0: never.
-    consolidate_after: float = 0.1
+    # Spare server lines per backend (at least; one per 10 nodes beyond): node changes
+    # fill them at runtime, and only a backend out of them reloads (drivers/haproxy/slots.py).
+    spare_servers: int = 8
+    # The obsolete consolidate_after was set: accepted, ignored, and warned about.
+    consolidate_after_given: bool = False
     template_dir: Path | None = None
     log_max_bytes: int = 64 * 1024 * 1024
     archive_timeout: float = 15.0
@@ -373,9 +375,10 @@ def _build(parser: StrictParser) -> Config:
         reload_retry_wait=parser.getfloat(
             "haproxy", "reload_retry_wait", fallback=defaults.reload_retry_wait, at_least=0
         ),
-        consolidate_after=parser.getfloat(
-            "haproxy", "consolidate_after", fallback=defaults.consolidate_after, at_least=0
-        ),
+        spare_servers=parser.getint("haproxy", "spare_servers",
+                                    fallback=defaults.spare_servers, at_least=1),
+        consolidate_after_given=parser.get("haproxy", "consolidate_after",
+                                           fallback=None) is not None,
         template_dir=_path(parser.get("haproxy", "template_dir", fallback="")),
         log_max_bytes=parser.getint("archive", "log_max_bytes", fallback=defaults.log_max_bytes,
                                     at_least=1),

@@ -2,8 +2,9 @@
 
 The state file is small JSON, replaced atomically. It holds the lifecycle (ACTIVE,
 SUSPENDED, DELETED), when it last changed, the validated load-balancer definition of the
-last accepted UPDATE (in message form, so it is re-validated when read back), and what the
-reconciler has had to repair (restarts, last error).
+last accepted UPDATE (in message form, so it is re-validated when read back) with the server
+slots its file renders (drivers/haproxy/slots.py; absent in files of earlier releases), and
+what the reconciler has had to repair (restarts, last error).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class DesiredState:
     loadbalancers: list[dict[str, Any]] = field(default_factory=list)
     restarts: int = 0  # HAProxy restarts done by the reconciler
     last_error: str | None = None  # the last crash or failure sentence
+    layout: Any = None  # the driver's server slots for `loadbalancers`, in JSON form
 
     def moved_to(self, lifecycle: Lifecycle, **changes: Any) -> "DesiredState":
         return replace(self, lifecycle=lifecycle, since=utc_now(), **changes)
@@ -75,6 +77,7 @@ class StateStore:
                 loadbalancers=raw.get("loadbalancers", []),
                 restarts=int(raw.get("restarts", 0)),
                 last_error=raw.get("last_error"),
+                layout=raw.get("layout"),
             )
         except FileNotFoundError:
             return DesiredState()

@@ -629,9 +629,6 @@ class Worker:
             f"bind_address = {LOOPBACK}",
             "command_timeout = 15",
             "stop_grace = 3",
-            # Tests read "applied at runtime" from unchanged HAProxy workers; the reload that
-            # follows a runtime add has its own test (test_runtime_changes.py).
-            "consolidate_after = 0",
             f"peers_address = {LOOPBACK}:{self.peers_port}",
             "",
             "[archive]",

@@ -204,8 +204,8 @@ def test_the_cookie_keeps_a_browser_on_its_node(worker, libra, http_backend, fre
     assert given == cookies[node]
     stays(node)
 
-    # A node-only UPDATE: web-c joins at runtime, without a reload, with its own cookie
-    # from its first answer on (HAProxy 2.6 computes none on `add server` by itself).
+    # A node-only UPDATE: web-c joins at runtime in a spare server slot, without a reload,
+    # with its own cookie from its first answer on (derived at `set server ... addr`).
     lb.nodes.append(libra_node(103, web_c))
     before = haproxy_workers(worker)
     assert libra.send_update(worker.function, lb)[0]

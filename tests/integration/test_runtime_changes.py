@@ -4,7 +4,9 @@ The real worker runs against a real gearmand and HAProxy (the fixtures in confte
 Whether an UPDATE reloaded is read from HAProxy itself: the master CLI's `show proc`
 names the current worker, and a reload replaces it. Each runtime change runs under a
 traffic loop of back-to-back requests through the load balancer, which must see no
-failure; afterwards the traffic must reach exactly the new node set.
+failure; afterwards the traffic must reach exactly the new node set. What the server
+slots add (connection reuse, cookies, backup slots, running out, restarts) is in
+test_server_slots.py.
 """
 
 from __future__ import annotations
@@ -101,9 +103,12 @@ def test_adding_nodes_under_traffic_needs_no_reload(worker, http_backend, free_p
     assert set(traffic(url(port), 30)[0]) == {"add-a", "add-b", "add-c"}
     assert d.paths == []
     assert sorted(node_statuses(worker.submit("STATS"))) == ["add-a", "add-b", "add-c", "add-d"]
+    # New nodes fill the first spare slots, and the file says so for the next start.
     config = worker.haproxy_config()
-    assert f"server add-c 127.0.0.1:{c.port} weight 1 check" in config
-    assert f"server add-d 127.0.0.1:{d.port} weight 1 check inter 30s fall 2 rise 2 disabled" in config
+    assert f"server slot:1 127.0.0.1:{c.port} weight 1 check inter 30s fall 2 rise 2\n" in config
+    assert f"server slot:2 127.0.0.1:{d.port} weight 1 check inter 30s fall 2 rise 2 disabled\n" in config
+    assert {(s[1], s[3], s[5]) for s in served_servers(worker) if s[1] in ("slot:1", "slot:2")} == {
+        ("slot:1", c.port, True), ("slot:2", d.port, False)}
 
 
 def test_haproxy_killed_after_an_unchecked_runtime_update_restarts_serving_it(
@@ -127,40 +132,8 @@ def test_haproxy_killed_after_an_unchecked_runtime_update_restarts_serving_it(
                "the reconciler to restart HAProxy")
     wait_until(lambda: set(traffic(url(port), 20)[0]) == {"k9rt-b", "k9rt-c"}, 10,
                "the restarted HAProxy to serve the UPDATE's nodes")
-    assert {(s[1], s[4]) for s in served_servers(worker)} == {("k9rt-b", 3), ("k9rt-c", 1)}
-
-
-def test_servers_added_at_runtime_become_file_servers_once_updates_are_quiet(
-        worker_factory, http_backend, free_port):
-    """HAProxy 2.6 reuses no connection to a server added at runtime, so a hitless reload
-    follows once UPDATEs are quiet for `consolidate_after`: the UPDATE itself does not
-    wait for it, and no request fails across it."""
-    worker = worker_factory(start=False)
-    worker.config_path.write_text(worker.config_path.read_text().replace(
-        "consolidate_after = 0\n", "consolidate_after = 0.5\n"))
-    worker.start()
-    a, b = http_backend("quiet-a"), http_backend("quiet-b")
-    port = free_port()
-    workers = start_lb(worker, port, [a.node()])
-
-    with TrafficLoop(url(port)) as loop:
-        reply = worker.submit(update(lb("HTTP", port, [a.node(), b.node()])))
-        assert reply["hpcs_response"] == "PASS", reply
-        assert RUNTIME_LINE in worker.log_text()
-        wait_until(lambda: "servers added at runtime reuse connections" in worker.log_text(),
-                   10, "the reload after the runtime add")
-        after = loop.total
-        wait_until(lambda: loop.total >= after + REQUESTS_AFTER, 20, "requests after the reload")
-
-    assert loop.errors == [], loop.errors[:5]
-    assert set(current_workers(worker)).isdisjoint(workers)
-    assert set(traffic(url(port), 10)[0]) == {"quiet-a", "quiet-b"}
-    # Only a runtime add calls for it: a re-weighting alone leaves the workers alone.
-    workers = current_workers(worker)
-    passed_update = worker.submit(update(lb("HTTP", port, [a.node(), b.node(weight=3)])))
-    assert passed_update["hpcs_response"] == "PASS", passed_update
-    time.sleep(1.5)
-    assert current_workers(worker) == workers
+    # k9rt-c fills a slot; k9rt-a's server stays, retired in maintenance.
+    assert {(s[1], s[4]) for s in served_servers(worker) if s[5]} == {("k9rt-b", 3), ("slot:1", 1)}
 
 
 def test_removing_nodes_under_traffic_needs_no_reload(worker, http_backend, free_port):
@@ -176,7 +149,11 @@ def test_removing_nodes_under_traffic_needs_no_reload(worker, http_backend, free
     assert traffic(url(port), 10) == ({"rm-a": 10}, 0)
     assert len(b.paths) + len(c.paths) == served_by_removed
     assert list(node_statuses(worker.submit("STATS"))) == ["rm-a"]
-    assert "rm-b" not in worker.haproxy_config()
+    # Retired: in maintenance until the next reload, its line a placeholder in the file.
+    assert ("server rm-b 127.0.0.1:1 weight 1 check inter 30s fall 2 rise 2 disabled\n"
+            in worker.haproxy_config())
+    assert {(s[1], s[5]) for s in served_servers(worker) if s[1].startswith("rm-")} == {
+        ("rm-a", True), ("rm-b", False), ("rm-c", False)}
 
 
 def test_replacing_every_node_under_traffic_needs_no_reload(worker, http_backend, free_port):
@@ -259,14 +236,18 @@ def test_a_reload_of_the_rewritten_file_serves_what_the_runtime_changes_built(
         monitor=http_monitor("/health", delay=1, timeout=1, attempts=2))))
     assert reply["hpcs_response"] == "PASS", reply
     assert_applied_at_runtime(worker, workers, 0)
-    built_at_runtime = served_servers(worker)
+    # The servers that serve nodes; b's retired one and the empty slots are in
+    # maintenance, still at their last address until the reload puts the placeholder.
+    serving = {"same-a", "same-c", "slot:9"}
+    built_at_runtime = {s for s in served_servers(worker) if s[1] in serving}
 
     worker.haproxy.reload()  # what a restart would do: only the file counts
 
     assert set(current_workers(worker)).isdisjoint(workers)
-    assert served_servers(worker) == built_at_runtime
+    assert {s for s in served_servers(worker) if s[1] in serving} == built_at_runtime
     assert {(s[1], s[4], s[5], s[6]) for s in built_at_runtime} == {
-        ("same-a", 5, True, False), ("same-c", 1, False, False), ("same-d", 4, True, True)}
+        ("same-a", 5, True, False), ("same-c", 1, False, False), ("slot:9", 4, True, True)}
+    assert sorted(node_statuses(worker.submit("STATS"))) == ["same-a", "same-c", "same-d"]
 
 
 # ---------------------------------------------------------------------- what still reloads
@@ -313,15 +294,37 @@ def test_a_monitor_change_reloads(worker, http_backend, free_port):
     wait_until(lambda: b.health_checks > 0, 15, "the new HTTP monitor to check a node")
 
 
-def test_a_backup_flag_change_reloads(worker, http_backend, free_port):
+def test_a_backup_flag_change_moves_the_node_to_a_backup_slot_without_reload(
+        worker, http_backend, free_port):
     port, a, b = reload_case(http_backend, free_port, "bck")
     workers = start_lb(worker, port, [a.node(), b.node()])
 
     loop = submit_under_traffic(worker, port, update(lb("HTTP", port, [a.node(), b.node(backup=True)])))
 
     assert loop.errors == []
-    assert_reloaded(worker, workers, "the change is more than nodes")
+    assert_applied_at_runtime(worker, workers, 0)
     assert traffic(url(port), 10) == ({"bck-a": 10}, 0)
+    # The first backup slot (after 8 normal spares) serves it; its old server is retired.
+    assert {(s[1], s[5], s[6]) for s in served_servers(worker) if s[1] in ("bck-b", "slot:9")} == {
+        ("bck-b", False, False), ("slot:9", True, True)}
+    assert sorted(node_statuses(worker.submit("STATS"))) == ["bck-a", "bck-b"]
+
+
+def test_an_address_change_moves_the_node_to_a_slot_without_reload(
+        worker, http_backend, free_port):
+    port, a, b = reload_case(http_backend, free_port, "addr")
+    elsewhere = http_backend("addr-b-moved")
+    workers = start_lb(worker, port, [a.node(), b.node()])
+
+    loop = submit_under_traffic(worker, port, update(lb("HTTP", port, [
+        a.node(), b.node(port=elsewhere.port)])))
+
+    assert loop.errors == []
+    assert_applied_at_runtime(worker, workers, 0)
+    served_at_old = len(b.paths)
+    assert set(traffic(url(port), 20)[0]) == {"addr-a", "addr-b-moved"}
+    assert len(b.paths) == served_at_old
+    assert sorted(node_statuses(worker.submit("STATS"))) == ["addr-a", "addr-b"]
 
 
 def test_a_verification_mismatch_reloads_and_the_reload_repairs_it(worker, http_backend, free_port):
@@ -336,7 +339,7 @@ def test_a_verification_mismatch_reloads_and_the_reload_repairs_it(worker, http_
     assert reply["hpcs_response"] == "PASS", reply
     assert_reloaded(worker, workers, "the runtime change failed: the running servers differ "
                                      "from the UPDATE: lb-http/drift-b is in maintenance")
-    assert {(s[1], s[4], s[5]) for s in served_servers(worker)} == {
+    assert {(s[1], s[4], s[5]) for s in served_servers(worker) if not s[1].startswith("slot:")} == {
         ("drift-a", 1, True), ("drift-b", 2, True)}
 
 
@@ -375,7 +378,8 @@ def test_a_removed_server_with_open_connections_is_retired_without_cutting_them(
     Each held TCP connection keeps its node's server busy (the backends wait up to 5 s for
     a line), as keep-alive clients do for HTTP. The UPDATE must still be applied at
     runtime; the removed server is retired in maintenance, answers on its open connection,
-    takes no new one, is absent from STATS, and is deleted once its connection ended.
+    takes no new one, is absent from STATS, and stays retired (never deleted: it is a
+    line of the file) once its connection ended.
     """
     a, b = tcp_backend("held-a"), tcp_backend("held-b")
     port = free_port()
@@ -403,8 +407,10 @@ def test_a_removed_server_with_open_connections_is_retired_without_cutting_them(
         with socket.create_connection(("127.0.0.1", port), timeout=5) as fresh:
             fresh.sendall(b"new\n")
             assert fresh.recv(64) == b"held-a"
-    wait_until(lambda: _server_state(worker, "held-b") is None, 15,
-               "the retired server to be deleted")
+    wait_until(lambda: not _server_has_sessions(worker, "held-b"), 15,
+               "the retired server's connection to end")
+    assert _server_state(worker, "held-b").split()[6] != "0", "the retired server left maintenance"
+    assert list(node_statuses(worker.submit("STATS"))) == ["held-a"]
     assert current_workers(worker) == workers
 
 
@@ -431,6 +437,9 @@ def test_a_node_back_while_its_server_is_retired_is_revived_at_runtime(
                 answers.add(fresh.recv(64).decode())
         assert answers == {"back-a", "back-b"}
         assert sorted(node_statuses(worker.submit("STATS"))) == ["back-a", "back-b"]
+        # Its own server again (still connected to the same address), not a slot.
+        assert {(s[1], s[4], s[5]) for s in served_servers(worker) if s[5]} == {
+            ("back-a", 1, True), ("back-b", 3, True)}
     finally:
         for connection in held:
             connection.close()

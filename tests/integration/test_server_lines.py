@@ -10,6 +10,11 @@ attempts, which go into the server line; HTTP backends with their dynamic persis
 cookie, GALERA load balancers one primary and backups) and each rendered file is checked by the
 HAProxy binary the worker runs. Each example carries many nodes, so a few dozen checks
 cover thousands of server lines.
+
+The lines are rendered over server slots (drivers/haproxy/slots.py) as node-only UPDATEs
+leave them: some nodes served by spare slots (`slot:<n>`, normal and backup), their own
+servers retired as placeholders, and the remaining spares as placeholders too, all in
+one file; the layout is also read back from its JSON form, as a restart does.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libra_worker.drivers.haproxy import render
+from libra_worker.drivers.haproxy import render, slots
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.messages import MAX_MONITOR_SECONDS, MAX_WEIGHT, parse_device
 
@@ -86,6 +91,30 @@ def devices(draw: st.DrawFn) -> dict[str, Any]:
     return {"loadbalancers": loadbalancers}
 
 
+@st.composite
+def layouts(draw: st.DrawFn, device: Any) -> slots.Layout:
+    """A layout node-only UPDATEs could have left: each node either under its own id or
+    moved into a spare of its kind (its own line then a retired placeholder)."""
+    layout = []
+    for lb_slots, lb in zip(slots.fresh(device), device.loadbalancers):
+        entries = list(lb_slots)
+        next_spare = len(entries) - len(lb.nodes) + 1
+        for node in lb.nodes:
+            if not draw(st.booleans()):
+                continue
+            own = next(i for i, slot in enumerate(entries) if slot.node == node.id)
+            entries[own] = slots.Slot(node.id, node.backup)
+            free = [i for i, slot in enumerate(entries)
+                    if slot.spare and slot.node is None and slot.backup == node.backup]
+            if free:
+                entries[free[0]] = slots.Slot(entries[free[0]].name, node.backup, node.id)
+            else:
+                entries.append(slots.Slot(f"slot:{next_spare}", node.backup, node.id))
+                next_spare += 1
+        layout.append(tuple(entries))
+    return tuple(layout)
+
+
 @pytest.fixture(scope="module")
 def checker(tmp_path_factory: pytest.TempPathFactory) -> tuple[HAProxyProcess, Path]:
     root = tmp_path_factory.mktemp("server-lines")
@@ -96,14 +125,16 @@ def checker(tmp_path_factory: pytest.TempPathFactory) -> tuple[HAProxyProcess, P
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.data_too_large])
-@given(document=devices())
-def test_every_valid_node_set_renders_a_file_haproxy_accepts(checker, document):
+@given(document=devices(), data=st.data())
+def test_every_valid_node_set_renders_a_file_haproxy_accepts(checker, document, data):
     process, root = checker
     device = parse_device(document)  # the generator stays inside what the validator accepts
+    layout = data.draw(layouts(device))
+    assert slots.from_document(slots.to_document(layout), device) == layout
     context = render.build_context(
         device, listen_address="127.0.0.1", maxconn=1024,
         paths=render.RuntimePaths(root / "stats.sock", root / "log.sock"),
-        persistence=PERSISTENCE)
+        persistence=PERSISTENCE, layout=layout)
     config = root / "haproxy.cfg"
     config.write_text(render.render(render.template_environment(), context))
 

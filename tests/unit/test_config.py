@@ -98,6 +98,22 @@ def test_persistence_turned_off_per_protocol(write_config, tmp_path):
         load(write_config(minimal(tmp_path, "[haproxy]\ntcp_source_persistence = sometimes\n")))
 
 
+def test_spare_servers_read_and_bounded(write_config, tmp_path):
+    assert load(write_config(minimal(tmp_path))).haproxy.spare_servers == 8
+    settings = load(write_config(minimal(tmp_path, "[haproxy]\nspare_servers = 40\n"))).haproxy
+    assert settings.spare_servers == 40
+    with pytest.raises(ConfigError, match=r"\[haproxy\] spare_servers: 0 must be at least 1"):
+        load(write_config(minimal(tmp_path, "[haproxy]\nspare_servers = 0\n")))
+
+
+@pytest.mark.parametrize("value", ["0.1", "0", "whatever"])
+def test_the_obsolete_consolidate_after_is_accepted_and_noted(write_config, tmp_path, value):
+    # A configuration of an earlier release must still start; the driver warns once.
+    assert not load(write_config(minimal(tmp_path))).haproxy.consolidate_after_given
+    settings = load(write_config(minimal(tmp_path, f"[haproxy]\nconsolidate_after = {value}\n")))
+    assert settings.haproxy.consolidate_after_given
+
+
 def test_function_defaults_to_hostname_when_blank(write_config, tmp_path):
     text = minimal(tmp_path, "[gearman]\nfunction =   \n")
     assert load(write_config(text)).gearman.function == socket.gethostname()

@@ -361,6 +361,20 @@ def test_state_round_trip(tmp_path):
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
 
 
+def test_state_keeps_the_server_slots_and_reads_a_file_without_them(tmp_path):
+    store = StateStore(tmp_path / "state.json")
+    layout = [["a", ["slot:1", False, "b"], ["slot:2", True, None]]]
+    store.save(DesiredState(Lifecycle.ACTIVE, "2024-05-06T07:08:09Z",
+                            [{"protocol": "HTTP", "port": 80}], layout=layout))
+    assert StateStore(store.path).load().layout == layout
+    # A state file of a release without slots: no layout, the driver derives one.
+    document = json.loads(store.path.read_text())
+    del document["layout"]
+    store.path.write_text(json.dumps(document))
+    assert StateStore(store.path).load() == DesiredState(
+        Lifecycle.ACTIVE, "2024-05-06T07:08:09Z", [{"protocol": "HTTP", "port": 80}])
+
+
 def test_state_moved_to_changes_lifecycle_and_time(tmp_path):
     store = StateStore(tmp_path / "state.json")
     old = DesiredState(Lifecycle.ACTIVE, "2000-01-01T00:00:00Z", [{"protocol": "TCP"}])

@@ -414,11 +414,15 @@ def test_malicious_strings_never_add_config_lines(field, value, rendered):
 
 
 def test_injection_baseline_is_sane(rendered):
-    # The baseline message must itself render, with exactly one server line.
+    # The baseline message must itself render, with exactly one node's server line (the
+    # others are the spare slots: in maintenance, at the placeholder).
     text = rendered(parse(_message("node.id", "n1")).device)
-    assert [line.strip() for line in text.splitlines() if line.strip().startswith("server ")] == [
+    servers = [line.strip() for line in text.splitlines() if line.strip().startswith("server ")]
+    assert [line for line in servers if not line.startswith("server slot:")] == [
         "server n1 127.0.0.2:80 weight 1 check inter 5s fall 2 rise 2"
     ]
+    assert all(line.startswith("server slot:") and " 127.0.0.1:1 " in line
+               and line.endswith(" disabled") for line in servers[1:])
     assert "option httpchk GET '/ok'" in text
 
 

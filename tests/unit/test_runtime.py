@@ -13,14 +13,14 @@ import shutil
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import pytest
 
-from libra_worker.drivers.haproxy import render, runtime
+from libra_worker.drivers.haproxy import runtime
+from libra_worker.drivers.haproxy.slots import Layout, Slot, fresh
 from libra_worker.drivers.haproxy.runtime import (
     Command,
     DesiredServer,
@@ -75,255 +75,260 @@ def texts(plan: runtime.RuntimePlan) -> list[str]:
 
 
 BASE = device(http_lb(node("a", 8001), node("b", 8002, weight=2)))
+MORE_THAN_NODES = "the change is more than nodes added, removed or changed"
 
 
 # ---------------------------------------------------------------------- the diff: node changes
 
 
-COOKIES = render.Persistence(http_cookie=True, tcp_source=True, peer=("127.0.0.1", 7441),
-                             cookie_key="ab" * 32)
+def plan(old: Device, new: Device, layout: Layout | None = None,
+         busy: Collection[str] = ()) -> runtime.RuntimePlan | str:
+    """`plan_node_changes` over `old`'s fresh layout (2 normal, 2 backup spares), with the
+    servers named in `busy` still holding connections."""
+    return plan_node_changes(old, new, fresh(old, spares=2) if layout is None else layout,
+                             lambda backend, position, slot, node: slot.name not in busy)
 
 
-def test_servers_added_to_a_cookie_backend_get_their_cookies_before_they_serve():
-    added = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003),
-                           node("d", 8004, enabled=False)))
-
-    plan = plan_node_changes(BASE, added, persistence=COOKIES)
-
-    assert plan is not None
-    # HAProxy 2.6 computes no cookie on `add server`: once for both, then they serve.
-    assert texts(plan) == [
-        f"add server lb-http/c 127.0.0.2:8003 weight 1 {CHECK}",
-        f"add server lb-http/d 127.0.0.2:8004 weight 1 {CHECK} disabled",
-        "enable dynamic-cookie backend lb-http",
-        "enable health lb-http/c",
-        "enable server lb-http/c",
-        "enable health lb-http/d",
-    ]
-    assert plan.added == ("lb-http/c", "lb-http/d")
-    assert "enable dynamic-cookie backend lb-http" not in texts(plan_node_changes(BASE, added))
+def fill(server: str, address: str, port: int, weight: int = 1, ready: bool = True) -> list[str]:
+    return ([f"set server {server} addr {address} port {port}", f"set server {server} weight {weight}",
+             f"enable health {server}"] + ([f"set server {server} state ready"] if ready else []))
 
 
-def test_a_cookie_backend_without_additions_needs_no_cookie_command():
-    changed = device(http_lb(node("a", 8001, weight=5)))
-    plan = plan_node_changes(BASE, changed, persistence=COOKIES)
-    assert texts(plan) == ["set server lb-http/a weight 5", "set server lb-http/b state maint"]
-    # A retired server keeps the cookie it was given: it comes back as it was.
-    back = plan_node_changes(changed, BASE, {"lb-http/b": node("b", 8002, weight=2)},
-                             persistence=COOKIES)
-    assert texts(back) == ["set server lb-http/b state ready", "set server lb-http/a weight 1"]
-
-
-def test_tcp_and_galera_backends_have_no_cookie_to_compute():
-    for protocol in (Protocol.TCP, Protocol.GALERA):
-        old = device(http_lb(node("a", 8001), protocol=protocol, port=3306))
-        new = device(http_lb(node("a", 8001), node("b", 8002, backup=True), protocol=protocol,
-                             port=3306))
-        plan = plan_node_changes(old, new, persistence=COOKIES)
-        assert plan.added == ("lb-tcp/b",)
-        assert not any("dynamic-cookie" in text for text in texts(plan))
-
-
-def test_an_identical_update_needs_no_command_and_touches_no_server():
-    plan = plan_node_changes(BASE, BASE)
-
-    assert plan is not None
-    assert (plan.commands, plan.removals, plan.added, plan.changed) == ((), (), (), ())
-    assert plan.backends == ("lb-http",)
-    assert plan.desired == ()
-
-
-def test_an_identical_update_sends_nothing_to_haproxy(fake_socket):
-    fake = fake_socket({})
-
-    assert runtime.apply_plan(plan_node_changes(BASE, BASE), fake.path, timeout=2) == ()
-    assert fake.received == []
-
-
-def test_only_the_changed_servers_are_expected():
-    new = device(http_lb(node("a", 8001), node("b", 8002, weight=3), node("c", 8003)))
-
-    plan = plan_node_changes(BASE, new)
-
-    assert plan is not None
-    assert plan.desired == (
-        DesiredServer("lb-http", "c", "127.0.0.2", 8003, 1, False, True),
-        DesiredServer("lb-http", "b", "127.0.0.2", 8002, 3, False, True),
-    )
-
-
-def test_a_new_node_is_added_checked_then_enabled_with_its_config_line_options():
+def test_a_new_node_fills_the_first_spare_address_weight_checks_then_ready():
     new = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003, weight=7)))
 
-    plan = plan_node_changes(BASE, new)
+    result = plan(BASE, new)
 
-    assert plan is not None
-    assert plan.commands == (
-        Command(f"add server lb-http/c 127.0.0.2:8003 weight 7 {CHECK}", runtime.ADDED),
-        Command("enable health lb-http/c", ""),
-        Command("enable server lb-http/c", ""),
-    )
-    assert plan.added == ("lb-http/c",)
-    assert [server.name for server in plan.desired] == ["c"]
+    assert isinstance(result, runtime.RuntimePlan)
+    assert texts(result) == fill("lb-http/slot:1", "127.0.0.2", 8003, weight=7)
+    assert result.commands[0] == Command("set server lb-http/slot:1 addr 127.0.0.2 port 8003",
+                                         runtime.ADDRESS_SET, ending=True)
+    assert result.added == ("lb-http/slot:1",)
+    assert result.desired == (DesiredServer("lb-http", "slot:1", "127.0.0.2", 8003, 7, False, True),)
+    assert result.layout == ((Slot("a", False, "a"), Slot("b", False, "b"),
+                              Slot("slot:1", False, "c"), Slot("slot:2", False),
+                              Slot("slot:3", True), Slot("slot:4", True)),)
 
 
-def test_a_new_backup_node_carries_the_backup_keyword():
+def test_a_new_backup_node_fills_a_backup_slot():
     new = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003, backup=True)))
 
-    plan = plan_node_changes(BASE, new)
+    result = plan(BASE, new)
 
-    assert plan is not None
-    assert texts(plan)[0] == f"add server lb-http/c 127.0.0.2:8003 weight 1 {CHECK} backup"
-    assert plan.desired[-1].backup is True
+    assert texts(result) == fill("lb-http/slot:3", "127.0.0.2", 8003)
+    assert result.desired[-1].backup is True
 
 
-def test_a_new_disabled_node_is_added_in_maintenance_with_checks_ready():
+def test_a_new_disabled_node_fills_a_slot_that_stays_in_maintenance():
     new = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003, enabled=False)))
 
-    plan = plan_node_changes(BASE, new)
+    result = plan(BASE, new)
 
-    assert plan is not None
-    assert texts(plan) == [
-        f"add server lb-http/c 127.0.0.2:8003 weight 1 {CHECK} disabled",
-        "enable health lb-http/c",
-    ]
-    assert plan.desired[-1].enabled is False
+    assert texts(result) == fill("lb-http/slot:1", "127.0.0.2", 8003, ready=False)
+    assert result.desired[-1].enabled is False
 
 
-def test_a_new_ipv6_node_uses_haproxy_address_syntax():
+def test_a_new_ipv6_node_is_given_its_address_and_port_apart():
     ipv6 = Node(id="v6", address="2001:db8::5", port=443)
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2), ipv6)))
 
-    assert plan is not None
-    assert texts(plan)[0] == f"add server lb-http/v6 2001:db8::5:443 weight 1 {CHECK}"
+    result = plan(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2), ipv6)))
+
+    assert texts(result)[0] == "set server lb-http/slot:1 addr 2001:db8::5 port 443"
 
 
-def test_a_node_without_id_is_named_as_the_configuration_names_it():
+def test_a_node_without_id_fills_a_slot_under_the_id_the_worker_gives_it():
     old = parse_device({"loadbalancers": [
         {"protocol": "HTTP", "port": 80, "nodes": [{"address": "10.0.0.1", "port": 80}]}]})
     new = parse_device({"loadbalancers": [
         {"protocol": "HTTP", "port": 80, "nodes": [{"address": "10.0.0.1", "port": 80},
                                                    {"address": "10.0.0.2", "port": 80}]}]})
 
-    plan = plan_node_changes(old, new)
+    result = plan(old, new)
 
-    assert plan is not None
-    assert plan.added == ("lb-http/10.0.0.2_80",)
-
-
-def test_a_removed_node_goes_to_maintenance_then_is_deleted():
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001))))
-
-    assert plan is not None
-    assert texts(plan) == ["set server lb-http/b state maint"]
-    assert plan.removals == ("lb-http/b",)
-    assert plan.desired == ()
+    assert result.added == ("lb-http/slot:1",)
+    assert result.layout[0][1] == Slot("slot:1", False, "10.0.0.2_80")
 
 
-def test_removing_every_node_still_verifies_the_emptied_backend():
-    plan = plan_node_changes(BASE, device(http_lb()))
+def test_a_removed_node_goes_to_maintenance_and_keeps_its_server_retired():
+    result = plan(BASE, device(http_lb(node("a", 8001))))
 
-    assert plan is not None
-    assert plan.removals == ("lb-http/a", "lb-http/b")
-    assert plan.desired == ()
-    assert plan.backends == ("lb-http",)
+    assert texts(result) == ["set server lb-http/b state maint"]
+    assert result.removals == ("lb-http/b",)
+    assert result.desired == ()
+    assert result.layout[0][:2] == (Slot("a", False, "a"), Slot("b", False, None))
+
+
+def test_a_node_back_gets_its_own_retired_server_again():
+    removed = plan(BASE, device(http_lb(node("a", 8001))))
+
+    back = plan(device(http_lb(node("a", 8001))), BASE, removed.layout)
+
+    assert texts(back) == fill("lb-http/b", "127.0.0.2", 8002, weight=2)
+    assert back.layout == fresh(BASE, spares=2)
+
+
+def test_a_node_back_whose_old_server_still_holds_connections_elsewhere_fills_a_spare():
+    removed = plan(BASE, device(http_lb(node("a", 8001))))
+
+    back = plan(device(http_lb(node("a", 8001))), BASE, removed.layout, busy={"b"})
+
+    assert texts(back) == fill("lb-http/slot:1", "127.0.0.2", 8002, weight=2)
+
+
+def test_a_retired_server_is_never_given_to_another_node():
+    layout = ((Slot("a", False, "a"), Slot("b", False, None)),)
+
+    result = plan(device(http_lb(node("a", 8001))),
+                  device(http_lb(node("a", 8001), node("c", 8003))), layout)
+
+    assert result == "lb-http has no free server slot left"
+
+
+def test_a_spare_still_holding_connections_is_skipped():
+    new = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003)))
+
+    assert texts(plan(BASE, new, busy={"slot:1"}))[0].startswith("set server lb-http/slot:2 ")
+    assert plan(BASE, new, busy={"slot:1", "slot:2"}) == "lb-http has no free server slot left"
+
+
+def test_out_of_backup_slots_takes_a_reload_even_with_normal_ones_free():
+    new = device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                         *(node(f"k{i}", 9000 + i, backup=True) for i in range(3))))
+
+    assert plan(BASE, new) == "lb-http has no free backup server slot left"
 
 
 def test_a_weight_change_is_set_in_place():
     new = device(http_lb(node("a", 8001, weight=256), node("b", 8002, weight=2)))
 
-    plan = plan_node_changes(BASE, new)
+    result = plan(BASE, new)
 
-    assert plan is not None
-    assert texts(plan) == ["set server lb-http/a weight 256"]
-    assert plan.changed == ("lb-http/a",)
+    assert texts(result) == ["set server lb-http/a weight 256"]
+    assert result.changed == ("lb-http/a",)
+
+
+def test_a_node_in_a_slot_is_changed_under_the_slot_name():
+    grown = device(http_lb(node("a", 8001), node("b", 8002, weight=2), node("c", 8003)))
+    first = plan(BASE, grown)
+    changed = device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                             node("c", 8003, weight=9, enabled=False)))
+
+    result = plan(grown, changed, first.layout)
+
+    assert texts(result) == ["set server lb-http/slot:1 weight 9",
+                             "set server lb-http/slot:1 state maint"]
+    assert result.desired == (DesiredServer("lb-http", "slot:1", "127.0.0.2", 8003, 9, False, False),)
 
 
 def test_disabling_and_enabling_nodes_set_their_state():
     old = device(http_lb(node("a", 8001), node("b", 8002, enabled=False)))
     new = device(http_lb(node("a", 8001, enabled=False), node("b", 8002)))
 
-    plan = plan_node_changes(old, new)
+    result = plan(old, new)
 
-    assert plan is not None
-    assert texts(plan) == ["set server lb-http/a state maint", "set server lb-http/b state ready"]
-    assert plan.removals == ()
+    assert texts(result) == ["set server lb-http/a state maint", "set server lb-http/b state ready"]
+    assert result.removals == ()
 
 
 def test_weight_and_condition_change_together():
     new = device(http_lb(node("a", 8001), node("b", 8002, weight=5, enabled=False)))
 
-    plan = plan_node_changes(BASE, new)
-
-    assert plan is not None
-    assert texts(plan) == ["set server lb-http/b weight 5", "set server lb-http/b state maint"]
+    assert texts(plan(BASE, new)) == ["set server lb-http/b weight 5",
+                                      "set server lb-http/b state maint"]
 
 
 def test_reordered_nodes_need_no_command():
-    plan = plan_node_changes(BASE, device(http_lb(node("b", 8002, weight=2), node("a", 8001))))
+    result = plan(BASE, device(http_lb(node("b", 8002, weight=2), node("a", 8001))))
 
-    assert plan is not None
-    assert plan.commands == ()
+    assert result.commands == ()
+    assert result.layout == fresh(BASE, spares=2)
+
+
+def test_an_identical_update_needs_no_command_and_touches_no_server(fake_socket):
+    result = plan(BASE, BASE)
+    fake = fake_socket({})
+
+    assert (result.commands, result.removals, result.added, result.changed) == ((), (), (), ())
+    assert result.desired == ()
+    runtime.apply_plan(result, fake.path, timeout=2)
+    assert fake.received == []
+
+
+def test_removing_every_node_still_verifies_the_emptied_backend():
+    result = plan(BASE, device(http_lb()))
+
+    assert result.removals == ("lb-http/a", "lb-http/b")
+    assert result.backends == ("lb-http",)
+
+
+@pytest.mark.parametrize("changed, slot", [
+    pytest.param(node("a", 8001, backup=True), "slot:3", id="backup flag"),
+    pytest.param(node("a", 8009), "slot:1", id="port"),
+    pytest.param(Node(id="a", address="127.0.0.3", port=8001), "slot:1", id="address"),
+])
+def test_a_node_whose_server_line_changes_moves_to_a_slot_capacity_first(changed, slot):
+    result = plan(BASE, device(http_lb(changed, node("b", 8002, weight=2))))
+
+    assert texts(result) == [*fill(f"lb-http/{slot}", changed.address, changed.port),
+                             "set server lb-http/a state maint"]
+    assert result.moved == (f"lb-http/{slot}",)
+    assert result.removals == ("lb-http/a",)
+    assert result.summary() == "0 node(s) added, 0 removed, 0 changed, 1 moved"
+    placed = {entry.name: entry.node for entry in result.layout[0]}
+    assert placed["a"] is None and placed[slot] == "a"
+
+
+def test_a_slot_emptied_by_this_update_is_not_filled_by_it():
+    layout = ((Slot("slot:1", False, "x"), Slot("slot:2", False)),)
+    old = device(http_lb(node("x", 8001)))
+
+    result = plan(old, device(http_lb(node("x", 8005), node("y", 8006))), layout)
+
+    assert result == "lb-http has no free server slot left"
 
 
 def test_capacity_is_added_before_any_is_taken_away():
     old = device(http_lb(node("a", 8001), node("b", 8002), node("c", 8003)))
     new = device(http_lb(node("b", 8002, weight=3), node("d", 8004), node("c", 8003, enabled=False)))
 
-    plan = plan_node_changes(old, new)
+    result = plan(old, new)
 
-    assert plan is not None
-    assert texts(plan) == [
-        f"add server lb-http/d 127.0.0.2:8004 weight 1 {CHECK}",
-        "enable health lb-http/d",
-        "enable server lb-http/d",
+    assert texts(result) == [
+        *fill("lb-http/slot:1", "127.0.0.2", 8004),
         "set server lb-http/b weight 3",
         "set server lb-http/c state maint",
         "set server lb-http/a state maint",
     ]
-    assert plan.removals == ("lb-http/a",)
-    assert plan.summary() == "1 node(s) added, 1 removed, 2 changed"
+    assert result.removals == ("lb-http/a",)
+    assert result.summary() == "1 node(s) added, 1 removed, 2 changed, 0 moved"
 
 
 def test_both_load_balancers_are_planned_each_on_its_backend():
     old = device(http_lb(node("a", 8001)), tcp_lb(node("t", 9001)))
     new = device(http_lb(node("a", 8001, weight=4)), tcp_lb(node("u", 9002)))
 
-    plan = plan_node_changes(old, new)
+    result = plan(old, new)
 
-    assert plan is not None
-    assert texts(plan) == [
+    assert texts(result) == [
         "set server lb-http/a weight 4",
-        f"add server lb-tcp/u 127.0.0.2:9002 weight 1 {CHECK}",
-        "enable health lb-tcp/u",
-        "enable server lb-tcp/u",
+        *fill("lb-tcp/slot:1", "127.0.0.2", 9002),
         "set server lb-tcp/t state maint",
     ]
-    assert plan.removals == ("lb-tcp/t",)
-    assert plan.backends == ("lb-http", "lb-tcp")
+    assert result.removals == ("lb-tcp/t",)
+    assert result.backends == ("lb-http", "lb-tcp")
 
 
 def test_the_same_node_id_in_both_backends_is_two_servers():
     old = device(http_lb(node("n", 8001)), tcp_lb(node("n", 9001)))
     new = device(http_lb(node("n", 8001, weight=5)), tcp_lb())
 
-    plan = plan_node_changes(old, new)
+    result = plan(old, new)
 
-    assert plan is not None
-    assert plan.removals == ("lb-tcp/n",)
-    assert [(server.backend, server.name) for server in plan.desired] == [("lb-http", "n")]
+    assert result.removals == ("lb-tcp/n",)
+    assert [(server.backend, server.name) for server in result.desired] == [("lb-http", "n")]
 
 
 # ---------------------------------------------------------------------- the diff: reloads
-
-
-@pytest.mark.parametrize("changed", [
-    pytest.param(node("a", 8001, weight=1, backup=True), id="backup flag"),
-    pytest.param(node("a", 8009), id="port"),
-    pytest.param(Node(id="a", address="127.0.0.3", port=8001), id="address"),
-])
-def test_a_node_that_must_be_recreated_takes_a_reload(changed):
-    assert plan_node_changes(BASE, device(http_lb(changed, node("b", 8002, weight=2)))) is None
 
 
 @pytest.mark.parametrize("fields", [
@@ -346,22 +351,57 @@ def test_any_load_balancer_level_difference_takes_a_reload(fields):
     nodes = BASE.loadbalancers[0].nodes
     new = device(http_lb(*nodes, **fields))
 
-    assert plan_node_changes(BASE, new) is None
+    assert plan(BASE, new) == MORE_THAN_NODES
     # ... even when the nodes change too.
-    assert plan_node_changes(BASE, device(http_lb(*nodes[:1], **fields))) is None
+    assert plan(BASE, device(http_lb(*nodes[:1], **fields))) == MORE_THAN_NODES
 
 
 def test_adding_or_removing_a_load_balancer_takes_a_reload():
     both = device(http_lb(node("a", 8001)), tcp_lb(node("t", 9001)))
 
-    assert plan_node_changes(BASE, both) is None
-    assert plan_node_changes(both, device(http_lb(node("a", 8001)))) is None
+    assert plan(BASE, both) == MORE_THAN_NODES
+    assert plan(both, device(http_lb(node("a", 8001)))) == MORE_THAN_NODES
 
 
 def test_swapping_the_order_of_the_load_balancers_takes_a_reload():
     http, tcp = http_lb(node("a", 8001)), tcp_lb(node("t", 9001))
 
-    assert plan_node_changes(device(http, tcp), device(tcp, http)) is None
+    assert plan(device(http, tcp), device(tcp, http)) == MORE_THAN_NODES
+
+
+# ---------------------------------------------------------------------- is a slot free?
+
+
+def slot_row(name: str, addr: str = "127.0.0.2:8003", **held: int) -> dict[str, str]:
+    row = {"svname": name, "addr": addr}
+    row.update({column: str(held.get(column, 0)) for column in runtime.HELD})
+    return row
+
+
+@pytest.mark.parametrize("column", runtime.HELD)
+def test_a_slot_holding_a_session_or_a_server_connection_is_not_free(column):
+    spare = Slot("slot:1", False)
+    c = node("c", 8009)  # not the address the slot last had
+
+    assert runtime.slot_reusable(slot_row("slot:1"), spare, c)
+    assert not runtime.slot_reusable(slot_row("slot:1", **{column: 1}), spare, c)
+
+
+def test_a_server_still_connected_to_the_nodes_own_address_may_take_it_again():
+    own, spare = Slot("c", False), Slot("slot:1", False)
+
+    assert runtime.slot_reusable(slot_row("c", scur=3), own, node("c", 8003))
+    assert runtime.slot_reusable(slot_row("slot:1", used_conn_cur=3), spare, node("c", 8003))
+    assert not runtime.slot_reusable(slot_row("c", scur=3), own, node("c", 8004))
+    assert not runtime.slot_reusable(slot_row("slot:1", scur=1), spare,
+                                     Node(id="c", address="127.0.0.3", port=8003))
+    assert runtime.slot_reusable(slot_row("c", "[::1]:443", scur=1), own,
+                                 Node(id="c", address="::1", port=443))
+
+
+def test_a_row_of_another_server_or_none_is_no_free_slot():
+    assert not runtime.slot_reusable(slot_row("slot:2"), Slot("slot:1", False), node("c", 8003))
+    assert not runtime.slot_reusable(None, Slot("slot:1", False), node("c", 8003))
 
 
 # ---------------------------------------------------------------------- parsing the answers
@@ -576,41 +616,42 @@ def fake_socket() -> Iterator[Callable[[dict[str, str]], FakeStatsSocket]]:
 
 
 def test_an_unexpected_answer_stops_the_plan(fake_socket):
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
-                                                  node("c", 8003))))
-    fake = fake_socket({plan.commands[0].text: "unknown keyword 'foo'\n\n"})
+    result = plan(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
+                                       node("c", 8003))))
+    fake = fake_socket({result.commands[0].text: "'set server <srv> addr' : unknown\n\n"})
 
-    with pytest.raises(RuntimeChangeFailed, match="unknown keyword 'foo'"):
-        runtime.apply_plan(plan, fake.path, timeout=2)
-    assert fake.received == [plan.commands[0].text]
+    with pytest.raises(RuntimeChangeFailed, match="unknown"):
+        runtime.apply_plan(result, fake.path, timeout=2)
+    assert fake.received == [result.commands[0].text]
 
 
-def test_a_removed_server_still_connected_is_retired_not_failed(fake_socket):
+def test_the_answers_of_set_server_addr_are_accepted_by_their_ending():
+    command = Command("set server lb-http/slot:1 addr 127.0.0.2 port 8003", runtime.ADDRESS_SET,
+                      ending=True)
+
+    # HAProxy 2.6.12's own words, which say what changed.
+    assert command.accepts("IP changed from '127.0.0.1' to '127.0.0.2', port changed from '1' "
+                           "to '8003' by 'stats socket command'")
+    assert command.accepts("no need to change the addr, port changed from '1' to '8003' by "
+                           "'stats socket command'")
+    assert not command.accepts("Invalid addr.")
+    assert not Command("set server lb-http/a weight 2").accepts("No such server.")
+
+
+def test_a_removed_server_in_maintenance_passes_verification(fake_socket):
     # The running state of SERVERS_STATE: a and c serve, b (removed) is in maintenance.
     def at(id: str, port: int, **fields: object) -> Node:
         return Node(id=id, address="127.0.0.1", port=port, **fields)  # type: ignore[arg-type]
 
     old = device(http_lb(at("a", 26188), at("b", 27246), at("c", 31947, weight=3)))
-    plan = plan_node_changes(old, device(http_lb(at("a", 26188), at("c", 31947, weight=3))))
+    result = plan(old, device(http_lb(at("a", 26188), at("c", 31947, weight=3))))
     fake = fake_socket({"set server lb-http/b state maint": "\n",
-                        "del server lb-http/b": runtime.STILL_CONNECTED + "\n",
                         "show servers state lb-http": SERVERS_STATE,
                         "show stat 3 4 2": stat_of("b")})
 
-    assert runtime.apply_plan(plan, fake.path, timeout=2) == ("lb-http/b",)
-    assert fake.received == ["set server lb-http/b state maint", "del server lb-http/b",
+    runtime.apply_plan(result, fake.path, timeout=2)
+    assert fake.received == ["set server lb-http/b state maint",
                              "show servers state lb-http", "show stat 3 4 2"]
-
-
-def test_retired_servers_are_deleted_once_they_let_go(fake_socket):
-    fake = fake_socket({"del server lb-http/b": "Server deleted.\n",
-                        "del server lb-http/c": runtime.STILL_CONNECTED + "\n",
-                        "del server lb-http/d": "No such server.\n"})
-
-    retired = runtime.delete_retired(["lb-http/b", "lb-http/c", "lb-http/d"], fake.path,
-                                     time.monotonic() + 2)
-
-    assert retired == ("lb-http/c",)
 
 
 def test_a_retired_server_in_maintenance_is_no_mismatch_but_a_serving_one_is():
@@ -623,82 +664,57 @@ def test_a_retired_server_in_maintenance_is_no_mismatch_but_a_serving_one_is():
 
 
 def test_a_dead_stats_socket_fails_the_plan():
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001))))
+    result = plan(BASE, device(http_lb(node("a", 8001))))
 
     with pytest.raises(RuntimeChangeFailed, match="stats socket failed"):
-        runtime.apply_plan(plan, Path("/nonexistent/stats.sock"), timeout=1)
+        runtime.apply_plan(result, Path("/nonexistent/stats.sock"), timeout=1)
 
 
 def test_a_verification_mismatch_fails_the_plan(fake_socket):
     old = device(http_lb(node("a", 26188), node("c", 31947)))
-    plan = plan_node_changes(old, device(http_lb(node("a", 26188), node("c", 31947, weight=4))))
+    result = plan(old, device(http_lb(node("a", 26188), node("c", 31947, weight=4))))
     fake = fake_socket({"set server lb-http/c weight 4": "\n",
                         "show servers state lb-http": SERVERS_STATE,
                         "show stat 3 4 3": stat_of("c")})
 
     with pytest.raises(RuntimeChangeFailed, match="the running servers differ") as failure:
-        runtime.apply_plan(plan, fake.path, timeout=2)
+        runtime.apply_plan(result, fake.path, timeout=2)
     assert "lb-http/c has weight 3, not 4" in str(failure.value)
     assert "lb-http/a" not in str(failure.value)  # not touched, not read
 
 
 def test_a_server_the_plan_removed_that_still_serves_fails_the_plan(fake_socket):
     old = device(http_lb(node("a", 26188), node("c", 31947)))
-    plan = plan_node_changes(old, device(http_lb(node("a", 26188))))
+    result = plan(old, device(http_lb(node("a", 26188))))
     fake = fake_socket({"set server lb-http/c state maint": "\n",
-                        "del server lb-http/c": runtime.STILL_CONNECTED + "\n",
                         "show servers state lb-http": SERVERS_STATE,
                         "show stat 3 4 3": stat_of("c")})
 
     with pytest.raises(RuntimeChangeFailed, match="lb-http/c should not be running"):
-        runtime.apply_plan(plan, fake.path, timeout=2)
+        runtime.apply_plan(result, fake.path, timeout=2)
 
 
 def test_many_touched_servers_read_the_backend_stat_at_once(fake_socket):
     many = [node(f"m{i}", 9000 + i) for i in range(runtime._STAT_BY_ID_MAX + 1)]
-    plan = plan_node_changes(BASE, device(http_lb(*BASE.loadbalancers[0].nodes, *many)))
+    grown = device(http_lb(*BASE.loadbalancers[0].nodes, *many))
+    result = plan(BASE, grown, fresh(BASE, spares=len(many)))
     rows = "".join(f"3 lb-http {10 + i} {server.name} 127.0.0.2 2 0 1 1 0 15 3 3 6 0 0 0 - "
-                   f"{server.port} - 0 0 - - 0\n" for i, server in enumerate(plan.desired))
+                   f"{server.port} - 0 0 - - 0\n" for i, server in enumerate(result.desired))
     stat = _STAT_HEADER + "".join(f"lb-http,{server.name},0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,0,0,x\n"
-                                  for server in plan.desired)
-    answers = {command.text: command.expect + "\n" for command in plan.commands}
+                                  for server in result.desired)
+    answers = {command.text: command.expect + "\n" for command in result.commands}
     answers.update({"show servers state lb-http": "\n".join(SERVERS_STATE.split("\n")[:2]) + "\n" + rows,
                     "show stat 3 4 -1": stat})
     fake = fake_socket(answers)
 
-    assert runtime.apply_plan(plan, fake.path, timeout=5) == ()
+    runtime.apply_plan(result, fake.path, timeout=5)
     assert fake.received[-2:] == ["show servers state lb-http", "show stat 3 4 -1"]
 
 
 def test_the_whole_plan_is_bounded_by_its_timeout(fake_socket):
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001))))
+    result = plan(BASE, device(http_lb(node("a", 8001))))
     fake = fake_socket({"set server lb-http/b state maint": "\n"})
 
     with pytest.raises(RuntimeChangeFailed, match="time ran out"):
-        runtime.apply_plan(plan, fake.path, timeout=0)
+        runtime.apply_plan(result, fake.path, timeout=0)
     assert fake.received == []
-
-
-def test_a_node_coming_back_under_a_retired_name_is_revived_not_added():
-    retired = {"lb-http/c": node("c", 8003, weight=1)}
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
-                                                  node("c", 8003, weight=4))), retired)
-
-    assert texts(plan) == ["set server lb-http/c weight 4", "set server lb-http/c state ready"]
-    assert plan.added == ("lb-http/c",)
-
-
-def test_a_disabled_node_coming_back_under_a_retired_name_stays_in_maintenance():
-    retired = {"lb-http/c": node("c", 8003)}
-    plan = plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
-                                                  node("c", 8003, enabled=False))), retired)
-
-    assert texts(plan) == []
-    assert plan.added == ("lb-http/c",)
-
-
-def test_a_retired_name_coming_back_elsewhere_takes_a_reload():
-    retired = {"lb-http/c": node("c", 8003)}
-
-    assert plan_node_changes(BASE, device(http_lb(node("a", 8001), node("b", 8002, weight=2),
-                                                  node("c", 9999))), retired) is None

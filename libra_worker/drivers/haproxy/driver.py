@@ -11,7 +11,9 @@ checked live one in server lines only, and tests/integration/test_server_lines.p
 with the real `haproxy -c` that the validator and the shipped template make only server
 lines HAProxy accepts. An operator's own template is not covered by that proof, so with
 one every UPDATE is checked. The state file is the commit point: a restart re-renders the
-live file from it if they differ (`_undo_interrupted_update`).
+live file from it if they differ (`_undo_interrupted_update`). The server slots
+(slots.py: which server line serves which node, and the spares) are part of what the
+file renders, so they are saved in the state file with the UPDATE.
 
 Who keeps HAProxy and its log sink alive is `[haproxy] supervisor`. With "worker" the driver
 starts them, restarts them when they die (`reconcile`) and stops HAProxy for SUSPEND and
@@ -39,7 +41,7 @@ from typing import Any, Iterator
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
 from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
-from libra_worker.drivers.haproxy import cookie_key, render, runtime
+from libra_worker.drivers.haproxy import cookie_key, render, runtime, slots
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import (
@@ -111,17 +113,13 @@ class HAProxyDriver(LoadBalancerDriver):
         self._lock_file = settings.state_dir / "driver.lock"
         self._lock_depth = 0
         self._lock_fd = -1
-        # Servers removed at runtime that still had connections (see runtime.py), by
-        # "backend/name", with the node they served.
-        self._retired: dict[str, Node] = {}
-        # The last accepted Device, parsed once per state-file version.
-        self._accepted: tuple[DesiredState, Device | None] | None = None
+        # The last accepted Device and its slot layout, parsed once per state-file version.
+        self._accepted: tuple[DesiredState, Device | None, slots.Layout | None] | None = None
         # The configuration text last rendered for an accepted Device.
         self._rendered: tuple[Device, str] | None = None
-        # Servers ("backend/name") added at runtime and still serving: without connection
-        # reuse until a reload; the timer of the reload for them (see `_consolidate`).
-        self._added_at_runtime: set[str] = set()
-        self._consolidation: threading.Timer | None = None
+        if settings.consolidate_after_given:
+            LOG.warning("[haproxy] consolidate_after is obsolete and ignored: node changes "
+                        "fill server slots and never reload (see [haproxy] spare_servers)")
         self.supervised = settings.supervised_by_systemd
         # The master pid last seen: under systemd, a new one means its unit restarted it.
         self._master_seen: int | None = None
@@ -160,8 +158,6 @@ class HAProxyDriver(LoadBalancerDriver):
             running = self.process.is_running()
             repair = decide(desired.lifecycle, running, self.files.config.exists())
             if repair is Repair.NONE:
-                if running and self._retired:
-                    self._delete_retired()
                 if running and not self.logs.is_running():
                     # Without the sink, access lines (and the bytes METRICS bills) are lost.
                     LOG.warning("The log sink is not running: starting it again")
@@ -207,41 +203,38 @@ class HAProxyDriver(LoadBalancerDriver):
             running = not suspended and self.process.is_running()
             plan, reason = (self._runtime_plan(desired, accepted, previous, device)
                             if running else (None, ""))
-            text = self._render(device)
+            # A reload renders every node under its own id again, with new spares.
+            layout = plan.layout if plan else slots.fresh(device, self.settings.spare_servers)
+            text = self._render(device, layout)
             checked = plan is None or not self._template_is_shipped()
-            self._cancel_consolidation()  # this UPDATE's outcome decides it anew (finally)
+            # Always: a later start or reload must come up exactly as this UPDATE says.
+            # If the file is refused, the live one is untouched. Under systemd a
+            # suspended device keeps serving its idle file; ENABLE renders this one.
+            if suspended and self.supervised:
+                self._check(text)
+                self.files.candidate.unlink()
+            else:
+                self._install(text, checked)
             try:
-                # Always: a later start or reload must come up exactly as this UPDATE says.
-                # If the file is refused, the live one is untouched. Under systemd a
-                # suspended device keeps serving its idle file; ENABLE renders this one.
-                if suspended and self.supervised:
-                    self._check(text)
-                    self.files.candidate.unlink()
+                if suspended:
+                    LOG.info("Suspended: the new configuration is kept for ENABLE")
+                elif running:
+                    self._ensure_sink()
+                    self._apply_to_running(plan, reason, checked)
                 else:
-                    self._install(text, checked)
-                try:
-                    if suspended:
-                        LOG.info("Suspended: the new configuration is kept for ENABLE")
-                    elif running:
-                        self._ensure_sink()
-                        self._apply_to_running(plan, reason, accepted, checked)
-                    else:
-                        self._start()
-                    lifecycle = Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE
-                    saved = self._save(desired, lifecycle,
-                                       loadbalancers=device_document(device)["loadbalancers"])
-                except BaseException as exc:
-                    # Whatever failed (a refused reload, a full disk writing state.json, the
-                    # job's alarm), HAProxy goes back to what state.json says it serves, so
-                    # the reply's "left unchanged" holds and a restart brings up the same.
-                    self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
-                    raise
-            finally:
-                # Also after a failure: servers an earlier UPDATE added at runtime still
-                # want their consolidating reload.
-                if self._added_at_runtime and self._consolidation is None:
-                    self._schedule_consolidation()
-            self._accepted = (saved, device)  # what the state file now holds, already parsed
+                    self._start()
+                lifecycle = Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE
+                saved = self._save(desired, lifecycle,
+                                   loadbalancers=device_document(device)["loadbalancers"],
+                                   layout=slots.to_document(layout))
+            except BaseException as exc:
+                # Whatever failed (a refused reload, a full disk writing state.json, the
+                # job's alarm), HAProxy goes back to what state.json says it serves, so
+                # the reply's "left unchanged" holds and a restart brings up the same.
+                self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
+                raise
+            # What the state file now holds, already parsed.
+            self._accepted = (saved, device, layout)
             self._rendered = (device, text)
 
     def suspend(self) -> None:
@@ -250,7 +243,7 @@ class HAProxyDriver(LoadBalancerDriver):
         with self._exclusive():
             desired = self.store.load()
             if self.supervised:
-                self._serve(self._render(IDLE_DEVICE))
+                self._serve(self._render(IDLE_DEVICE, ()))
             else:
                 self.process.stop()
             if desired.lifecycle is Lifecycle.ACTIVE:
@@ -264,7 +257,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 if accepted is None:
                     raise WorkerError("Cannot enable: the saved load-balancer definition is "
                                       "no longer valid; send an UPDATE.")
-                self._serve(self._render(accepted))
+                self._serve(self._render(accepted, self.configured_layout()))
             elif not self.process.is_running():
                 self._start()
             if desired.lifecycle is not Lifecycle.ACTIVE:
@@ -276,7 +269,7 @@ class HAProxyDriver(LoadBalancerDriver):
             if self.supervised:
                 # HAProxy and the sink stay up, idle: their units, not DELETE, decide their
                 # life. The stored access lines go; the byte counters METRICS bills stay.
-                self._serve(self._render(IDLE_DEVICE))
+                self._serve(self._render(IDLE_DEVICE, ()))
                 self.logs.store.discard_lines()
             else:
                 self.process.stop()
@@ -286,7 +279,7 @@ class HAProxyDriver(LoadBalancerDriver):
             for path in (self.files.candidate, self.files.rejected):
                 path.unlink(missing_ok=True)
             if desired.lifecycle is not Lifecycle.DELETED:
-                self._save(desired, Lifecycle.DELETED, loadbalancers=[])
+                self._save(desired, Lifecycle.DELETED, loadbalancers=[], layout=None)
 
     def stats(self) -> DeviceStats:
         desired = self.store.load()
@@ -303,16 +296,19 @@ class HAProxyDriver(LoadBalancerDriver):
                 status=desired.lifecycle.value,
             )
         accepted = self.configured_device()
-        # Only the nodes of the last UPDATE: not servers retired in maintenance. A TCP and
-        # a GALERA load balancer share their backend's name: the UPDATE says which it is.
+        # Only the nodes of the last UPDATE, by node id, whatever slot serves them: not
+        # empty slots nor servers retired in maintenance. A TCP and a GALERA load balancer
+        # share their backend's name: the UPDATE says which it is.
         wanted = {
-            (render.PROXY_NAMES[lb.protocol], node.id): lb.protocol.value
-            for lb in (accepted.loadbalancers if accepted else ())
-            for node in lb.nodes
+            (render.PROXY_NAMES[lb.protocol], slot.name): (slot.node, lb.protocol.value)
+            for lb, lb_slots in zip(accepted.loadbalancers if accepted else (),
+                                    self.configured_layout() or ())
+            for slot in lb_slots if slot.node is not None
         }
         nodes = tuple(
-            NodeStatus(server.server, "UP" if server.is_up else "DOWN",
-                       wanted[server.backend, server.server])
+            NodeStatus(wanted[server.backend, server.server][0],
+                       "UP" if server.is_up else "DOWN",
+                       wanted[server.backend, server.server][1])
             for server in server_statuses(self.files.stats_socket)
             if (server.backend, server.server) in wanted
         )
@@ -369,10 +365,27 @@ class HAProxyDriver(LoadBalancerDriver):
 
     def configured_device(self) -> Device | None:
         """The definition of the last accepted UPDATE, re-validated from the state file."""
+        return self._parsed_state()[1]
+
+    def configured_layout(self) -> slots.Layout | None:
+        """The server slots the live file renders for `configured_device`."""
+        return self._parsed_state()[2]
+
+    def _parsed_state(self) -> tuple[DesiredState, Device | None, slots.Layout | None]:
         desired = self.store.load()
         if self._accepted is None or self._accepted[0] is not desired:
-            self._accepted = (desired, self._parse_accepted(desired))
-        return self._accepted[1]
+            device = self._parse_accepted(desired)
+            layout = None
+            if device is not None:
+                layout = slots.from_document(desired.layout, device)
+                if layout is None:
+                    if desired.layout is not None:
+                        LOG.error("The saved server slots do not fit the saved load balancers: "
+                                  "rendering them afresh")
+                    # A state file of a release without slots: what a reload renders.
+                    layout = slots.fresh(device, self.settings.spare_servers)
+            self._accepted = (desired, device, layout)
+        return self._accepted
 
     @staticmethod
     def _parse_accepted(desired: DesiredState) -> Device | None:
@@ -407,27 +420,20 @@ class HAProxyDriver(LoadBalancerDriver):
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _apply_to_running(self, plan: runtime.RuntimePlan | None, reason: str,
-                          accepted: Device | None, checked: bool) -> None:
+                          checked: bool) -> None:
         """Apply a node-only change through the Runtime API; reload for anything else.
 
         The new file is already installed; a reload is also the way back from a runtime
-        change that HAProxy refused or that did not verify.
+        change that HAProxy refused or that did not verify: the file renders the plan's
+        slots, so the reloaded HAProxy serves the same servers under the same names.
         """
-        if plan is not None and accepted is not None:
+        if plan is not None:
             try:
-                retired = runtime.apply_plan(
-                    plan, self.files.stats_socket, timeout=self.settings.command_timeout
-                )
+                runtime.apply_plan(plan, self.files.stats_socket,
+                                   timeout=self.settings.command_timeout)
             except runtime.RuntimeChangeFailed as exc:
                 reason = f"the runtime change failed: {exc}"
             else:
-                for name in plan.added:
-                    self._retired.pop(name, None)
-                self._added_at_runtime |= set(plan.added)
-                self._added_at_runtime -= set(plan.removals)
-                removed = {f"{render.PROXY_NAMES[lb.protocol]}/{node.id}": node
-                           for lb in accepted.loadbalancers for node in lb.nodes}
-                self._retired.update({name: removed[name] for name in retired})
                 LOG.info("UPDATE applied at runtime, no reload: %s", plan.summary())
                 return
         if not checked:
@@ -439,14 +445,10 @@ class HAProxyDriver(LoadBalancerDriver):
                       previous: str | None,
                       device: Device) -> tuple[runtime.RuntimePlan | None, str]:
         """The runtime plan, or None and why the UPDATE needs a reload."""
-        if desired.lifecycle is not Lifecycle.ACTIVE or accepted is None or previous is None:
+        layout = self.configured_layout()
+        if (desired.lifecycle is not Lifecycle.ACTIVE or accepted is None or layout is None
+                or previous is None):
             return None, "there is no accepted configuration to change at runtime"
-        if self._retired:
-            self._delete_retired()  # a name that is free again can simply be added
-        plan = runtime.plan_node_changes(accepted, device, self._retired,
-                                         persistence=self.persistence)
-        if plan is None:
-            return None, "the change is more than nodes added, removed, re-weighted or (dis)abled"
         # The running HAProxy serves the live file; a change to the template (or a hand
         # edit) since then would not be carried by node commands alone. The shipped
         # template changes only with the code, so its last rendering can be reused; an
@@ -455,12 +457,34 @@ class HAProxyDriver(LoadBalancerDriver):
                 and self._template_is_shipped()):
             expected = self._rendered[1]
         else:
-            expected = self._render(accepted)
+            expected = self._render(accepted, layout)
         if expected != previous:
             return None, "the live file differs from the last UPDATE's rendering"
+        try:
+            plan = runtime.plan_node_changes(accepted, device, layout, self._slot_check())
+        except runtime.RuntimeChangeFailed as exc:
+            return None, f"the server slots could not be read: {exc}"
+        if isinstance(plan, str):
+            return None, plan
         return plan, ""
 
-    def _render(self, device: Device) -> str:
+    def _slot_check(self) -> runtime.Reusable:
+        """`reusable` for the planner: asks the running HAProxy about each candidate slot
+        (one `show stat` row each; the backends' numbers once)."""
+        deadline = time.monotonic() + self.settings.command_timeout
+        ids: dict[str, str] = {}
+
+        def reusable(backend: str, position: int, slot: slots.Slot, node: Node) -> bool:
+            if not ids:
+                ids.update(runtime.backend_ids(self.files.stats_socket, deadline))
+            if backend not in ids:
+                raise runtime.RuntimeChangeFailed(f"HAProxy runs no backend {backend}")
+            row = runtime.read_slot(self.files.stats_socket, deadline, ids[backend], position)
+            return runtime.slot_reusable(row, slot, node)
+
+        return reusable
+
+    def _render(self, device: Device, layout: slots.Layout) -> str:
         paths = render.RuntimePaths(self.files.stats_socket, self.logs.socket_path)
         context = render.build_context(
             device,
@@ -468,6 +492,7 @@ class HAProxyDriver(LoadBalancerDriver):
             paths=paths,
             maxconn=self.settings.maxconn,
             persistence=self.persistence,
+            layout=layout,
         )
         return render.render(self.templates, context)
 
@@ -557,7 +582,6 @@ class HAProxyDriver(LoadBalancerDriver):
                 # gives it a clean worker generation again.
                 if hurry:
                     self.process.request_reload()
-                    self._retired.clear()
                 else:
                     self._reload()
             except (WorkerError, OSError) as exc:
@@ -573,8 +597,6 @@ class HAProxyDriver(LoadBalancerDriver):
             return
         self.logs.ensure_running()
         self.process.start()
-        self._retired.clear()
-        self._added_at_runtime.clear()
 
     def _ensure_sink(self) -> None:
         """Under systemd the sink is libra-logsink.service's, socket-activated."""
@@ -585,7 +607,6 @@ class HAProxyDriver(LoadBalancerDriver):
         """Under systemd: install `text` (checked) and bring the running HAProxy to it; on
         any failure the previous file is put back and keeps serving."""
         previous = self._read_live_config()
-        self._cancel_consolidation()
         self._install(text)
         try:
             if self.process.is_running():
@@ -601,8 +622,6 @@ class HAProxyDriver(LoadBalancerDriver):
         (on the live file): runtime-only state is gone, and STATS says it happened."""
         master = self.process.master_pid()
         if master is None or master == self._master_seen:
-            if master is not None and self._retired:
-                self._delete_retired()
             return
         if self._master_seen is not None:
             LOG.warning("HAProxy's master is now pid %d (was %d): its unit restarted it",
@@ -612,58 +631,9 @@ class HAProxyDriver(LoadBalancerDriver):
                 desired, restarts=desired.restarts + 1,
                 last_error=f"HAProxy was restarted by libra-haproxy.service at {utc_now()}."))
         self._master_seen = master
-        self._retired.clear()
-        self._added_at_runtime.clear()
 
     def _reload(self) -> None:
         self.process.reload()
-        self._retired.clear()  # the new worker generation reads only the file
-        self._added_at_runtime.clear()
-
-    def _schedule_consolidation(self) -> None:
-        if self.settings.consolidate_after > 0:
-            self._consolidation = threading.Timer(self.settings.consolidate_after,
-                                                  self._consolidate)
-            self._consolidation.daemon = True
-            self._consolidation.start()
-
-    def _cancel_consolidation(self) -> None:
-        if self._consolidation is not None:
-            self._consolidation.cancel()
-            self._consolidation = None
-
-    def _consolidate(self) -> None:
-        """Reload once UPDATEs are quiet, so that servers added at runtime reuse connections.
-
-        Measured on HAProxy 2.6.12: a server added with `add server` opens a new connection
-        for every request (no idle-connection reuse, with any `http-reuse` or `pool-*`
-        setting), which halved keep-alive throughput to it; the same server read from the
-        file reuses them. Runs on the timer's thread; a newer UPDATE cancels it or, if
-        it already waits for the lock, is seen by `self._consolidation` having changed.
-        """
-        timer = threading.current_thread()
-        try:
-            with self._exclusive():
-                if self._consolidation is not timer or not self._added_at_runtime:
-                    return
-                self._consolidation = None
-                if (self.store.load().lifecycle is not Lifecycle.ACTIVE
-                        or not self.process.is_running()):
-                    return
-                self.process.check(self.files.config)
-                self._reload()
-                LOG.info("Reloaded HAProxy so that the servers added at runtime reuse connections")
-        except (WorkerError, OSError) as exc:
-            # The added servers keep serving as they are; the next UPDATE tries again.
-            LOG.warning("The reload after servers were added at runtime failed: %s", exc)
-
-    def _delete_retired(self) -> None:
-        deadline = time.monotonic() + self.settings.command_timeout
-        try:
-            still = runtime.delete_retired(sorted(self._retired), self.files.stats_socket, deadline)
-            self._retired = {name: self._retired[name] for name in still}
-        except runtime.RuntimeChangeFailed as exc:
-            LOG.warning("Deleting servers retired at runtime failed: %s", exc)
 
     def _undo_interrupted_update(self) -> None:
         """Put back the configuration of the last accepted UPDATE if a killed worker left
@@ -681,10 +651,12 @@ class HAProxyDriver(LoadBalancerDriver):
     def _expected_live_text(self, desired: DesiredState) -> str | None:
         """The live file the desired state asks for; None where the worker keeps none."""
         accepted = self.configured_device()
+        layout = self.configured_layout()
         if not self.supervised:
-            return None if accepted is None else self._render(accepted)
-        active = desired.lifecycle is Lifecycle.ACTIVE and accepted is not None
-        return self._render(accepted if active else IDLE_DEVICE)
+            return None if accepted is None or layout is None else self._render(accepted, layout)
+        if desired.lifecycle is Lifecycle.ACTIVE and accepted is not None and layout is not None:
+            return self._render(accepted, layout)
+        return self._render(IDLE_DEVICE, ())
 
     def _configured(self, action: str) -> DesiredState:
         desired = self.store.load()

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from libra_worker import __version__
+from libra_worker.drivers.haproxy import slots as server_slots
 from libra_worker.messages import Algorithm, Device, LoadBalancer, MonitorType, Node, Protocol
 
 TEMPLATE_NAME = "haproxy.cfg.j2"
@@ -139,8 +140,8 @@ def backend_options(lb: LoadBalancer, persistence: Persistence,
         # (Libra's `insert indirect`). `nocache`: a cacheable response that gets the cookie
         # is marked private, so a shared cache never hands one node's cookie to everyone
         # behind it. `dynamic`: each server's value is derived from the key and its
-        # address:port, so a server added at runtime gets one too (HAProxy 2.6 refuses
-        # `cookie` on `add server`), and the same node keeps it across reloads.
+        # address:port, so a node keeps it across reloads and in a slot it fills at
+        # runtime (HAProxy 2.6.12 derives it again at `set server ... addr`, measured).
         lines += [f"cookie {COOKIE_NAME} insert indirect nocache dynamic",
                   f"dynamic-cookie-key {persistence.cookie_key}"]
     if persistence.sticks_source(lb):
@@ -153,8 +154,8 @@ def backend_options(lb: LoadBalancer, persistence: Persistence,
     return tuple(lines)
 
 
-def transform_loadbalancer(lb: LoadBalancer, listen_address: str,
-                           persistence: Persistence) -> dict[str, Any]:
+def transform_loadbalancer(lb: LoadBalancer, listen_address: str, persistence: Persistence,
+                           slots: tuple[server_slots.Slot, ...]) -> dict[str, Any]:
     return {
         "name": PROXY_NAMES[lb.protocol],
         "mode": lb.protocol.mode,
@@ -169,11 +170,11 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str,
         "retries": lb.options.connect_retries,
         "servers": [
             {
-                "name": node.id,
+                "name": name,
                 "address": host_port(node.address, node.port),
                 "options": server_options(node, lb),
             }
-            for node in lb.nodes
+            for name, node in server_slots.servers(lb, slots)
         ],
     }
 
@@ -190,9 +191,13 @@ def transform_peers(device: Device, persistence: Persistence) -> list[dict[str, 
 
 def build_context(
     device: Device, *, listen_address: str, paths: RuntimePaths, maxconn: int,
-    persistence: Persistence,
+    persistence: Persistence, layout: server_slots.Layout | None = None,
 ) -> dict[str, Any]:
+    """`layout`: which server line serves which node, and the spares (slots.py); by
+    default what a reload of `device` renders."""
     peers = transform_peers(device, persistence)
+    if layout is None:
+        layout = server_slots.fresh(device)
     return {
         "version": __version__,
         "maxconn": maxconn,
@@ -201,8 +206,8 @@ def build_context(
         # The local peer is named here, not by the host name HAProxy would use by default.
         "global_options": (f"localpeer {LOCAL_PEER}",) if peers else (),
         "peers": peers,
-        "loadbalancers": [transform_loadbalancer(lb, listen_address, persistence)
-                          for lb in device.loadbalancers],
+        "loadbalancers": [transform_loadbalancer(lb, listen_address, persistence, slots)
+                          for lb, slots in zip(device.loadbalancers, layout)],
     }
 
 

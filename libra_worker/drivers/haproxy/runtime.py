@@ -2,46 +2,47 @@
 
 Three small parts, in the order the driver uses them:
 
-* `plan_node_changes(old, new)` is pure: it diffs the last accepted `Device` against the
-  new one and returns the stats-socket commands that turn one into the other, or None
-  when anything but nodes differs (the caller reloads then).
+* `plan_node_changes(old, new, layout, reusable)` is pure: it diffs the last accepted
+  `Device` against the new one over the server slots of the live file (slots.py) and
+  returns the stats-socket commands that turn one into the other with the layout the
+  new file renders, or why it takes a reload: anything but nodes differs, or a backend
+  has no free slot of the kind a node needs (the reload then renders new spares).
 * `apply_plan(plan, stats_socket)` sends those commands, each answer checked against the
-  exact text HAProxy 2.6 gives on success, deletes removed servers once they are drained,
-  then verifies the servers it touched against the desired ones. Only those: the cost of
-  a change follows its size, not the size of the backend (a 10,000-server `show stat`
-  alone is megabytes of CSV).
+  exact text HAProxy 2.6 gives on success, then verifies the servers it touched against
+  the desired ones. Only those: the cost of a change follows its size, not the size of
+  the backend (a 10,000-server `show stat` alone is megabytes of CSV).
 * `parse_servers_state`, `running_servers` and `mismatches` read and compare that state;
   they are pure too, so the verification is unit-tested without HAProxy.
 
-What the Runtime API does not express is left to the reload, on purpose:
+Every server is a line of the file, so HAProxy reuses server-side connections to all of
+them (it never does to a server made with `add server`, measured on 2.6.12). A node:
 
-* a node whose address, port or backup flag changed (same id). HAProxy has no command
-  for the backup flag, and `set server addr` would move a server that is already UP to
-  an address nobody has checked. Re-creating it under the same name means deleting it
-  first, which takes it out of rotation until its connections drain: for a sole node
-  that is a window of 503s, where a reload has none.
-* any difference beyond the node lists: protocols, ports, algorithm, monitor, options,
-  ids or names, and the order of the load balancers.
+* added fills a free slot of its kind: `set server <b>/<slot> addr <ip> port <port>`,
+  its weight, its health check enabled, then `state ready` (a disabled node stays in
+  maintenance). The check settings are the slot line's (the backend's monitor), which
+  `set server addr` leaves alone; measured on 2.6.12, the server is UP at once when it
+  leaves maintenance and goes DOWN at its `fall`-th failed check, exactly like a server
+  of a freshly loaded file. With cookie persistence (`cookie ... dynamic`) HAProxy
+  derives the slot's cookie again from the key and the new address:port at `set server
+  addr`, so the node has the same cookie in the slot as under its own name after the
+  next reload (measured on 2.6.12).
+* whose weight or condition changed is changed in place.
+* whose address, port or backup flag changed (same id) moves to a free slot of the
+  right kind: the new slot is enabled before the old one goes to maintenance.
+* removed goes to maintenance: no new request reaches it and connections in flight
+  finish. A `slot:<n>` server is free for another node only once drained (no session and
+  no idle, safe or used server connection in `show stat`; HAProxy 2.6 also closes a
+  server's idle connections when it enters maintenance), or for a node at the very
+  address and port it still holds connections to: the driver's `reusable` answers
+  that. Keep-alive clients keep a server-side connection attached to their session
+  for as long as they stay, so a slot may stay held long after its node left. A
+  server named by the node's id stays the node's, retired in maintenance until the
+  next reload; the node coming back (same kind) gets it again.
 
-New servers are added with the same option words as their configuration line (dynamic
-servers inherit nothing from `default-server`), and their health checks are enabled
-before they leave maintenance; enabled the other way round they would run unchecked.
-Measured on 2.6.12: such a server is UP at once and goes DOWN at its first failed check,
-exactly like a server of a freshly loaded file, so a reload would serve it no sooner.
-An HTTP backend with cookie persistence derives each server's cookie from its key and
-the server's address:port (`cookie ... dynamic`), but 2.6 computes none for a server
-added at runtime (measured on 2.6.12: its clients were told to delete their cookie), so
-`enable dynamic-cookie backend` computes the cookies of all its servers again, the new
-ones included, before any of them leaves maintenance. It leaves the others' values as
-they were (same key, same addresses) and puts no key on the socket.
-Removed servers go to maintenance first, so no new request reaches them, then `del
-server` is tried once. A server still holding connections cannot be deleted yet: with
-keep-alive clients, HAProxy keeps a server-side connection attached to each client
-session, so that can last as long as the clients stay. Waiting for them would hold the
-UPDATE for that long, `shutdown sessions` would cut requests in flight, and a reload would
-give up the whole runtime path. So such a server is *retired*: it stays in maintenance,
-takes no traffic, is not reported by STATS, and the caller deletes it later
-(`delete_retired`); the next reload drops it anyway.
+Commands come in that order: slots filled, servers changed, servers put in maintenance,
+so capacity is added before any is taken away. What the Runtime API does not express is
+left to the reload: protocols, ports, algorithm, monitor, options, ids or names, and the
+order of the load balancers.
 """
 
 from __future__ import annotations
@@ -50,18 +51,17 @@ import ipaddress
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Collection, Container, Iterable, Mapping
+from typing import Callable, Collection, Container, Iterable, Mapping
 
 from libra_worker.drivers.haproxy import render
+from libra_worker.drivers.haproxy.slots import Layout, Slot
 from libra_worker.drivers.haproxy.sockets import parse_stat_csv, send_command
 from libra_worker.messages import Device, LoadBalancer, Node
 
-# HAProxy 2.6's whole answer (whitespace stripped) to each command that succeeded.
-ADDED = "New server registered."
-DELETED = "Server deleted."
+# HAProxy 2.6's whole answer (whitespace stripped) to each command that succeeded, or
+# for `set server ... addr`, which says what changed, how it ends.
 DONE = ""
-STILL_CONNECTED = "Server still has connections attached to it, cannot remove it."
-NO_SUCH_SERVER = "No such server."  # gone already, e.g. a reload came in between
+ADDRESS_SET = "by 'stats socket command'"
 
 # `show servers state` flags (HAProxy's include/haproxy/server-t.h and check-t.h).
 ADMIN_ANY_MAINT = 0x23  # forced, inherited (track) or DNS-resolution maintenance
@@ -81,10 +81,15 @@ class RuntimeChangeFailed(Exception):
 
 @dataclass(frozen=True)
 class Command:
-    """One stats-socket command and the answer HAProxy gives when it succeeded."""
+    """One stats-socket command and the answer HAProxy gives when it succeeded (with
+    `ending`, how that answer ends)."""
 
     text: str
     expect: str = DONE
+    ending: bool = False
+
+    def accepts(self, answer: str) -> bool:
+        return answer.endswith(self.expect) if self.ending else answer == self.expect
 
 
 @dataclass(frozen=True)
@@ -104,82 +109,122 @@ class DesiredServer:
 class RuntimePlan:
     """The commands for one node-only change, and the servers to expect afterwards.
 
-    `commands` add new servers, change kept ones and put removed ones in maintenance,
-    in that order, so capacity is added before any is taken away. `removals` are the
-    servers ("backend/name") to delete once drained. `desired` covers the servers the
-    plan adds or changes; with `removals` they are all the servers verification reads.
+    `removals` are the servers ("backend/name") the plan puts in maintenance (removed
+    nodes, and the old servers of moved ones). `desired` covers the servers the plan
+    fills or changes; with `removals` they are all the servers verification reads.
+    `layout` is the slot layout the new file renders.
     """
 
     commands: tuple[Command, ...]
     removals: tuple[str, ...]
     desired: tuple[DesiredServer, ...]
     backends: tuple[str, ...]
+    layout: Layout
     added: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    moved: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (f"{len(self.added)} node(s) added, {len(self.removals)} removed, "
-                f"{len(self.changed)} changed")
+        return (f"{len(self.added)} node(s) added, {len(self.removals) - len(self.moved)} "
+                f"removed, {len(self.changed)} changed, {len(self.moved)} moved")
 
 
-def plan_node_changes(old: Device, new: Device,
-                      retired: Mapping[str, Node] | None = None, *,
-                      persistence: render.Persistence = render.NO_PERSISTENCE,
-                      ) -> RuntimePlan | None:
-    """The Runtime API commands that turn `old` into `new`, or None if it takes a reload.
+# Whether a free slot (at this position of this backend) may take this node now: its
+# server drained, or still at this node's own address and port (see `slot_reusable`).
+Reusable = Callable[[str, int, Slot, Node], bool]
 
-    `retired` are servers ("backend/name") an earlier plan removed that still sit in
-    maintenance: a node coming back under such a name is brought back to service rather
-    than added (HAProxy refuses a second server of that name). `persistence` is what the
-    file is rendered with: servers added to a cookie backend get their cookies computed.
-    """
-    retired = retired or {}
-    if len(old.loadbalancers) != len(new.loadbalancers):
-        return None
+
+def plan_node_changes(old: Device, new: Device, layout: Layout,
+                      reusable: Reusable) -> RuntimePlan | str:
+    """The Runtime API commands that turn `old` (served with `layout`) into `new`, or
+    why it takes a reload."""
+    if len(old.loadbalancers) != len(new.loadbalancers) or len(layout) != len(new.loadbalancers):
+        return "the change is more than nodes added, removed or changed"
     commands: list[Command] = []
     removals: list[str] = []
     desired: list[DesiredServer] = []
     added: list[str] = []
     changed: list[str] = []
-    for before, after in zip(old.loadbalancers, new.loadbalancers):
+    moved: list[str] = []
+    new_layout = []
+    for before, after, current in zip(old.loadbalancers, new.loadbalancers, layout):
         if _without_nodes(before) != _without_nodes(after):
-            return None
+            return "the change is more than nodes added, removed or changed"
         backend = render.PROXY_NAMES[after.protocol]
+        slots = list(current)
+        where = {slot.node: position for position, slot in enumerate(slots) if slot.node}
         previous = {node.id: node for node in before.nodes}
-        current = {node.id for node in after.nodes}
-        new_nodes = [node for node in after.nodes if node.id not in previous]
-        modified = [(previous[node.id], node) for node in after.nodes
-                if node.id in previous and previous[node.id] != node]
-        if any(_identity(old_node) != _identity(node) for old_node, node in modified):
-            return None
-        gone = [f"{backend}/{node.id}" for node in before.nodes if node.id not in current]
-        additions: list[Command] = []
-        activations: list[Command] = []
-        for node in new_nodes:
-            waiting = retired.get(f"{backend}/{node.id}")
-            if waiting is None:
-                additions.append(_add_server(backend, node, after))
-                activations += _activate_server(backend, node)
-            elif _identity(waiting) == _identity(node):
-                # Retired means in maintenance, with its old weight, checks and cookie.
-                activations += _change_server(backend, replace(waiting, enabled=False), node)
+        free = _FreeSlots(backend, slots, reusable)
+        fills: list[Command] = []
+        changes: list[Command] = []
+        emptied: list[int] = []  # still serving until the end of this plan: not free
+        for node in after.nodes:
+            old_node = previous.get(node.id)
+            if old_node is not None and _identity(old_node) == _identity(node):
+                if old_node != node:
+                    server = f"{backend}/{slots[where[node.id]].name}"
+                    changes += _change_server(server, old_node, node)
+                    changed.append(server)
+                    desired.append(_desired_server(server, node))
+                continue
+            position = free.take(node)
+            if position is None:
+                kind = "backup " if node.backup else ""
+                return f"{backend} has no free {kind}server slot left"
+            slots[position] = replace(slots[position], node=node.id)
+            server = f"{backend}/{slots[position].name}"
+            fills += _fill_slot(server, node)
+            desired.append(_desired_server(server, node))
+            if old_node is None:
+                added.append(server)
             else:
-                return None
-        if additions and persistence.uses_cookie(after):
-            # Once for all the new servers: it walks every server of the backend.
-            additions.append(Command(f"enable dynamic-cookie backend {backend}"))
-        commands += additions + activations
-        for old_node, node in modified:
-            commands += _change_server(backend, old_node, node)
-        commands += [Command(f"set server {server} state maint") for server in gone]
-        added += [f"{backend}/{node.id}" for node in new_nodes]
-        changed += [f"{backend}/{node.id}" for _, node in modified]
-        removals += gone
-        desired += [_desired_server(backend, node)
-                    for node in [*new_nodes, *(node for _, node in modified)]]
+                moved.append(server)
+                emptied.append(where[node.id])
+        current_ids = {node.id for node in after.nodes}
+        emptied += [where[node.id] for node in before.nodes if node.id not in current_ids]
+        for position in emptied:
+            server = f"{backend}/{slots[position].name}"
+            changes.append(Command(f"set server {server} state maint"))
+            removals.append(server)
+            slots[position] = replace(slots[position], node=None)
+        commands += fills + changes
+        new_layout.append(tuple(slots))
     backends = tuple(render.PROXY_NAMES[lb.protocol] for lb in new.loadbalancers)
     return RuntimePlan(tuple(commands), tuple(removals), tuple(desired), backends,
-                       tuple(added), tuple(changed))
+                       tuple(new_layout), tuple(added), tuple(changed), tuple(moved))
+
+
+class _FreeSlots:
+    """The slots of one backend free when the plan starts, handed out in order: a
+    node's own retired server first, else the first spare of its kind that `reusable`
+    accepts. Slots the plan empties are not among them: they serve until it ends."""
+
+    def __init__(self, backend: str, slots: list[Slot], reusable: Reusable) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.reusable = reusable
+        self.own = {slot.name: position for position, slot in enumerate(slots)
+                    if slot.node is None and not slot.spare}
+        self.spares = {kind: [position for position, slot in enumerate(slots)
+                              if slot.node is None and slot.spare and slot.backup == kind]
+                       for kind in (False, True)}
+        self.next = {False: 0, True: 0}
+
+    def take(self, node: Node) -> int | None:
+        own = self.own.pop(node.id, None)
+        if own is not None and self._fits(own, node):
+            return own
+        spares = self.spares[node.backup]
+        while self.next[node.backup] < len(spares):
+            position = spares[self.next[node.backup]]
+            self.next[node.backup] += 1  # taken now, or held by connections: not again
+            if self._fits(position, node):
+                return position
+        return None
+
+    def _fits(self, position: int, node: Node) -> bool:
+        slot = self.slots[position]
+        return slot.backup == node.backup and self.reusable(self.backend, position, slot, node)
 
 
 def _without_nodes(lb: LoadBalancer) -> LoadBalancer:
@@ -187,30 +232,25 @@ def _without_nodes(lb: LoadBalancer) -> LoadBalancer:
 
 
 def _identity(node: Node) -> tuple[str, int, bool]:
-    """What a server cannot change at runtime without being re-created."""
+    """What moves a node to another slot: the address and kind of a server line."""
     return node.address, node.port, node.backup
 
 
-def _add_server(backend: str, node: Node, lb: LoadBalancer) -> Command:
-    # The option words of the configuration line, `disabled` included: HAProxy 2.6
-    # accepts it, and the new server then stays in maintenance like the file's.
-    address = render.host_port(node.address, node.port)
-    return Command(f"add server {backend}/{node.id} {address} {render.server_options(node, lb)}",
-                   ADDED)
-
-
-def _activate_server(backend: str, node: Node) -> list[Command]:
-    """An added server's checks, then (unless disabled) the server: a server enabled
+def _fill_slot(server: str, node: Node) -> list[Command]:
+    """Address, weight, checks, then (unless disabled) the server: a server enabled
     before its checks would run unchecked."""
-    server = f"{backend}/{node.id}"
-    commands = [Command(f"enable health {server}")]
+    commands = [
+        Command(f"set server {server} addr {node.address} port {node.port}", ADDRESS_SET,
+                ending=True),
+        Command(f"set server {server} weight {node.weight}"),
+        Command(f"enable health {server}"),
+    ]
     if node.enabled:
-        commands.append(Command(f"enable server {server}"))
+        commands.append(Command(f"set server {server} state ready"))
     return commands
 
 
-def _change_server(backend: str, before: Node, after: Node) -> list[Command]:
-    server = f"{backend}/{after.id}"
+def _change_server(server: str, before: Node, after: Node) -> list[Command]:
     commands = []
     if before.weight != after.weight:
         commands.append(Command(f"set server {server} weight {after.weight}"))
@@ -220,25 +260,22 @@ def _change_server(backend: str, before: Node, after: Node) -> list[Command]:
     return commands
 
 
-def _desired_server(backend: str, node: Node) -> DesiredServer:
-    return DesiredServer(backend, node.id, node.address, node.port, node.weight, node.backup,
+def _desired_server(server: str, node: Node) -> DesiredServer:
+    backend, name = _backend_and_name(server)
+    return DesiredServer(backend, name, node.address, node.port, node.weight, node.backup,
                          node.enabled)
 
 
 # --------------------------------------------------------------------------- applying
 
 
-def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float) -> tuple[str, ...]:
-    """Send the plan's commands, delete removed servers, then prove the result.
+def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float) -> None:
+    """Send the plan's commands, then prove the result.
 
     Args:
         plan: from `plan_node_changes`.
         stats_socket: HAProxy's admin-level stats socket.
         timeout: for the whole of it, commands and verification together.
-
-    Returns:
-        The removed servers ("backend/name") still holding connections: retired, in
-        maintenance, for `delete_retired` to delete later.
 
     Raises:
         RuntimeChangeFailed: a command was refused, time ran out, or the running servers
@@ -248,35 +285,66 @@ def apply_plan(plan: RuntimePlan, stats_socket: Path, *, timeout: float) -> tupl
     deadline = time.monotonic() + timeout
     for command in plan.commands:
         _run(stats_socket, command, deadline)
-    retired = delete_retired(plan.removals, stats_socket, deadline)
     touched = {(server.backend, server.name) for server in plan.desired}
     touched |= {_backend_and_name(server) for server in plan.removals}
     if not touched:
-        return retired
+        return
     problems = mismatches(plan.desired, read_running_servers(stats_socket, deadline, touched),
                           plan.backends)
     if problems:
         raise RuntimeChangeFailed("the running servers differ from the UPDATE: " + "; ".join(problems))
-    return retired
 
 
 def _run(stats_socket: Path, command: Command, deadline: float) -> None:
     answer = _send(stats_socket, command.text, deadline).strip()
-    if answer != command.expect:
+    if not command.accepts(answer):
         raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command.text!r}")
 
 
-def delete_retired(servers: Iterable[str], stats_socket: Path, deadline: float) -> tuple[str, ...]:
-    """Try `del server` once for each server (in maintenance); the ones still connected."""
-    still_connected = []
-    for server in servers:
-        command = f"del server {server}"
-        answer = _send(stats_socket, command, deadline).strip()
-        if answer == STILL_CONNECTED:
-            still_connected.append(server)
-        elif answer not in (DELETED, NO_SUCH_SERVER):
-            raise RuntimeChangeFailed(f"HAProxy answered {answer[:200]!r} to {command!r}")
-    return tuple(still_connected)
+# `show stat` columns that count what a server still holds: sessions, and server-side
+# connections in use, idle or idle and safe to reuse. A slot holding any keeps them to
+# its old address, so it is not handed to another one (see `slot_reusable`).
+HELD = ("scur", "used_conn_cur", "idle_conn_cur", "safe_conn_cur")
+
+
+def backend_ids(stats_socket: Path, deadline: float) -> dict[str, str]:
+    """Each backend's number, from the backend rows of `show stat` (a few lines): a
+    frontend of the same name would answer to the name."""
+    try:
+        rows = parse_stat_csv(_send(stats_socket, "show stat -1 2 -1", deadline))
+    except ValueError as exc:
+        raise RuntimeChangeFailed(str(exc)) from None
+    return {row["pxname"]: row["iid"] for row in rows if row.get("svname") == "BACKEND"}
+
+
+def read_slot(stats_socket: Path, deadline: float, backend_id: str,
+              position: int) -> Mapping[str, str] | None:
+    """The `show stat` row of the server at `position` (0-based) in its backend's lines:
+    HAProxy numbers a file's servers 1, 2, ... in the file's order."""
+    try:
+        rows = parse_stat_csv(_send(stats_socket, f"show stat {backend_id} 4 {position + 1}",
+                                    deadline))
+    except ValueError as exc:
+        raise RuntimeChangeFailed(str(exc)) from None
+    return rows[0] if len(rows) == 1 else None
+
+
+def slot_reusable(row: Mapping[str, str] | None, slot: Slot, node: Node) -> bool:
+    """Whether `node` may fill `slot`, whose server `show stat` reported as `row`.
+
+    Drained, yes. Still holding connections, only if the server is still at the node's
+    own address and port: they are connections to that node (the node was removed and
+    comes back, as the keep-alive bench's alternating node sets do every second UPDATE).
+    """
+    if row is None or row.get("svname") != slot.name:
+        return False
+    try:
+        if all(int(row.get(column) or 0) == 0 for column in HELD):
+            return True
+    except ValueError:
+        return False
+    host, _, port = row.get("addr", "").rpartition(":")
+    return port == str(node.port) and _same_address(host.strip("[]"), node.address)
 
 
 def _send(stats_socket: Path, text: str, deadline: float) -> str:
