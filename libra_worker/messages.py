@@ -774,7 +774,8 @@ def bad_request(original: Mapping[str, Any], error: str, **extra: Any) -> dict[s
 def encode_reply(answer: Mapping[str, Any]) -> bytes:
     """The reply as JSON bytes; strict JSON always, whatever a handler put in it."""
     try:
-        return json.dumps(answer, allow_nan=False).encode("utf-8")
+        # A decoded message is a tree; a cycle from a handler would end in RecursionError.
+        return json.dumps(answer, allow_nan=False, check_circular=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         # Unreachable for a decoded message; the guard that no reply is ever invalid JSON.
         LOG.error("A reply could not be encoded as strict JSON: %s", exc)
