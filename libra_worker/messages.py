@@ -347,8 +347,10 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
         raise InvalidMessage(
             f"At most {MAX_LOAD_BALANCERS} load balancers may be defined, got {len(entries)}."
         )
+    parsed: dict[_NodeKey, Node] = {}
     loadbalancers = tuple(
-        _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]")
+        _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]",
+                            parsed)
         for i, entry in enumerate(entries)
     )
     # As in Libra: one HTTP and one TCP-mode (TCP or GALERA) load balancer per device.
@@ -360,15 +362,29 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
     ports = [lb.port for lb in loadbalancers]
     if len(set(ports)) != len(ports):
         raise InvalidMessage("The HTTP and TCP load balancers must listen on different ports.")
+    global _last_nodes
+    _last_nodes = parsed
     return Device(loadbalancers)
 
 
-def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
+# A node's lower-cased fields and the types of their values: what `_parse_node` reads.
+_NodeKey = tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]
+# The nodes of the last device parsed whole, by their key. An UPDATE repeats the nodes of
+# the one before but a few, and checking each node again cost more than all the rest of a
+# large message. The same names, with values of the same types that compare equal (so
+# never 1 for true), make the same Node; anything else is checked. One device's worth,
+# replaced by the next.
+_last_nodes: dict[_NodeKey, Node] = {}
+
+
+def _parse_loadbalancer(fields: Mapping[str, Any], where: str,
+                        parsed: dict[_NodeKey, Node]) -> LoadBalancer:
     protocol = _enum(Protocol, fields.get("protocol"), f"{where}.protocol", required=True)
     default_port = 80 if protocol is Protocol.HTTP else None
     port = _int(fields.get("port", default_port), f"{where}.port", 1, 65535, required=True)
     nodes = tuple(
-        _parse_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]")
+        _known_or_parsed_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]",
+                              parsed)
         for i, entry in enumerate(_list(fields.get("nodes"), f"{where}.nodes", required=True))
     )
     _reject_duplicates([node.id for node in nodes], f"{where}.nodes", "id")
@@ -387,6 +403,21 @@ def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
         id=_identifier(fields.get("id"), f"{where}.id"),
         name=_name(fields.get("name"), f"{where}.name"),
     )
+
+
+def _known_or_parsed_node(fields: Mapping[str, Any], where: str,
+                          parsed: dict[_NodeKey, Node]) -> Node:
+    """The node of the last device with the same fields, or these fields checked; kept
+    in `parsed` for the next device."""
+    key = (tuple(fields.items()), tuple(map(type, fields.values())))
+    try:
+        node = _last_nodes.get(key)
+    except TypeError:  # a list or object among the values (an ignored field): unhashable
+        return _parse_node(fields, where)
+    if node is None:
+        node = _parse_node(fields, where)
+    parsed[key] = node
+    return node
 
 
 def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
@@ -534,9 +565,8 @@ def _lower_keys(value: Mapping[str, Any]) -> Mapping[str, Any]:
 
     Two keys that differ only in case are refused: which one was meant is a guess, and
     for hpcs_action a wrong guess could DELETE instead of STATS. One level only: each
-    object is lowered where it is read (`_object`), so a value is copied once, and not
-    at all where it is ignored. (`decode` refuses such keys in every object anyway.)
-    """
+    object is lowered where it is read (`_object`), and an ignored one not at all
+    (`decode` refuses such keys in every object of a payload anyway)."""
     # Called for every node, whose names are mostly lower-case already: a name with a
     # cased character and no capital one is its own lower-cased form. (JSON's names are
     # always text.)
