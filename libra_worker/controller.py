@@ -10,10 +10,12 @@ stores and puts the whole story in ``hpcs_error_detail``; the log gets the whole
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from libra_worker import __version__
 from libra_worker.budget import OverBudget
@@ -36,6 +38,27 @@ from libra_worker.metrics import format_time, utc_now
 LOG = logging.getLogger(__name__)
 
 RELEASE = "libra-worker " + __version__
+
+
+@contextlib.contextmanager
+def without_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector paused while a message is decoded and validated.
+
+    That makes a few dicts and objects per node and no reference cycle: the collector,
+    started every 700 allocations, only walked them again and again (measured: 35 of 98
+    ms of decoding and validating 10,000 nodes; the driver's rendering and state document
+    gained nothing, so they are left alone). Reference counting still frees everything;
+    cycles made meanwhile anywhere in the process are collected once it runs again.
+    Left alone if something else has paused it.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 @dataclass(frozen=True)
@@ -76,12 +99,14 @@ class LBaaSController:
     def prepare(self, payload: bytes | str | Oversized) -> Message | dict[str, Any]:
         """The validated message, or the FAIL reply saying why it is not valid."""
         try:
-            document = decode(payload, self.max_message_bytes)
+            with without_cycle_collection():
+                document = decode(payload, self.max_message_bytes)
         except InvalidMessage as exc:
             LOG.info("Rejected payload: %s", exc)
             return bad_request({}, str(exc), **self._failure_fields(sniff_action(payload)))
         try:
-            return parse(document)
+            with without_cycle_collection():
+                return parse(document)
         except InvalidMessage as exc:
             LOG.info("Rejected message: %s", exc)
             action = next((value for key, value in document.items()

@@ -20,7 +20,7 @@ import math
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import quote
 
 from libra_worker.errors import InvalidMessage, quoted
@@ -251,7 +251,13 @@ def decode(payload: bytes | str | Oversized,
 
 
 def _fields_given_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+    fields = dict(pairs)
+    # Called for every object of the message (each node's): one pass in C decides the
+    # usual case. Names that differ only in ASCII case also lower() alike, so distinct
+    # lower() forms prove every name is given once; the loop below names the culprit.
+    if len(set(map(str.lower, fields))) == len(pairs):
+        return fields
+    fields = {}
     names: dict[str, str] = {}
     for key, value in pairs:
         name = key.translate(_ASCII_LOWER)
@@ -280,6 +286,8 @@ def _finite_float(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
+    if len(text) < _MAX_INTEGER_DIGITS:
+        return int(text)  # at most 18 digits: within 64 bits whatever they are
     # Long digit strings are refused unread: int() of 20 MB of digits takes seconds.
     number = int(text) if len(text.lstrip("-")) <= _MAX_INTEGER_DIGITS else None
     if number is None or not -_MAX_INTEGER - 1 <= number <= _MAX_INTEGER:
@@ -297,16 +305,18 @@ def too_deep_fields(document: Mapping[str, Any]) -> list[str]:
     """
     deep = []
     for key, value in document.items():
-        stack = [(value, 2)]  # the message itself is level 1
-        while stack:
-            item, level = stack.pop()
-            if not isinstance(item, (dict, list)):
-                continue
+        # Level by level (the message itself is level 1): one list of the containers at
+        # each level, so a 10,000-node list costs one comprehension, not 10,000 pushes.
+        level, containers = 2, [value] if isinstance(value, (dict, list)) else []
+        while containers:
             if level > MAX_DEPTH:
                 deep.append(key)
                 break
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+            containers = [child
+                          for item in containers
+                          for child in (item.values() if isinstance(item, dict) else item)
+                          if isinstance(child, (dict, list))]
+            level += 1
     return deep
 
 
@@ -337,8 +347,10 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
         raise InvalidMessage(
             f"At most {MAX_LOAD_BALANCERS} load balancers may be defined, got {len(entries)}."
         )
+    parsed: dict[_NodeKey, Node] = {}
     loadbalancers = tuple(
-        _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]")
+        _parse_loadbalancer(_object(entry, f"loadbalancers[{i}]"), f"loadbalancers[{i}]",
+                            parsed)
         for i, entry in enumerate(entries)
     )
     # As in Libra: one HTTP and one TCP-mode (TCP or GALERA) load balancer per device.
@@ -350,21 +362,34 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
     ports = [lb.port for lb in loadbalancers]
     if len(set(ports)) != len(ports):
         raise InvalidMessage("The HTTP and TCP load balancers must listen on different ports.")
+    global _last_nodes
+    _last_nodes = parsed
     return Device(loadbalancers)
 
 
-def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
+# A node's lower-cased fields and the types of their values: what `_parse_node` reads.
+_NodeKey = tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]
+# The nodes of the last device parsed whole, by their key. An UPDATE repeats the nodes of
+# the one before but a few, and checking each node again cost more than all the rest of a
+# large message. The same names, with values of the same types that compare equal (so
+# never 1 for true), make the same Node; anything else is checked. One device's worth,
+# replaced by the next.
+_last_nodes: dict[_NodeKey, Node] = {}
+
+
+def _parse_loadbalancer(fields: Mapping[str, Any], where: str,
+                        parsed: dict[_NodeKey, Node]) -> LoadBalancer:
     protocol = _enum(Protocol, fields.get("protocol"), f"{where}.protocol", required=True)
     default_port = 80 if protocol is Protocol.HTTP else None
     port = _int(fields.get("port", default_port), f"{where}.port", 1, 65535, required=True)
     nodes = tuple(
-        _parse_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]")
+        _known_or_parsed_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]",
+                              parsed)
         for i, entry in enumerate(_list(fields.get("nodes"), f"{where}.nodes", required=True))
     )
     _reject_duplicates([node.id for node in nodes], f"{where}.nodes", "id")
-    _reject_duplicates(
-        [f"{node.address} port {node.port}" for node in nodes], f"{where}.nodes", "address"
-    )
+    _reject_duplicates([(node.address, node.port) for node in nodes], f"{where}.nodes",
+                       "address", shown=lambda key: f"{key[0]} port {key[1]}")
     if protocol is Protocol.GALERA:
         _check_one_primary(nodes, f"{where}.nodes")
     return LoadBalancer(
@@ -378,6 +403,21 @@ def _parse_loadbalancer(fields: Mapping[str, Any], where: str) -> LoadBalancer:
         id=_identifier(fields.get("id"), f"{where}.id"),
         name=_name(fields.get("name"), f"{where}.name"),
     )
+
+
+def _known_or_parsed_node(fields: Mapping[str, Any], where: str,
+                          parsed: dict[_NodeKey, Node]) -> Node:
+    """The node of the last device with the same fields, or these fields checked; kept
+    in `parsed` for the next device."""
+    key = (tuple(fields.items()), tuple(map(type, fields.values())))
+    try:
+        node = _last_nodes.get(key)
+    except TypeError:  # a list or object among the values (an ignored field): unhashable
+        return _parse_node(fields, where)
+    if node is None:
+        node = _parse_node(fields, where)
+    parsed[key] = node
+    return node
 
 
 def _parse_node(fields: Mapping[str, Any], where: str) -> Node:
@@ -520,25 +560,29 @@ def _parse_archive(fields: Mapping[str, Any]) -> ArchiveRequest:
 # --------------------------------------------------------------------------- field helpers
 
 
-def _lower_keys(value: Any) -> Any:
-    """A copy with every object key lower-cased, so field names are case-insensitive.
+def _lower_keys(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    """One object with its keys lower-cased, so field names are case-insensitive.
 
     Two keys that differ only in case are refused: which one was meant is a guess, and
-    for hpcs_action a wrong guess could DELETE instead of STATS.
-    """
-    if isinstance(value, dict):
-        lowered: dict[str, Any] = {}
-        for key, item in value.items():
-            name = str(key).translate(_ASCII_LOWER)
-            if name in lowered:
+    for hpcs_action a wrong guess could DELETE instead of STATS. One level only: each
+    object is lowered where it is read (`_object`), and an ignored one not at all
+    (`decode` refuses such keys in every object of a payload anyway)."""
+    # Called for every node, whose names are mostly lower-case already: a name with a
+    # cased character and no capital one is its own lower-cased form. (JSON's names are
+    # always text.)
+    if all(map(str.islower, value)):
+        return value
+    lowered = {key.translate(_ASCII_LOWER): item for key, item in value.items()}
+    if len(lowered) < len(value):
+        seen: set[str] = set()
+        for key in value:
+            name = key.translate(_ASCII_LOWER)
+            if name in seen:
                 raise InvalidMessage(
                     f"The field {quoted(name)} is given twice, in different casings."
                 )
-            lowered[name] = _lower_keys(item)
-        return lowered
-    if isinstance(value, list):
-        return [_lower_keys(item) for item in value]
-    return value
+            seen.add(name)
+    return lowered
 
 
 def _missing(where: str) -> InvalidMessage:
@@ -546,9 +590,10 @@ def _missing(where: str) -> InvalidMessage:
 
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
+    """The object's fields, names lower-cased."""
     if not isinstance(value, dict):
         raise InvalidMessage(f"{where} must be a JSON object.")
-    return value
+    return _lower_keys(value)
 
 
 def _list(value: Any, where: str, required: bool = False) -> list[Any]:
@@ -628,22 +673,28 @@ def _shown(value: Any) -> str:
     return quoted(value if isinstance(value, str) else json.dumps(value))
 
 
-# The same node addresses come back in every UPDATE of a pool; parsing 10,000 of them was
-# most of the time spent validating a large UPDATE. Invalid text raises and is not cached.
-_ip_address = functools.lru_cache(maxsize=65536)(ipaddress.ip_address)
-
-
 def _address(value: Any, where: str) -> str:
     text = _text(value, where, required=True)
     try:
-        address = _ip_address(text)
+        return _host_address(text)
+    except ValueError as exc:
+        raise InvalidMessage(f"{where} {quoted(text)} {exc}") from None
+
+
+# The same node addresses come back in every UPDATE of a pool; checking 10,000 of them was
+# most of the time spent validating a large UPDATE. Invalid text raises and is not cached.
+@functools.lru_cache(maxsize=65536)
+def _host_address(text: str) -> str:
+    """The address of one host in its normal form; ValueError saying why `text` is not."""
+    try:
+        address = ipaddress.ip_address(text)
     except ValueError:
-        raise InvalidMessage(f"{where} {quoted(text)} is not an IPv4 or IPv6 address.") from None
+        raise ValueError("is not an IPv4 or IPv6 address.") from None
     # ipaddress accepts any text after '%' as an IPv6 zone; none belongs in a server line.
     if getattr(address, "scope_id", None) is not None:
-        raise InvalidMessage(f"{where} {quoted(text)} must not carry an IPv6 zone ('%...').")
+        raise ValueError("must not carry an IPv6 zone ('%...').")
     if address.is_unspecified or address.is_multicast:
-        raise InvalidMessage(f"{where} {quoted(text)} is not the address of a single host.")
+        raise ValueError("is not the address of a single host.")
     return str(address)
 
 
@@ -668,11 +719,14 @@ def _name(value: Any, where: str) -> str | None:
     return text
 
 
-def _reject_duplicates(values: list[str], where: str, what: str) -> None:
-    seen: set[str] = set()
+def _reject_duplicates(values: list[Any], where: str, what: str,
+                       shown: Callable[[Any], str] = str) -> None:
+    if len(set(values)) == len(values):
+        return
+    seen: set[Any] = set()
     for value in values:
         if value in seen:
-            raise InvalidMessage(f"{where} has two nodes with the same {what} ({value}).")
+            raise InvalidMessage(f"{where} has two nodes with the same {what} ({shown(value)}).")
         seen.add(value)
 
 
@@ -750,7 +804,8 @@ def bad_request(original: Mapping[str, Any], error: str, **extra: Any) -> dict[s
 def encode_reply(answer: Mapping[str, Any]) -> bytes:
     """The reply as JSON bytes; strict JSON always, whatever a handler put in it."""
     try:
-        return json.dumps(answer, allow_nan=False).encode("utf-8")
+        # A decoded message is a tree; a cycle from a handler would end in RecursionError.
+        return json.dumps(answer, allow_nan=False, check_circular=False).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         # Unreachable for a decoded message; the guard that no reply is ever invalid JSON.
         LOG.error("A reply could not be encoded as strict JSON: %s", exc)

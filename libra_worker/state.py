@@ -91,5 +91,8 @@ class StateStore:
         # Shallow on purpose: asdict() would deep-copy every node of a large device.
         document = {item.name: getattr(state, item.name) for item in fields(state)}
         document["lifecycle"] = state.lifecycle.value
-        atomic_write(self.path, json.dumps(document) + "\n")
+        # A tree of our own making, so no cycle check; compact: this is rewritten at every
+        # UPDATE, with every node in it.
+        text = json.dumps(document, separators=(",", ":"), check_circular=False)
+        atomic_write(self.path, text + "\n")
         self._cached = (self._version(), state)
