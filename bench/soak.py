@@ -31,6 +31,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -488,7 +489,10 @@ class Soak:
         self.worker = c.Worker(
             run.root, self.gearmand,
             gearman_options={"reconnect_delay_max": "1.0"},
-            more_config=("[archive]\nallow_plain_http = true\n"
+            # A peers port of its own: a soak beside other workers on this host (the
+            # default 7441 is any worker's).
+            more_config=(f"peers_address = {c.LOOPBACK}:{c.free_port()}\n"
+                         "[archive]\nallow_plain_http = true\n"
                          f"timeout = {args.archive_timeout}\n"),
         )
         self.worker.start()
@@ -694,6 +698,10 @@ def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
     return any(start <= t <= end for start, end in windows)
 
 
+def overlaps(first: float, last: float, windows: list[tuple[float, float]]) -> bool:
+    return any(first <= end and start <= last for start, end in windows)
+
+
 def utc_seconds(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=timezone.utc).timestamp()
 
@@ -773,6 +781,7 @@ class Report:
         soak = self.soak
         gearmand_windows = self.windows("gearmand", before=0.5, after=1.0)
         swift_windows = self.windows("swift", before=self.soak.args.archive_timeout + 5, after=1.0)
+        haproxy_windows = self.windows("haproxy", before=0.5, after=1.0)
         uniques = Counter(job.unique for job in soak.jobs)
         rows, notes = [], []
         bad = 0
@@ -786,6 +795,9 @@ class Report:
                 if job.outcome == "lost" and in_windows(job.answered, gearmand_windows):
                     lost_explained += 1
                 elif job.outcome == "FAIL" and action == "ARCHIVE" and in_windows(job.sent, swift_windows):
+                    fail_explained += 1
+                elif (job.outcome == "FAIL" and job.detail.startswith("HAProxy")
+                      and overlaps(job.sent, job.answered, haproxy_windows)):
                     fail_explained += 1
                 elif job.outcome == "unsent" and in_windows(job.sent, gearmand_windows):
                     pass
@@ -801,9 +813,11 @@ class Report:
         text = ["## Jobs\n", c.markdown_table(
             ["job", "submitted", "answered", "PASS", "FAIL", "lost", "not sent (gearmand down)"], rows)]
         text.append("\nExplained: an ARCHIVE that FAILs while Swift is down (its lines ship with a "
-                    "later one); a job lost with gearmand (restarted with an in-memory queue: the "
-                    "client's connection drops with the job); a job not sent because gearmand was "
-                    "down (as Libra's servers, the soak sends the next one on its period).")
+                    "later one); a job that FAILs saying HAProxy is not running while it recovers "
+                    "from a kill -9 (0.5 s before to 1 s after); a job lost with gearmand "
+                    "(restarted with an in-memory queue: the client's connection drops with the "
+                    "job); a job not sent because gearmand was down (as Libra's servers, the soak "
+                    "sends the next one on its period).")
         text.append(f"\nEvery job answered exactly once (each reply matched to its job's handle; "
                     f"unique ids reused: {len(duplicates)}); every FAIL and loss explained: "
                     + self.target("jobs answered once, failures explained", bad == 0 and not duplicates))
@@ -992,6 +1006,15 @@ class Report:
         c.save_figure(plt, figure, path)
 
 
+def keep_logs(root: Path, into: Path) -> None:
+    """The worker's and the log sink's own logs of a run that missed a target: the run's
+    directory goes with the run, and they tell what the worker did meanwhile."""
+    into.mkdir(parents=True, exist_ok=True)
+    for log in (root / "worker.log", root / "worker.out", *root.glob("state/logs/logsink*")):
+        if log.is_file():
+            shutil.copyfile(log, into / log.name)
+
+
 def rejudge(args: Any) -> int:
     """The Slopes section (and the plot) again from a saved run's soak-raw.json, with this
     version's bounds."""
@@ -1044,6 +1067,8 @@ def main() -> int:
         soak.finish()
         report = Report(soak)
         report.build()
+        if report.missed:
+            keep_logs(run.root, args.out_dir / "soak-logs")
     summary = ("## Targets\n\n" + ("All met." if not report.missed else
                "Missed: " + "; ".join(report.missed) + "."))
     sections = [report.parameters(), summary, *report.sections]
