@@ -129,3 +129,25 @@ def test_a_job_failing_for_a_killed_haproxy_while_it_recovers_is_explained(soak_
 ])
 def test_other_failures_near_a_haproxy_kill_are_not(soak_module, job):
     assert judged_jobs(soak_module, [job]) == ["jobs answered once, failures explained"]
+
+
+def judged_metrics(soak_module, billed: int) -> list[str]:
+    """Report.metrics() for one HTTP client that received 1,000,000 bytes of whole answers,
+    6,000 of them header lines HAProxy added (its set-cookie, connection), no fault."""
+    loop = SimpleNamespace(protocol="http", whole_bytes=1_000_000, added_bytes=6_000,
+                           bytes_between=lambda start, end: 0)
+    reply = {"hpcs_response": "PASS", "utc_start": "2026-12-07 10:00:00.000000",
+             "utc_end": "2026-12-07 10:01:00.000000",
+             "loadBalancers": [{"protocol": "http", "bytes_out": billed}]}
+    job = soak_module.JobRecord("METRICS", "u", 0.0, 1.0, "PASS", "", reply)
+    report = soak_module.Report(SimpleNamespace(jobs=[job], faults=[], traffic=[loop]))
+    report.metrics()
+    return report.missed
+
+
+def test_metrics_are_judged_without_the_headers_haproxy_adds(soak_module):
+    # HAProxy bills what it forwards, not the headers it adds itself (docs/protocol.rst).
+    assert judged_metrics(soak_module, billed=994_000) == []
+    assert judged_metrics(soak_module, billed=993_500) == []  # within 0.1%
+    assert judged_metrics(soak_module, billed=992_000) == ["METRICS total within 0.1%"]
+    assert judged_metrics(soak_module, billed=1_000_000) == ["METRICS total within 0.1%"]
