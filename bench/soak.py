@@ -1023,7 +1023,9 @@ def keep_logs(root: Path, into: Path) -> None:
     """The worker's and the log sink's own logs of a run that missed a target: the run's
     directory goes with the run, and they tell what the worker did meanwhile."""
     into.mkdir(parents=True, exist_ok=True)
-    for log in (root / "worker.log", root / "worker.out", *root.glob("state/logs/logsink*")):
+    sink = root / "state" / "logs"
+    for log in (root / "worker.log", root / "worker.out", *sink.glob("logsink.log*"),
+                sink / "logsink.stderr"):
         if log.is_file():
             shutil.copyfile(log, into / log.name)
 
