@@ -4,7 +4,8 @@ A soak takes hours; what it concludes from its samples must still be right: a fl
 with sampling noise and a worker restart is flat, a slow leak inside each life is not,
 and the read-only pool filling up to its size is no thread leak. A job that FAILs saying
 HAProxy is not running while a HAProxy kill -9 is being recovered from is explained; the
-same FAIL at another time, or any other FAIL during the kill, is not.
+same FAIL at another time, or any other FAIL during the kill, is not. Lines in Swift that
+no reply reported are explained only by an ARCHIVE whose reply was lost.
 """
 
 from __future__ import annotations
@@ -151,3 +152,17 @@ def test_metrics_are_judged_without_the_headers_haproxy_adds(soak_module):
     assert judged_metrics(soak_module, billed=993_500) == []  # within 0.1%
     assert judged_metrics(soak_module, billed=992_000) == ["METRICS total within 0.1%"]
     assert judged_metrics(soak_module, billed=1_000_000) == ["METRICS total within 0.1%"]
+
+
+@pytest.mark.parametrize("downloaded, reported, replies_lost, expected", [
+    (1000, 1000, 0, True),
+    (1000, 360, 1, True),  # an ARCHIVE's objects in Swift, its reply lost with gearmand
+    (1000, 360, 0, False),  # lines nobody reported, and no reply lost to explain them
+    (1000, 1040, 1, False),  # replies reported more than Swift holds
+    (900, 900, 0, False),  # lines missing outside any log-sink gap
+])
+def test_archived_lines_against_the_replies(soak_module, downloaded, reported, replies_lost,
+                                            expected):
+    # 1,000 requests served, 20 of them during a log-sink gap, 5 cut by a HAProxy kill.
+    assert soak_module.archive_as_expected(downloaded, reported, replies_lost, served=1000,
+                                           in_sink_gaps=20, cut=5) is expected
