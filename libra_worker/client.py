@@ -231,11 +231,11 @@ def _sweep(job_client: _Client, requests: list[GearmanJobRequest], servers: int,
     A job whose connection broke before JOB_CREATED is no job yet: it goes to the next job
     server (even if the one that broke still accepts connections), each server tried at
     most once per job. A job that was created is lost with its server (the worker may
-    still run it) and is not sent again. pygearman retries at most once per pass
-    (max_attempts=1 makes it end the pass instead), because within a pass it polls only
-    the connections that were open when the pass began: a job moved to a server connected
-    later would wait there unread until the timeout. Raises GearmanError when nothing
-    more can be sent.
+    still run it) and is not sent again. Each pass lets pygearman send a job once
+    (max_attempts: a job it would send again ends the pass instead), because within a
+    pass it polls only the connections that were open when the pass began: a job moved
+    to a server connected later would wait there unread until the timeout. Raises
+    GearmanError when nothing more can be sent.
     """
     pending = list(requests)
     while True:
