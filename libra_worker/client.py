@@ -211,10 +211,8 @@ def _submit_jobs(settings: GearmanSettings, functions: list[str], message: str,
                                              uuid.uuid4().hex, payload))
                 for function in functions]
     try:
-        job_client.submit_multiple_requests(
-            requests, poll_timeout=max(timeout - (time.monotonic() - started), 0.001))
+        _sweep(job_client, requests, len(settings.servers), timeout, started)
     except gearman.errors.GearmanError as exc:
-        # A job server lost mid-sweep: the jobs it had get no reply, the others keep theirs.
         if all(request.job.handle is None for request in requests):
             reasons = [c.last_error for c in job_client.connection_list if c.last_error] or [str(exc)]
             raise Unreachable(f"cannot reach a job server at {_addresses(settings)}: "
@@ -223,6 +221,43 @@ def _submit_jobs(settings: GearmanSettings, functions: list[str], message: str,
         job_client.shutdown()
     return {function: _result(function, request, timeout, started)
             for function, request in zip(functions, requests)}
+
+
+def _sweep(job_client: _Client, requests: list[GearmanJobRequest], servers: int,
+           timeout: float, started: float) -> None:
+    """Submit every job and wait for the replies; a job server lost mid-sweep costs only
+    the jobs it had created.
+
+    A job whose connection broke before JOB_CREATED is no job yet: it goes to the next job
+    server (even if the one that broke still accepts connections), each server tried at
+    most once per job. A job that was created is lost with its server (the worker may
+    still run it) and is not sent again. Each pass lets pygearman send a job once
+    (max_attempts: a job it would send again ends the pass instead), because within a
+    pass it polls only the connections that were open when the pass began: a job moved
+    to a server connected later would wait there unread until the timeout. Raises
+    GearmanError when nothing more can be sent.
+    """
+    pending = list(requests)
+    while True:
+        try:
+            job_client.submit_multiple_requests(
+                pending, poll_timeout=max(timeout - (time.monotonic() - started), 0.001))
+            return
+        except gearman.errors.ExceededConnectionAttempts:
+            unsent = [r for r in pending if r.state == JOB_UNKNOWN and r.job.handle is None]
+            pending = [r for r in pending if r.state != JOB_UNKNOWN or r in unsent]
+            for request in unsent:
+                if request.connection_attempts >= servers:
+                    pending.remove(request)  # every job server broke the connection first
+                    continue
+                request.max_connection_attempts = request.connection_attempts + 1
+                # Next time the job server after the one that broke, even if that one
+                # still accepts connections.
+                rotation = job_client.request_to_rotating_connection_queue.get(request)
+                if rotation and request.job.connection in rotation:
+                    rotation.rotate(-rotation.index(request.job.connection) - 1)
+            if not pending or time.monotonic() - started >= timeout:
+                raise
 
 
 def _result(function: str, request: Any, timeout: float, started: float) -> Result:

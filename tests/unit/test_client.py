@@ -6,11 +6,15 @@ import errno
 import io
 import json
 import socket
+import struct
+import threading
 
+import gearman.client
 import pytest
 
 from libra_worker import client
 from libra_worker.client import EXIT_UNREACHABLE, main, read_message
+from tests.integration.support import free_port
 
 
 @pytest.mark.parametrize("argument, action", [
@@ -130,3 +134,132 @@ def test_exit_code_follows_reply(monkeypatch, capsys, answer, code):
     assert main(["--timeout", "3", "lb-7", "discover"]) == code
     assert sent == [("127.0.0.1:4730", "lb-7", '{"hpcs_action": "DISCOVER"}', 3.0, None, True)]
     assert json.loads(capsys.readouterr().out) == answer
+
+
+# --------------------------------------------------------------------------- fan-out through
+# fake job servers: each takes SUBMIT_JOB and either answers like gearmand with a worker
+# (JOB_CREATED, then WORK_COMPLETE) or resets the connection at a chosen point.
+
+SUBMIT_JOB, JOB_CREATED, WORK_COMPLETE = 7, 8, 13
+
+
+class FakeJobServer:
+    """A job server on 127.0.0.1. `reset`: None answers every job; "before-created" resets
+    the connection on a job's SUBMIT_JOB; "killed" does that and stops listening, as a
+    gearmand killed under the client; "after-created" resets it after JOB_CREATED."""
+
+    def __init__(self, reset: str | None = None) -> None:
+        self.reset = reset
+        self.submitted: list[bytes] = []  # function names, in arrival order
+        self.port = free_port()
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() in _serve
+        except OSError:
+            pass  # a "killed" server's listener is closed already
+        self.listener.close()
+        self.thread.join(timeout=10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._talk, args=(connection,), daemon=True).start()
+
+    def _talk(self, connection: socket.socket) -> None:
+        with connection:
+            buffer = b""
+            while True:
+                while len(buffer) < 12 or len(buffer) < 12 + struct.unpack(">I", buffer[8:12])[0]:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                kind, size = struct.unpack(">II", buffer[4:12])
+                body, buffer = buffer[12:12 + size], buffer[12 + size:]
+                if kind != SUBMIT_JOB:
+                    continue
+                function, _unique, payload = body.split(b"\0", 2)
+                self.submitted.append(function)
+                handle = f"H:fake:{len(self.submitted)}".encode()
+                if self.reset == "killed":
+                    self.listener.shutdown(socket.SHUT_RDWR)
+                if self.reset in ("before-created", "killed"):
+                    return self._reset(connection)
+                connection.sendall(_packet(JOB_CREATED, handle))
+                if self.reset == "after-created":
+                    return self._reset(connection)
+                reply = {**json.loads(payload), "hpcs_response": "PASS", "worker": function.decode()}
+                connection.sendall(_packet(WORK_COMPLETE, handle + b"\0" + json.dumps(reply).encode()))
+
+    @staticmethod
+    def _reset(connection: socket.socket) -> None:
+        # Linger 0: close() sends a RST, as a killed gearmand's kernel does.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    return b"\0RES" + struct.pack(">II", kind, len(body)) + body
+
+
+@pytest.fixture
+def fake_job_servers():
+    made: list[FakeJobServer] = []
+
+    def make(reset: str | None = None) -> FakeJobServer:
+        made.append(FakeJobServer(reset))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+FUNCTIONS = [f"lb-fake-{index}" for index in range(4)]
+
+
+@pytest.mark.parametrize("first, reset", [("resetting", "before-created"), ("resetting", "killed"),
+                                          ("answering", "before-created")])
+def test_jobs_a_job_server_resets_before_creating_them_go_to_the_other(fake_job_servers, monkeypatch,
+                                                                       first, reset):
+    resetting, answering = fake_job_servers(reset), fake_job_servers()
+    servers = [resetting, answering] if first == "resetting" else [answering, resetting]
+    # pygearman shuffles the job servers per job; in the given order instead, every job
+    # starts at the first one: all at the resetting one (the other not even connected
+    # yet), or all served at once while the resetting one is never used.
+    monkeypatch.setattr(gearman.client.random, "shuffle", lambda items: None)
+    results = client.submit_many(", ".join(f"127.0.0.1:{s.port}" for s in servers), FUNCTIONS,
+                                 '{"hpcs_action": "STATS"}', timeout=10)
+    assert [(r.worker, r.outcome, r.reply["worker"]) for r in results] == [
+        (f, client.PASS, f) for f in FUNCTIONS]
+    assert sorted(answering.submitted) == [f.encode() for f in FUNCTIONS]
+    assert len(resetting.submitted) == (1 if first == "resetting" else 0)
+
+
+def test_a_job_created_before_the_reset_is_lost_not_sent_twice(fake_job_servers, monkeypatch):
+    losing, answering = fake_job_servers("after-created"), fake_job_servers()
+    monkeypatch.setattr(gearman.client.random, "shuffle", lambda items: None)
+    results = client.submit_many(f"127.0.0.1:{losing.port}, 127.0.0.1:{answering.port}",
+                                 FUNCTIONS, '{"hpcs_action": "STATS"}', timeout=10)
+    lost = [r for r in results if r.outcome != client.PASS]
+    # The first job was created, then its server reset: the worker may run it, so it is
+    # reported lost; the others had no handle yet and were served by the other server.
+    assert [(r.worker, r.outcome, r.error) for r in lost] == [
+        (FUNCTIONS[0], client.TIMEOUT, "its job server was lost before the reply")]
+    assert losing.submitted == [FUNCTIONS[0].encode()]
+    assert sorted(answering.submitted) == [f.encode() for f in FUNCTIONS[1:]]
+
+
+def test_every_job_server_resetting_is_unreachable(fake_job_servers):
+    servers = [fake_job_servers("before-created") for _ in range(2)]
+    with pytest.raises(client.Unreachable, match="cannot reach a job server at 127.0.0.1:"):
+        client.submit_many(", ".join(f"127.0.0.1:{s.port}" for s in servers), FUNCTIONS[:1],
+                           '{"hpcs_action": "STATS"}', timeout=10)
+    # Each job server was given the job once, then no more.
+    assert [s.submitted for s in servers] == [[FUNCTIONS[0].encode()]] * 2
