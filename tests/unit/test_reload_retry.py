@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -135,3 +136,27 @@ def test_request_reload_sends_one_reload_and_does_not_wait(tmp_path):
         target.request_reload()
         thread.join(5)
     assert received == [b"reload\n"]
+
+
+def test_a_master_killed_before_the_reload_fails_it_at_once(tmp_path, monkeypatch):
+    # HAProxy killed between the UPDATE's look at it and the reload: the pid file names a
+    # dead process and the master socket refuses. No retry can bring it back, and the
+    # caller holds the device lock the reconciler needs to start HAProxy again.
+    process = HAProxyProcess(
+        binary="/usr/sbin/haproxy", config_file=tmp_path / "haproxy.cfg",
+        pid_file=tmp_path / "haproxy.pid", master_socket=tmp_path / "master.sock",
+        command_timeout=0.5, reload_attempts=3, reload_retry_wait=0,
+    )
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "haproxy.pid").write_text(f"{dead.pid}\n")
+    asked = []
+
+    def refused(path, command, timeout):
+        asked.append(command)
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+    monkeypatch.setattr(sockets, "send_command", refused)
+    with pytest.raises(ReloadFailed, match="master process is not running"):
+        process.reload()
+    assert asked == []

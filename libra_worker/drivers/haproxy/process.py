@@ -198,6 +198,11 @@ class HAProxyProcess:
         return match.group(1) if match else None
 
     def process_table(self) -> ProcessTable:
+        if not self.is_running_beside_reload():
+            # Killed, not re-executing: its socket refuses connections, no retry can cure
+            # that, and the device lock held meanwhile keeps the reconciler from starting
+            # HAProxy again (the soak saw a 120 s outage from a kill during an UPDATE).
+            raise ReloadFailed("HAProxy's master process is not running.")
         deadline = time.monotonic() + self.command_timeout
         return ProcessTable.parse(self._ask_master("show proc", deadline, self.master_pid()))
 

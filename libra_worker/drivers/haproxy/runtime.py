@@ -160,6 +160,10 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
         emptied: list[int] = []  # still serving until the end of this plan: not free
         for node in after.nodes:
             old_node = previous.get(node.id)
+            if old_node is node:
+                # Most of a node-only change: messages hands back the Node of the last
+                # parse for a node sent again unchanged, so no field is compared.
+                continue
             if old_node is not None and _identity(old_node) == _identity(node):
                 if old_node != node:
                     server = f"{backend}/{slots[where[node.id]].name}"
