@@ -452,7 +452,11 @@ class AnswerCatcher:
                         self.caught.set()
                     else:
                         server_side.sendall(packet)
-        # The worker is gone (killed): so is its connection, for gearmand too.
+        # The worker is gone (killed): so is its connection, for gearmand too. Shut down,
+        # not only closed: `_copy` blocks in recv on it, and while it does a close alone
+        # leaves the connection open, so gearmand would never give the job out again.
+        with contextlib.suppress(OSError):
+            server_side.shutdown(socket.SHUT_RDWR)
         server_side.close()
         worker_side.close()
 

@@ -67,7 +67,7 @@ class Device:
         assert not outcome, "gearmand heard the first answer"
         self.worker.start()
         thread.join(40)
-        assert outcome, "the job was not delivered again"
+        assert outcome, "the job was not delivered again\n" + self.worker.log_text()[-6000:]
         return outcome[0], seen
 
 
