@@ -49,6 +49,8 @@ def job_lines(*paths: Path) -> int:
 
 def test_rotation_while_jobs_arrive_loses_no_line(worker: Worker) -> None:
     config = logrotate_config(worker)
+    # A job's line is written just after its answer: wait for the start-up DISCOVER's.
+    wait_until(lambda: job_lines(worker.log_file) >= 1, 10, "the start-up job's line")
     before = job_lines(worker.log_file)
     answered = 0
     failures: list[str] = []
@@ -86,5 +88,7 @@ def test_rotation_while_jobs_arrive_loses_no_line(worker: Worker) -> None:
     assert rotated.exists(), "logrotate did not rotate worker.log"
     # Every job answered left exactly one line, in the old or the new file; the new
     # file holds the lines of jobs after the rotation.
+    wait_until(lambda: job_lines(rotated, worker.log_file) >= before + answered, 10,
+               "the last job's line")
     assert job_lines(rotated, worker.log_file) == before + answered
     assert job_lines(worker.log_file) >= 20
