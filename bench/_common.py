@@ -460,9 +460,12 @@ class Run(contextlib.ExitStack):
 def publish(args: argparse.Namespace, name: str, title: str, sections: Sequence[str],
             info: dict[str, str], image_text: str,
             plot: Callable[[Any, Path], None] | None = None) -> None:
-    """Write docs/bench/<name>.md (and <name>.png unless --no-plot) into --out-dir."""
-    write_results(name, title, [*sections, f"![{image_text}]({name}.png)"], info, args.out_dir)
+    """Write docs/bench/<name>.md (and <name>.png unless --no-plot) into --out-dir; the
+    page shows the plot only when there is one."""
     plt = None if args.no_plot else pyplot_or_none(required=True)
-    if plt is not None and plot is not None:
+    plotted = plt is not None and plot is not None
+    image = [f"![{image_text}]({name}.png)"] if plotted else []
+    write_results(name, title, [*sections, *image], info, args.out_dir)
+    if plotted:
         plot(plt, args.out_dir / f"{name}.png")
     print(f"Results in {args.out_dir / f'{name}.md'}")
