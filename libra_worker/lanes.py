@@ -185,7 +185,7 @@ class JobLanes:
                 continue
             if not still_held(item.token):
                 LOG.warning("Job %s %s skipped: its job server connection was lost while it "
-                            "waited; the job server gives it out again", item.job.handle,
+                            "waited; a job server that kept it gives it out again", item.job.handle,
                             item.job.action)
                 self._forget(item)
                 continue

@@ -208,14 +208,16 @@ class JobServerWorker(gearman.GearmanWorker):
     def _send(self, item: InHand, answer: Answer) -> None:
         current_job, session = item.token
         self.jobs_done += 1
+        if not self.still_held(item.token):
+            # gearmand hands out again only what it still holds: a restarted one without a
+            # persistent queue has forgotten the job, and its client hears nothing.
+            LOG.warning("Job %s: the connection to %s was lost before its answer; a job "
+                        "server that kept the job gives it out again", item.job.handle,
+                        current_job.connection.address)
+            return
         # Logged after the poll round's writes (after_poll): not between a ping and its answer.
         self._answered.append((item.job.handle, answer.action, answer.reply.get("hpcs_response"),
                                (time.monotonic() - item.grabbed) * 1000))
-        if not self.still_held(item.token):
-            LOG.warning("Job %s: the connection to %s was lost before its answer; the job "
-                        "server gives the job out again", item.job.handle,
-                        current_job.connection.address)
-            return
         # Queued on the connection; the poll loop writes it (no nested poll as in
         # pygearman's send_job_complete).
         session.send_job_complete(current_job, encode_reply(answer.reply))
