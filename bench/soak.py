@@ -498,10 +498,8 @@ class Soak:
         self.worker = c.Worker(
             run.root, self.gearmand,
             gearman_options={"reconnect_delay_max": "1.0"},
-            # A peers port of its own: a soak beside other workers on this host (the
-            # default 7441 is any worker's).
-            more_config=(f"peers_address = {c.LOOPBACK}:{c.free_port()}\n"
-                         "[archive]\nallow_plain_http = true\n"
+            # (c.Worker gives it a peers port of its own.)
+            more_config=("[archive]\nallow_plain_http = true\n"
                          f"timeout = {args.archive_timeout}\n"),
         )
         self.worker.start()
