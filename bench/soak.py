@@ -640,23 +640,22 @@ class Soak:
         try:
             worker = proc_fields(self.worker.pid)
             sink_pid = c.LogSink(self.worker.state_dir).pid()
-            sink = proc_fields(sink_pid) if sink_pid else None
-            haproxy = len(self.worker.haproxy.our_pids())
-            state = tree_bytes(self.worker.state_dir)
+            sink_rss = proc_fields(sink_pid)["VmRSS"] / 1024 if sink_pid else float("nan")
+            sample = {
+                "t": now() - self.t0,
+                "incarnation": self.worker_starts,
+                "worker RSS MiB": worker["VmRSS"] / 1024,
+                "worker fds": worker["fds"],
+                "worker threads": worker["Threads"],
+                "log sink RSS MiB": sink_rss,
+                "sink pid": sink_pid or 0,
+                "HAProxy processes": len(self.worker.haproxy.our_pids()),
+                "state_dir MiB": tree_bytes(self.worker.state_dir) / 1048576,
+                "load": os.getloadavg()[0],
+            }
         except (OSError, ValueError, KeyError):
             return  # a process between two lives (a zombie has no VmRSS): the next sample
-        self.samples.append({
-            "t": now() - self.t0,
-            "incarnation": self.worker_starts,
-            "worker RSS MiB": worker["VmRSS"] / 1024,
-            "worker fds": worker["fds"],
-            "worker threads": worker["Threads"],
-            "log sink RSS MiB": sink["VmRSS"] / 1024 if sink else float("nan"),
-            "sink pid": sink_pid or 0,
-            "HAProxy processes": haproxy,
-            "state_dir MiB": state / 1048576,
-            "load": os.getloadavg()[0],
-        })
+        self.samples.append(sample)
 
     # ------------------------------------------------------------------ the run
 
