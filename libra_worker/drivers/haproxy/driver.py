@@ -186,7 +186,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 raise WorkerError("Cannot restart: the load balancer is SUSPENDED (HAProxy "
                                   "stays stopped); send ENABLE to serve it again.")
             if self.process.is_running():
-                self._reload()
+                self.process.reload()
             elif self.supervised:
                 raise WorkerError("HAProxy is not running; its unit starts it: "
                                   "systemctl start libra-haproxy.")
@@ -438,7 +438,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 return
         if not checked:
             self.process.check(self.files.config)
-        self._reload()
+        self.process.reload()
         LOG.info("UPDATE reloaded HAProxy: %s", reason)
 
     def _runtime_plan(self, desired: DesiredState, accepted: Device | None,
@@ -583,7 +583,7 @@ class HAProxyDriver(LoadBalancerDriver):
                 if hurry:
                     self.process.request_reload()
                 else:
-                    self._reload()
+                    self.process.reload()
             except (WorkerError, OSError) as exc:
                 LOG.error("Reloading the previous configuration failed too: %s", exc)
 
@@ -593,7 +593,7 @@ class HAProxyDriver(LoadBalancerDriver):
         if self.supervised:
             # Its unit restarts a dead HAProxy within seconds, on the file as it is then.
             self.process.wait_for_master()
-            self._reload()
+            self.process.reload()
             return
         self.logs.ensure_running()
         self.process.start()
@@ -610,7 +610,7 @@ class HAProxyDriver(LoadBalancerDriver):
         self._install(text)
         try:
             if self.process.is_running():
-                self._reload()
+                self.process.reload()
             else:
                 self._start()
         except BaseException as exc:
@@ -632,9 +632,6 @@ class HAProxyDriver(LoadBalancerDriver):
                 last_error=f"HAProxy was restarted by libra-haproxy.service at {utc_now()}."))
         self._master_seen = master
 
-    def _reload(self) -> None:
-        self.process.reload()
-
     def _undo_interrupted_update(self) -> None:
         """Put back the configuration of the last accepted UPDATE if a killed worker left
         another one live (it died between swapping the file and recording the UPDATE).
@@ -646,7 +643,7 @@ class HAProxyDriver(LoadBalancerDriver):
         LOG.warning("The live configuration is not the last accepted UPDATE's: putting it back")
         self._install(expected)
         if self.process.is_running():
-            self._reload()
+            self.process.reload()
 
     def _expected_live_text(self, desired: DesiredState) -> str | None:
         """The live file the desired state asks for; None where the worker keeps none."""
