@@ -252,9 +252,12 @@ def decode(payload: bytes | str | Oversized,
 
 def _fields_given_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     fields = dict(pairs)
-    # Called for every object of the message (each node's): one pass in C decides the
-    # usual case. Names that differ only in ASCII case also lower() alike, so distinct
-    # lower() forms prove every name is given once; the loop below names the culprit.
+    # Called for every object of the message (each node's): passes in C decide the usual
+    # cases. Distinct names that are all their own lower-cased form (see `_lower_keys`)
+    # cannot clash; nor can names that differ only in ASCII case, which lower() alike. The
+    # loop below names the culprit.
+    if len(fields) == len(pairs) and all(map(str.islower, fields)):
+        return fields
     if len(set(map(str.lower, fields))) == len(pairs):
         return fields
     fields = {}
@@ -367,7 +370,7 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
     return Device(loadbalancers)
 
 
-# A node's lower-cased fields and the types of their values: what `_parse_node` reads.
+# A node entry's fields and the types of their values: all `_parse_node` reads.
 _NodeKey = tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]
 # The nodes of the last device parsed whole, by their key. An UPDATE repeats the nodes of
 # the one before but a few, and checking each node again cost more than all the rest of a
@@ -382,11 +385,8 @@ def _parse_loadbalancer(fields: Mapping[str, Any], where: str,
     protocol = _enum(Protocol, fields.get("protocol"), f"{where}.protocol", required=True)
     default_port = 80 if protocol is Protocol.HTTP else None
     port = _int(fields.get("port", default_port), f"{where}.port", 1, 65535, required=True)
-    nodes = tuple(
-        _known_or_parsed_node(_object(entry, f"{where}.nodes[{i}]"), f"{where}.nodes[{i}]",
-                              parsed)
-        for i, entry in enumerate(_list(fields.get("nodes"), f"{where}.nodes", required=True))
-    )
+    nodes = _nodes(_list(fields.get("nodes"), f"{where}.nodes", required=True),
+                   f"{where}.nodes", parsed)
     _reject_duplicates([node.id for node in nodes], f"{where}.nodes", "id")
     _reject_duplicates([(node.address, node.port) for node in nodes], f"{where}.nodes",
                        "address", shown=lambda key: f"{key[0]} port {key[1]}")
@@ -405,19 +405,27 @@ def _parse_loadbalancer(fields: Mapping[str, Any], where: str,
     )
 
 
-def _known_or_parsed_node(fields: Mapping[str, Any], where: str,
-                          parsed: dict[_NodeKey, Node]) -> Node:
-    """The node of the last device with the same fields, or these fields checked; kept
-    in `parsed` for the next device."""
-    key = (tuple(fields.items()), tuple(map(type, fields.values())))
+def _nodes(entries: list[Any], where: str, parsed: dict[_NodeKey, Node]) -> tuple[Node, ...]:
+    """Each entry's node: the last device's node for an entry given exactly as then, any
+    other entry checked; all kept in `parsed` for the next device.
+
+    The key is the entry as it came, names in their own casing: a node the full check
+    accepted from those very fields is what it would accept again. Keys are made and
+    looked up for the whole list at once, which costs a fifth of doing it node by node.
+    """
     try:
-        node = _last_nodes.get(key)
-    except TypeError:  # a list or object among the values (an ignored field): unhashable
-        return _parse_node(fields, where)
-    if node is None:
-        node = _parse_node(fields, where)
-    parsed[key] = node
-    return node
+        keys = [(tuple(entry.items()), tuple(map(type, entry.values()))) for entry in entries]
+        nodes: list[Node | None] = list(map(_last_nodes.get, keys))
+    except (AttributeError, TypeError):
+        # An entry that is not an object, or that holds a list or an object (an ignored
+        # field, so unhashable): each entry is checked on its own, and says which it is.
+        return tuple(_parse_node(_object(entry, f"{where}[{i}]"), f"{where}[{i}]")
+                     for i, entry in enumerate(entries))
+    for i, node in enumerate(nodes):
+        if node is None:
+            nodes[i] = _parse_node(_object(entries[i], f"{where}[{i}]"), f"{where}[{i}]")
+    parsed.update(zip(keys, nodes))
+    return tuple(nodes)  # type: ignore[arg-type]  # every None was replaced above
 
 
 def _parse_node(fields: Mapping[str, Any], where: str) -> Node:

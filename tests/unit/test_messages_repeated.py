@@ -58,3 +58,18 @@ def test_nodes_with_object_values_are_checked_every_time():
     assert nodes_of(document) == nodes_of(document)
     with pytest.raises(InvalidMessage, match="must be a JSON object"):
         parse(update("not a node"))
+
+
+def test_names_in_other_casings_make_the_same_node_and_are_remembered_as_given(monkeypatch):
+    monkeypatch.setattr(messages, "_last_nodes", {})
+    cased = {"ID": "n1", "Address": "10.0.0.1", "PORT": 80, "weight": 1, "Backup": False}
+    assert nodes_of(update(cased)) == nodes_of(update(VALID))  # the same, whatever the casing
+    again = nodes_of(update(cased))
+    assert nodes_of(update(cased))[0] is again[0]  # taken from the last UPDATE as given
+
+
+def test_one_node_with_an_object_value_does_not_stop_the_others_being_checked():
+    document = update(VALID, {"address": "10.0.0.2", "port": 81, "meta": {"rack": 4}},
+                      {**VALID, "id": "bad id", "address": "10.0.0.3"})
+    with pytest.raises(InvalidMessage, match=r"loadbalancers\[0\]\.nodes\[2\]\.id"):
+        parse(document)
