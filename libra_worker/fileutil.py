@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
 import tempfile
@@ -16,7 +17,40 @@ def atomic_write(path: Path, data: str | bytes, mode: int = 0o600, *,
     (a reader still sees the old file or the new one, never half of one).
     """
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    temporary = _temporary_beside(path, payload, mode, durable)
+    _rename_into_place(_temporary_beside(path, payload, mode, durable), path, durable)
+
+
+class StagedFile:
+    """`data` written and fsynced beside `path` now, renamed over it by `commit` later (or
+    removed by `discard`): the slow half of a durable write can run while the caller
+    waits for something else, and only the rename is left for the moment it must happen."""
+
+    def __init__(self, path: Path, data: str, mode: int = 0o600) -> None:
+        self.path = path
+        self._temporary: str | None = _temporary_beside(path, data.encode("utf-8"), mode, True)
+
+    def commit(self) -> None:
+        if self._temporary is None:
+            raise RuntimeError(f"{self.path}: staged data already committed or discarded")
+        temporary, self._temporary = self._temporary, None
+        _rename_into_place(temporary, self.path, durable=True)
+
+    def discard(self) -> None:
+        if self._temporary is not None:
+            Path(self._temporary).unlink(missing_ok=True)
+            self._temporary = None
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write left beside `path`; the
+    ones removed. Only while no other process may be writing `path`."""
+    leftovers = list(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
+
+
+def _rename_into_place(temporary: str, path: Path, durable: bool) -> None:
     try:
         os.replace(temporary, path)
     except OSError as exc:

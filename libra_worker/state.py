@@ -9,15 +9,16 @@ what the reconciler has had to repair (restarts, last error).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from libra_worker.fileutil import atomic_write
+from libra_worker.fileutil import StagedFile, remove_leftovers
 
 LOG = logging.getLogger(__name__)
 
@@ -88,11 +89,57 @@ class StateStore:
             return DesiredState()
 
     def save(self, state: DesiredState) -> None:
+        with self.staging(state) as staged:
+            staged.commit()
+
+    @contextlib.contextmanager
+    def staging(self, state: DesiredState) -> Iterator["StagedState"]:
+        """`state`, to be saved in two steps (see StagedState); whatever was written and
+        not committed is removed when the block ends."""
+        staged = StagedState(self, state)
+        try:
+            yield staged
+        finally:
+            staged.discard()
+
+    def remove_leftovers(self) -> None:
+        """The half-saved states of a worker killed between `write` and `commit` (the
+        caller makes sure no other process saves one now)."""
+        for leftover in remove_leftovers(self.path):
+            LOG.info("Removed %s, a state a killed worker never committed", leftover.name)
+
+    def _text(self, state: DesiredState) -> str:
         # Shallow on purpose: asdict() would deep-copy every node of a large device.
         document = {item.name: getattr(state, item.name) for item in fields(state)}
         document["lifecycle"] = state.lifecycle.value
         # A tree of our own making, so no cycle check; compact: this is rewritten at every
         # UPDATE, with every node in it.
-        text = json.dumps(document, separators=(",", ":"), check_circular=False)
-        atomic_write(self.path, text + "\n")
+        return json.dumps(document, separators=(",", ":"), check_circular=False) + "\n"
+
+    def _committed(self, state: DesiredState) -> None:
         self._cached = (self._version(), state)
+
+
+class StagedState:
+    """A state saved in two steps: `write` encodes it and makes it durable beside the
+    state file (while HAProxy checks the new configuration, say), `commit` renames it into
+    place, the moment the change it records becomes the device's."""
+
+    def __init__(self, store: StateStore, state: DesiredState) -> None:
+        self.store = store
+        self.state = state
+        self._file: StagedFile | None = None
+
+    def write(self) -> None:
+        if self._file is None:
+            self._file = StagedFile(self.store.path, self.store._text(self.state))
+
+    def commit(self) -> None:
+        self.write()
+        assert self._file is not None
+        self._file.commit()
+        self.store._committed(self.state)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.discard()

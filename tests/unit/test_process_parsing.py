@@ -173,6 +173,49 @@ def test_check_failure_is_config_check_failed(haproxy_process, tmp_path):
         haproxy_process.check(config)
 
 
+def _slow_checker(process: HAProxyProcess, directory: Path, pause: int) -> Path:
+    """Make `process` check through a wrapper that writes its pid, waits `pause` seconds,
+    then runs the real HAProxy: a check still running while `meanwhile` is. Its pid file."""
+    pid_file = directory / "checker.pid"
+    wrapper = directory / "haproxy-wrapper"
+    wrapper.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nsleep {pause}\n"
+                       f"exec {find_binary()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    process.binary = str(wrapper)
+    return pid_file
+
+
+def _checker_pid(pid_file: Path) -> int:
+    for _ in range(3000):
+        if pid_file.exists() and pid_file.read_text().strip():
+            return int(pid_file.read_text())
+        time.sleep(0.01)
+    raise AssertionError("the check never started")
+
+
+def test_meanwhile_runs_while_haproxy_checks(haproxy_process, tmp_path):
+    pid_file = _slow_checker(haproxy_process, tmp_path, pause=1)
+    config = tmp_path / "bad.cfg"
+    config.write_text("global\n    foo bar\n")
+    seen = []
+    with pytest.raises(ConfigCheckFailed, match="unknown keyword 'foo'"):
+        haproxy_process.check(
+            config, meanwhile=lambda: seen.append(process_alive(_checker_pid(pid_file))))
+    assert seen == [True]  # called once, with the check running; its verdict still counts
+
+
+def test_meanwhile_raising_stops_the_check(haproxy_process, tmp_path):
+    pid_file = _slow_checker(haproxy_process, tmp_path, pause=30)
+
+    def fail() -> None:
+        _checker_pid(pid_file)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        haproxy_process.check(tmp_path / "any.cfg", meanwhile=fail)
+    assert not process_alive(int(pid_file.read_text()))  # killed, not left to run on
+
+
 def test_find_binary():
     assert os.access(find_binary(), os.X_OK)
     with pytest.raises(ReloadFailed, match="'no-such-haproxy-binary' was not found"):
@@ -345,6 +388,28 @@ def test_atomic_write_missing_directory(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_staged_file_is_durable_beside_its_path_and_in_place_only_once_committed(tmp_path):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    staged = fileutil.StagedFile(target, "new")
+    [temporary] = [name for name in os.listdir(tmp_path) if name != "state.json"]
+    assert temporary.startswith(".state.json.") and target.read_text() == "old"
+    staged.commit()
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["state.json"]
+    with pytest.raises(RuntimeError, match="already committed"):
+        staged.commit()
+
+
+def test_a_discarded_staged_file_leaves_nothing_and_leftovers_are_removed(tmp_path):
+    target = tmp_path / "state.json"
+    fileutil.StagedFile(target, "never committed").discard()
+    assert os.listdir(tmp_path) == []
+    fileutil.StagedFile(target, "a killed writer's")  # neither committed nor discarded
+    fileutil.StagedFile(tmp_path / "other.json", "another file's")
+    assert [path.name for path in fileutil.remove_leftovers(target)][0].startswith(".state.json.")
+    assert [name[:12] for name in os.listdir(tmp_path)] == [".other.json."]
+
+
 # ---------------------------------------------------------------------- state.StateStore
 
 
@@ -359,6 +424,22 @@ def test_state_round_trip(tmp_path):
     assert store.load() == state
     assert json.loads(store.path.read_text())["lifecycle"] == "SUSPENDED"
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_a_staged_state_is_saved_only_when_committed(tmp_path):
+    store = StateStore(tmp_path / "state.json")
+    first = DesiredState(Lifecycle.ACTIVE, "2024-05-06T07:08:09Z", [{"protocol": "TCP"}])
+    store.save(first)
+    second = first.moved_to(Lifecycle.SUSPENDED)
+    with store.staging(second) as staged:
+        staged.write()
+        assert StateStore(store.path).load() == first  # written, not yet the state
+    assert store.load() == first and os.listdir(tmp_path) == ["state.json"]
+    with store.staging(second) as staged:
+        staged.write()
+        staged.commit()
+    assert StateStore(store.path).load() == second == store.load()
+    assert os.listdir(tmp_path) == ["state.json"]
 
 
 def test_state_keeps_the_server_slots_and_reads_a_file_without_them(tmp_path):

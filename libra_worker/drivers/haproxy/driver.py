@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from libra_worker import archive
 from libra_worker.config import HAProxySettings
@@ -207,32 +207,36 @@ class HAProxyDriver(LoadBalancerDriver):
             layout = plan.layout if plan else slots.fresh(device, self.settings.spare_servers)
             text = self._render(device, layout)
             checked = plan is None or not self._template_is_shipped()
-            # Always: a later start or reload must come up exactly as this UPDATE says.
-            # If the file is refused, the live one is untouched. Under systemd a
-            # suspended device keeps serving its idle file; ENABLE renders this one.
-            if suspended and self.supervised:
-                self._check(text)
-                self.files.candidate.unlink()
-            else:
-                self._install(text, checked)
-            try:
-                if suspended:
-                    LOG.info("Suspended: the new configuration is kept for ENABLE")
-                elif running:
-                    self._ensure_sink()
-                    self._apply_to_running(plan, reason, checked)
+            saved = desired.moved_to(Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
+                                     loadbalancers=device_document(device)["loadbalancers"],
+                                     layout=slots.to_document(layout))
+            # The state file is written while HAProxy checks the file, and renamed into
+            # place once HAProxy serves the change: it is the commit point.
+            with self.store.staging(saved) as staged:
+                # Always: a later start or reload must come up exactly as this UPDATE
+                # says. If the file is refused, the live one is untouched. Under systemd
+                # a suspended device keeps serving its idle file; ENABLE renders this one.
+                if suspended and self.supervised:
+                    self._check(text, meanwhile=staged.write)
+                    self.files.candidate.unlink()
                 else:
-                    self._start()
-                lifecycle = Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE
-                saved = self._save(desired, lifecycle,
-                                   loadbalancers=device_document(device)["loadbalancers"],
-                                   layout=slots.to_document(layout))
-            except BaseException as exc:
-                # Whatever failed (a refused reload, a full disk writing state.json, the
-                # job's alarm), HAProxy goes back to what state.json says it serves, so
-                # the reply's "left unchanged" holds and a restart brings up the same.
-                self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
-                raise
+                    self._install(text, checked, meanwhile=staged.write)
+                try:
+                    if suspended:
+                        LOG.info("Suspended: the new configuration is kept for ENABLE")
+                    elif running:
+                        self._ensure_sink()
+                        self._apply_to_running(plan, reason, checked)
+                    else:
+                        self._start()
+                    staged.commit()
+                except BaseException as exc:
+                    # Whatever failed (a refused reload, a full disk writing state.json,
+                    # the job's alarm), HAProxy goes back to what state.json says it
+                    # serves, so the reply's "left unchanged" holds and a restart brings
+                    # up the same.
+                    self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
+                    raise
             # What the state file now holds, already parsed.
             self._accepted = (saved, device, layout)
             self._rendered = (device, text)
@@ -500,8 +504,10 @@ class HAProxyDriver(LoadBalancerDriver):
         template_dir = self.settings.template_dir
         return template_dir is None or not (template_dir / render.TEMPLATE_NAME).exists()
 
-    def _install(self, text: str, checked: bool = True) -> None:
-        """Write the candidate, prove it with `haproxy -c`, then swap it in atomically.
+    def _install(self, text: str, checked: bool = True,
+                 meanwhile: Callable[[], object] | None = None) -> None:
+        """Write the candidate, prove it with `haproxy -c` (running `meanwhile` as it
+        checks), then swap it in atomically.
 
         Unchecked (a node-only change, see the module's docstring), the file is replaced
         at once. Neither is fsynced: the state file, saved next in the same directory, is
@@ -512,15 +518,16 @@ class HAProxyDriver(LoadBalancerDriver):
         if not checked:
             atomic_write(self.files.config, text, durable=False)
             return
-        self._check(text)
+        self._check(text, meanwhile)
         os.replace(self.files.candidate, self.files.config)
 
-    def _check(self, text: str) -> None:
-        """Write the candidate and prove it with `haproxy -c`; it is left for the caller
-        to swap in (or remove). A refused one is kept for the operator to read."""
+    def _check(self, text: str, meanwhile: Callable[[], object] | None = None) -> None:
+        """Write the candidate and prove it with `haproxy -c` (see `process.check` for
+        `meanwhile`); it is left for the caller to swap in (or remove). A refused one is
+        kept for the operator to read."""
         atomic_write(self.files.candidate, text, durable=False)
         try:
-            self.process.check(self.files.candidate)
+            self.process.check(self.files.candidate, meanwhile)
         except ConfigCheckFailed:
             os.replace(self.files.candidate, self.files.rejected)
             raise
@@ -636,6 +643,7 @@ class HAProxyDriver(LoadBalancerDriver):
         """Put back the configuration of the last accepted UPDATE if a killed worker left
         another one live (it died between swapping the file and recording the UPDATE).
         Under systemd also the file a SUSPEND, ENABLE or DELETE left half-done, or none."""
+        self.store.remove_leftovers()
         expected = self._expected_live_text(self.store.load())
         live = self._read_live_config()
         if expected is None or live == expected or (live is None and not self.supervised):

@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from libra_worker import budget
 from libra_worker.drivers.haproxy.sockets import is_permanent, send_command, send_command_retrying
@@ -223,9 +224,14 @@ class HAProxyProcess:
 
     # ------------------------------------------------------------------ actions
 
-    def check(self, config_file: Path) -> None:
-        """Prove a configuration with `haproxy -c`; HAProxy's own words on failure."""
-        result = self._run([self.binary, "-c", "-f", str(config_file)], "haproxy -c")
+    def check(self, config_file: Path, meanwhile: Callable[[], object] | None = None) -> None:
+        """Prove a configuration with `haproxy -c`; HAProxy's own words on failure.
+
+        `meanwhile` runs while HAProxy checks (from tens of milliseconds to seconds, and
+        all of it waiting otherwise); if it raises, the check is stopped.
+        """
+        result = self._run([self.binary, "-c", "-f", str(config_file)], "haproxy -c",
+                           meanwhile)
         if result.returncode != 0:
             output = result.stderr + result.stdout
             raise ConfigCheckFailed(
@@ -355,9 +361,11 @@ class HAProxyProcess:
         if strays and not _wait_until_gone(strays, self.stop_grace):
             raise ReloadFailed(f"HAProxy processes {strays} would not exit.")
 
-    def _run(self, command: list[str], what: str) -> subprocess.CompletedProcess[str]:
-        """Run to completion within `command_timeout`; on timeout or any interruption (a
-        job's own timeout), kill its whole process group: a wrapper's children too."""
+    def _run(self, command: list[str], what: str,
+             meanwhile: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run to completion within `command_timeout`, calling `meanwhile` while it runs; on
+        timeout or any interruption (a job's own timeout, `meanwhile` raising), kill its
+        whole process group: a wrapper's children too."""
         process = subprocess.Popen(
             command,
             # Measured: a master started with the /dev/null that python-daemon leaves on
@@ -372,6 +380,8 @@ class HAProxyProcess:
             cwd=self.config_file.parent,
         )
         try:
+            if meanwhile is not None:
+                meanwhile()
             stdout, stderr = process.communicate(timeout=self.command_timeout)
         except subprocess.TimeoutExpired:
             _kill_group(process)
