@@ -276,7 +276,8 @@ def test_bind_address_brackets_ipv6_only():
 def test_server_options_words():
     lb = make_lb(monitor=Monitor(MonitorType.CONNECT, delay=9, timeout=3, attempts=4))
     node = make_node(weight=7, backup=True, enabled=False)
-    assert render.server_options(node, lb) == "weight 7 check inter 9s fall 4 rise 2 backup disabled"
+    assert (render.server_options(node, render.health_check(lb))
+            == "weight 7 check inter 9s fall 4 rise 2 backup disabled")
 
 
 def test_http_monitor_becomes_httpchk_and_connect_monitor_does_not():

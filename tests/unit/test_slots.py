@@ -62,7 +62,8 @@ def test_many_backups_get_backup_spares_in_proportion():
 
 
 def test_empty_slots_render_as_loopback_placeholders_in_maintenance():
-    text = render.server_options(slots.placeholder(Slot("slot:4", True)), lb())
+    check = render.health_check(lb())
+    text = render.server_options(slots.placeholder(Slot("slot:4", True)), check)
     servers = slots.servers(lb(node("a")), (Slot("a", False, "a"), Slot("slot:1", False)))
 
     assert text == "weight 1 check inter 30s fall 2 rise 2 backup disabled"

@@ -118,18 +118,21 @@ def haproxy_timeout_ms(milliseconds: int) -> int:
     return milliseconds or MAX_HAPROXY_TIMEOUT_MS
 
 
-def server_options(node: Node, lb: LoadBalancer) -> str:
-    monitor = lb.monitor
-    words = [
-        f"weight {node.weight}",
-        f"check inter {monitor.delay}s fall {monitor.attempts} rise 2",
-    ]
+def health_check(lb: LoadBalancer) -> str:
+    """The health-check words of each of `lb`'s server lines."""
+    return f"check inter {lb.monitor.delay}s fall {lb.monitor.attempts} rise 2"
+
+
+def server_options(node: Node, check: str) -> str:
+    """What follows a server's address; `check` is its load balancer's `health_check`.
+    (Built by concatenation: this runs for every server line of every reload.)"""
+    options = f"weight {node.weight} {check}"
     if node.backup:
-        words.append("backup")
+        options += " backup"
     if not node.enabled:
         # Keeps the node configured (and visible to STATS) while it takes no traffic.
-        words.append("disabled")
-    return " ".join(words)
+        options += " disabled"
+    return options
 
 
 def backend_options(lb: LoadBalancer, persistence: Persistence,
@@ -156,6 +159,7 @@ def backend_options(lb: LoadBalancer, persistence: Persistence,
 
 def transform_loadbalancer(lb: LoadBalancer, listen_address: str, persistence: Persistence,
                            slots: tuple[server_slots.Slot, ...]) -> dict[str, Any]:
+    check = health_check(lb)
     return {
         "name": PROXY_NAMES[lb.protocol],
         "mode": lb.protocol.mode,
@@ -172,7 +176,7 @@ def transform_loadbalancer(lb: LoadBalancer, listen_address: str, persistence: P
             {
                 "name": name,
                 "address": host_port(node.address, node.port),
-                "options": server_options(node, lb),
+                "options": server_options(node, check),
             }
             for name, node in server_slots.servers(lb, slots)
         ],

@@ -175,7 +175,7 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
             if position is None:
                 kind = "backup " if node.backup else ""
                 return f"{backend} has no free {kind}server slot left"
-            slots[position] = replace(slots[position], node=node.id)
+            slots[position] = slots[position]._replace(node=node.id)
             server = f"{backend}/{slots[position].name}"
             fills += _fill_slot(server, node)
             desired.append(_desired_server(server, node))
@@ -190,7 +190,7 @@ def plan_node_changes(old: Device, new: Device, layout: Layout,
             server = f"{backend}/{slots[position].name}"
             changes.append(Command(f"set server {server} state maint"))
             removals.append(server)
-            slots[position] = replace(slots[position], node=None)
+            slots[position] = slots[position]._replace(node=None)
         commands += fills + changes
         new_layout.append(tuple(slots))
     backends = tuple(render.PROXY_NAMES[lb.protocol] for lb in new.loadbalancers)
