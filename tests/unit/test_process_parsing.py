@@ -193,15 +193,28 @@ def _checker_pid(pid_file: Path) -> int:
     raise AssertionError("the check never started")
 
 
-def test_meanwhile_runs_while_haproxy_checks(haproxy_process, tmp_path):
+def test_a_checker_started_before_its_text_names_the_file_in_haproxys_words(haproxy_process,
+                                                                            tmp_path):
+    config = tmp_path / "haproxy.cfg.new"
+    with haproxy_process.checker(config) as checker:
+        config.write_text("global\n    foo bar\n")  # the text comes after HAProxy started
+        with pytest.raises(ConfigCheckFailed) as caught:
+            checker.check(config.read_text())
+    assert caught.value.detail.startswith(
+        f"HAProxy rejected the configuration: config : parsing [{config}:2] : unknown keyword")
+    assert "/dev/stdin" not in caught.value.detail + str(caught.value)
+
+
+def test_meanwhile_runs_while_haproxy_starts(haproxy_process, tmp_path):
     pid_file = _slow_checker(haproxy_process, tmp_path, pause=1)
-    config = tmp_path / "bad.cfg"
-    config.write_text("global\n    foo bar\n")
+    config = tmp_path / "ok.cfg"
+    config.write_text("defaults\n    mode tcp\n    timeout client 1s\n    timeout server 1s\n"
+                      "    timeout connect 1s\nlisten x\n    bind 127.0.0.1:18080\n")
     seen = []
-    with pytest.raises(ConfigCheckFailed, match="unknown keyword 'foo'"):
-        haproxy_process.check(
-            config, meanwhile=lambda: seen.append(process_alive(_checker_pid(pid_file))))
-    assert seen == [True]  # called once, with the check running; its verdict still counts
+    with haproxy_process.checker(config) as checker:
+        checker.check(config.read_text(),
+                      meanwhile=lambda: seen.append(process_alive(_checker_pid(pid_file))))
+    assert seen == [True]  # called once, with the check running
 
 
 def test_meanwhile_raising_stops_the_check(haproxy_process, tmp_path):
@@ -212,8 +225,18 @@ def test_meanwhile_raising_stops_the_check(haproxy_process, tmp_path):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left"):
-        haproxy_process.check(tmp_path / "any.cfg", meanwhile=fail)
+        with haproxy_process.checker(tmp_path / "any.cfg") as checker:
+            checker.check("global\n", meanwhile=fail)
     assert not process_alive(int(pid_file.read_text()))  # killed, not left to run on
+
+
+def test_a_checker_never_given_its_text_is_stopped_with_the_block(haproxy_process, tmp_path):
+    pid_file = _slow_checker(haproxy_process, tmp_path, pause=30)
+    with pytest.raises(RuntimeError, match="rendering failed"):
+        with haproxy_process.checker(tmp_path / "any.cfg"):
+            _checker_pid(pid_file)
+            raise RuntimeError("rendering failed")
+    assert not process_alive(int(pid_file.read_text()))
 
 
 def test_find_binary():

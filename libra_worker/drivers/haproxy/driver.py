@@ -42,7 +42,7 @@ from libra_worker import archive
 from libra_worker.config import HAProxySettings
 from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
 from libra_worker.drivers.haproxy import cookie_key, render, runtime, slots
-from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary
+from libra_worker.drivers.haproxy.process import ConfigChecker, HAProxyProcess, find_binary
 from libra_worker.drivers.haproxy.sockets import dropped_logs, server_statuses
 from libra_worker.errors import (
     ActionTimeout,
@@ -203,24 +203,32 @@ class HAProxyDriver(LoadBalancerDriver):
             running = not suspended and self.process.is_running()
             plan, reason = (self._runtime_plan(desired, accepted, previous, device)
                             if running else (None, ""))
-            # A reload renders every node under its own id again, with new spares.
-            layout = plan.layout if plan else slots.fresh(device, self.settings.spare_servers)
-            text = self._render(device, layout)
             checked = plan is None or not self._template_is_shipped()
-            saved = desired.moved_to(Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
-                                     loadbalancers=device_document(device)["loadbalancers"],
-                                     layout=slots.to_document(layout))
-            # The state file is written while HAProxy checks the file, and renamed into
-            # place once HAProxy serves the change: it is the commit point.
-            with self.store.staging(saved) as staged:
-                # Always: a later start or reload must come up exactly as this UPDATE
-                # says. If the file is refused, the live one is untouched. Under systemd
-                # a suspended device keeps serving its idle file; ENABLE renders this one.
-                if suspended and self.supervised:
-                    self._check(text, meanwhile=staged.write)
+            with contextlib.ExitStack() as stack:
+                # Started before the text exists: HAProxy's start-up overlaps the rendering.
+                checker = (stack.enter_context(self.process.checker(self.files.candidate))
+                           if checked else None)
+                # A reload renders every node under its own id again, with new spares.
+                layout = plan.layout if plan else slots.fresh(device, self.settings.spare_servers)
+                text = self._render(device, layout)
+                saved = desired.moved_to(Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
+                                         loadbalancers=device_document(device)["loadbalancers"],
+                                         layout=slots.to_document(layout))
+                # Written as HAProxy starts to check the file, renamed into place once
+                # HAProxy serves the change: the state file is the commit point.
+                staged = stack.enter_context(self.store.staging(saved))
+                # Always: a later start or reload must come up exactly as this UPDATE says.
+                # If the file is refused, the live one is untouched. Under systemd a
+                # suspended device keeps serving its idle file; ENABLE renders this one.
+                # Unchecked (a node-only change, see the module's docstring), the file is
+                # replaced at once.
+                if checker is None:
+                    atomic_write(self.files.config, text, durable=False)
+                elif suspended and self.supervised:
+                    self._check(text, checker, meanwhile=staged.write)
                     self.files.candidate.unlink()
                 else:
-                    self._install(text, checked, meanwhile=staged.write)
+                    self._install(text, checker, meanwhile=staged.write)
                 try:
                     if suspended:
                         LOG.info("Suspended: the new configuration is kept for ENABLE")
@@ -504,36 +512,37 @@ class HAProxyDriver(LoadBalancerDriver):
         template_dir = self.settings.template_dir
         return template_dir is None or not (template_dir / render.TEMPLATE_NAME).exists()
 
-    def _install(self, text: str, checked: bool = True,
+    def _install(self, text: str, checker: ConfigChecker | None = None,
                  meanwhile: Callable[[], object] | None = None) -> None:
-        """Write the candidate, prove it with `haproxy -c` (running `meanwhile` as it
-        checks), then swap it in atomically.
+        """Write the candidate, prove it with `haproxy -c` (see `_check`), then swap it in
+        atomically.
 
-        Unchecked (a node-only change, see the module's docstring), the file is replaced
-        at once. Neither is fsynced: the state file, saved next in the same directory, is
-        the commit point (its directory fsync makes this rename durable too), and at
-        start-up `_undo_interrupted_update` re-renders the live file from it whenever they
-        differ, a file torn by a power cut included.
+        Not fsynced: the state file, saved next in the same directory, is the commit point
+        (its directory fsync makes this rename durable too), and at start-up
+        `_undo_interrupted_update` re-renders the live file from it whenever they differ,
+        a file torn by a power cut included.
         """
-        if not checked:
-            atomic_write(self.files.config, text, durable=False)
-            return
-        self._check(text, meanwhile)
+        self._check(text, checker, meanwhile)
         os.replace(self.files.candidate, self.files.config)
 
-    def _check(self, text: str, meanwhile: Callable[[], object] | None = None) -> None:
-        """Write the candidate and prove it with `haproxy -c` (see `process.check` for
-        `meanwhile`); it is left for the caller to swap in (or remove). A refused one is
-        kept for the operator to read."""
+    def _check(self, text: str, checker: ConfigChecker | None = None,
+               meanwhile: Callable[[], object] | None = None) -> None:
+        """Write the candidate and prove it with `haproxy -c`: `checker`, started earlier
+        for it (process.checker), or one started now; `meanwhile` runs as HAProxy starts.
+        The candidate is left for the caller to swap in (or remove). A refused one is kept
+        for the operator to read."""
         atomic_write(self.files.candidate, text, durable=False)
-        try:
-            self.process.check(self.files.candidate, meanwhile)
-        except ConfigCheckFailed:
-            os.replace(self.files.candidate, self.files.rejected)
-            raise
-        except BaseException:
-            self.files.candidate.unlink(missing_ok=True)
-            raise
+        with contextlib.ExitStack() as stack:
+            if checker is None:
+                checker = stack.enter_context(self.process.checker(self.files.candidate))
+            try:
+                checker.check(text, meanwhile)
+            except ConfigCheckFailed:
+                os.replace(self.files.candidate, self.files.rejected)
+                raise
+            except BaseException:
+                self.files.candidate.unlink(missing_ok=True)
+                raise
 
     def _check_new_ports_free(self, device: Device) -> None:
         """Refuse a port HAProxy cannot listen on (held by another program, privileged,

@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from libra_worker import budget
 from libra_worker.drivers.haproxy.sockets import is_permanent, send_command, send_command_retrying
@@ -28,6 +28,8 @@ LOG = logging.getLogger(__name__)
 # Pauses between looks at a master that may be re-executing (see is_running_beside_reload).
 _RELOAD_GLITCH_PAUSES = (0.01, 0.05)
 
+# Where `haproxy -c` reads a configuration it is given on a pipe (ConfigChecker).
+_STDIN = "/dev/stdin"
 _POLL_INTERVAL = 0.002  # a reload settles in ~20 ms; polling every 10 ms added 5 ms on average
 # `show proc` lines: "<pid> master <reloads> [failed: <n>] ..." and "<pid> worker <reloads> ..."
 _MASTER_LINE = re.compile(r"^(\d+)\s+master\s+\d+\s+\[failed:\s*(\d+)\]", re.MULTILINE)
@@ -224,20 +226,22 @@ class HAProxyProcess:
 
     # ------------------------------------------------------------------ actions
 
-    def check(self, config_file: Path, meanwhile: Callable[[], object] | None = None) -> None:
-        """Prove a configuration with `haproxy -c`; HAProxy's own words on failure.
+    def check(self, config_file: Path) -> None:
+        """Prove a configuration file with `haproxy -c`; HAProxy's own words on failure."""
+        with self.checker(config_file) as checker:
+            checker.check(config_file.read_text("utf-8"))
 
-        `meanwhile` runs while HAProxy checks (from tens of milliseconds to seconds, and
-        all of it waiting otherwise); if it raises, the check is stopped.
-        """
-        result = self._run([self.binary, "-c", "-f", str(config_file)], "haproxy -c",
-                           meanwhile)
-        if result.returncode != 0:
-            output = result.stderr + result.stdout
-            raise ConfigCheckFailed(
-                "HAProxy rejected the configuration: " + _first_alert(output),
-                detail="HAProxy rejected the configuration: " + _alerts(output),
-            )
+    @contextlib.contextmanager
+    def checker(self, config_file: Path) -> Iterator["ConfigChecker"]:
+        """A `haproxy -c` started now, for a text to come (see ConfigChecker); stopped when
+        the block ends if it is still running. `config_file` is where that text is
+        written, and what HAProxy's words name."""
+        process = self._spawn([self.binary, "-c", "-f", _STDIN], stdin=subprocess.PIPE)
+        try:
+            yield ConfigChecker(self, process, config_file)
+        finally:
+            if process.returncode is None:
+                _kill_group(process)
 
     def start(self) -> None:
         """Start the master; it returns once the workers are listening, or fails."""
@@ -361,16 +365,15 @@ class HAProxyProcess:
         if strays and not _wait_until_gone(strays, self.stop_grace):
             raise ReloadFailed(f"HAProxy processes {strays} would not exit.")
 
-    def _run(self, command: list[str], what: str,
-             meanwhile: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
-        """Run to completion within `command_timeout`, calling `meanwhile` while it runs; on
-        timeout or any interruption (a job's own timeout, `meanwhile` raising), kill its
-        whole process group: a wrapper's children too."""
-        process = subprocess.Popen(
+    def _run(self, command: list[str], what: str) -> subprocess.CompletedProcess[str]:
+        return self._finish(self._spawn(command), what)
+
+    def _spawn(self, command: list[str], stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             command,
             # Measured: a master started with the /dev/null that python-daemon leaves on
             # fd 0 dies of SIGSEGV right after forking; a /dev/null of its own is fine.
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -379,17 +382,47 @@ class HAProxyProcess:
             # one the service user cannot enter (root's home, when root ran ctl or the worker).
             cwd=self.config_file.parent,
         )
+
+    def _finish(self, process: subprocess.Popen[str], what: str, text: str | None = None,
+                meanwhile: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
+        """Wait for `process` within `command_timeout`, after calling `meanwhile` and
+        giving it `text` on stdin; on timeout or any interruption (a job's own timeout,
+        `meanwhile` raising), kill its whole process group: a wrapper's children too."""
         try:
             if meanwhile is not None:
                 meanwhile()
-            stdout, stderr = process.communicate(timeout=self.command_timeout)
+            stdout, stderr = process.communicate(text, timeout=self.command_timeout)
         except subprocess.TimeoutExpired:
             _kill_group(process)
             raise ActionTimeout(f"{what} did not finish within {self.command_timeout:g} s.") from None
         except BaseException:
             _kill_group(process)
             raise
-        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+class ConfigChecker:
+    """`haproxy -c` started before the text it checks exists, reading it from a pipe:
+    HAProxy's own start-up (measured: 9 of the 13 ms that checking a one-server file
+    takes, 8 of 28 ms at 1,000 servers) runs while the worker renders the text."""
+
+    def __init__(self, owner: HAProxyProcess, process: subprocess.Popen[str],
+                 config_file: Path) -> None:
+        self.owner = owner
+        self.process = process
+        self.config_file = config_file
+
+    def check(self, text: str, meanwhile: Callable[[], object] | None = None) -> None:
+        """Prove `text`, the content of `config_file`; HAProxy's own words on failure.
+        `meanwhile` runs first, while HAProxy starts (if it raises, the check is stopped)."""
+        result = self.owner._finish(self.process, "haproxy -c", text, meanwhile)
+        if result.returncode != 0:
+            # The same text as the file: HAProxy's words name the file an operator can open.
+            output = (result.stderr + result.stdout).replace(_STDIN, str(self.config_file))
+            raise ConfigCheckFailed(
+                "HAProxy rejected the configuration: " + _first_alert(output),
+                detail="HAProxy rejected the configuration: " + _alerts(output),
+            )
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:
