@@ -228,19 +228,7 @@ class StandInHAProxy:
 dir=$(dirname "$0")
 case " $* " in
   *" -c "*)
-    mode=$(cat "$dir/check-mode" 2>/dev/null)
-    if [ "$mode" = hang ]; then
-      echo $$ >> "$dir/check-pids"
-      exec sleep 30
-    elif [ "$mode" = hang-child ]; then
-      echo $$ >> "$dir/check-pids"
-      sleep 30 &
-      echo $! >> "$dir/child-pids"
-      wait
-    elif [ "$mode" = slow ]; then
-      echo $$ >> "$dir/check-pids"
-      exec %(python)s -c 'import os, sys, time; time.sleep(1); os.execv(sys.argv[1], sys.argv[1:])' %(haproxy)s "$@"
-    fi
+    exec %(python)s "$dir/check.py" %(haproxy)s "$@"
     ;;
   *" -D "*)
     if [ "$(cat "$dir/check-mode" 2>/dev/null)" = hang-start ]; then
@@ -252,6 +240,37 @@ esac
 exec %(haproxy)s "$@"
 """
 
+    # Its `haproxy -c`: the worker may start one ahead of the text it checks (on a pipe),
+    # so the mode is read when that text comes, as HAProxy would read it.
+    CHECK = """import os, select, subprocess, sys, time
+directory = os.path.dirname(os.path.abspath(__file__))
+select.select([sys.stdin], [], [])
+try:
+    with open(os.path.join(directory, "check-mode")) as mode_file:
+        mode = mode_file.read().strip()
+except FileNotFoundError:
+    mode = ""
+
+
+def record(name, pid):
+    with open(os.path.join(directory, name), "a") as pids:
+        pids.write(f"{pid}\\n")
+
+
+if mode == "hang":
+    record("check-pids", os.getpid())
+    os.execvp("sleep", ["sleep", "30"])
+elif mode == "hang-child":
+    record("check-pids", os.getpid())
+    child = subprocess.Popen(["sleep", "30"])
+    record("child-pids", child.pid)
+    child.wait()
+elif mode == "slow":
+    record("check-pids", os.getpid())
+    time.sleep(1)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(exist_ok=True)
@@ -259,6 +278,7 @@ exec %(haproxy)s "$@"
         self.path.write_text(self.SCRIPT % {"haproxy": shlex.quote(HAPROXY),
                                             "python": shlex.quote(sys.executable)})
         self.path.chmod(0o755)
+        (directory / "check.py").write_text(self.CHECK)
 
     def mode(self, mode: str | None) -> None:
         target = self.directory / "check-mode"
@@ -287,8 +307,8 @@ class ReexecStandIn(StandInHAProxy):
 dir=$(dirname "$0")
 case " $* " in
   *" -c "*)
-    mode=$(cat "$dir/check-mode" 2>/dev/null)
     %(haproxy)s "$@"; status=$?
+    mode=$(cat "$dir/check-mode" 2>/dev/null)
     if [ "$mode" = vanish ]; then rm -f "$0"; fi
     if [ "$mode" = unexecutable ]; then chmod 644 "$0"; fi
     exit $status

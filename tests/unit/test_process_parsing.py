@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -27,7 +28,8 @@ from libra_worker.drivers.haproxy.process import (
     process_alive,
 )
 from libra_worker.drivers.haproxy.sockets import ServerStatus, server_statuses
-from libra_worker.errors import ConfigCheckFailed, ReloadFailed, StatsUnavailable
+from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed, StatsUnavailable
+from libra_worker.jobs import JobTimeout
 from libra_worker.fileutil import atomic_write
 from libra_worker.state import DesiredState, Lifecycle, StateStore
 
@@ -230,6 +232,15 @@ def test_meanwhile_raising_stops_the_check(haproxy_process, tmp_path):
     assert not process_alive(int(pid_file.read_text()))  # killed, not left to run on
 
 
+def test_the_jobs_time_running_out_during_the_check_stops_it(haproxy_process, tmp_path):
+    pid_file = _slow_checker(haproxy_process, tmp_path, pause=30)
+    haproxy_process.command_timeout = 300  # only the job's own time runs out
+    with pytest.raises(ActionTimeout, match="0.5 s timeout"):
+        with JobTimeout(0.5, "UPDATE"), haproxy_process.checker(tmp_path / "any.cfg") as checker:
+            checker.check("global\n", meanwhile=lambda: _checker_pid(pid_file))
+    assert checker.process.returncode == -signal.SIGKILL  # stopped, not waited for
+
+
 def test_a_checker_never_given_its_text_is_stopped_with_the_block(haproxy_process, tmp_path):
     pid_file = _slow_checker(haproxy_process, tmp_path, pause=30)
     with pytest.raises(RuntimeError, match="rendering failed"):
@@ -237,6 +248,68 @@ def test_a_checker_never_given_its_text_is_stopped_with_the_block(haproxy_proces
             _checker_pid(pid_file)
             raise RuntimeError("rendering failed")
     assert not process_alive(int(pid_file.read_text()))
+
+
+def _standby_pid(process: HAProxyProcess) -> int:
+    assert process._standby is not None
+    return process._standby[0].pid
+
+
+VALID_CONFIG = ("defaults\n    mode tcp\n    timeout client 1s\n    timeout server 1s\n"
+                "    timeout connect 1s\nlisten x\n    bind 127.0.0.1:18080\n")
+
+
+def test_the_checker_started_ahead_is_the_next_one_used(haproxy_process, tmp_path):
+    haproxy_process.stand_by()
+    waiting = _standby_pid(haproxy_process)
+    haproxy_process.stand_by()  # one is enough
+    assert _standby_pid(haproxy_process) == waiting
+    with haproxy_process.checker(tmp_path / "haproxy.cfg") as checker:
+        assert checker.process.pid == waiting
+        checker.check(VALID_CONFIG)
+    assert haproxy_process._standby is None
+    with haproxy_process.checker(tmp_path / "haproxy.cfg") as checker:
+        assert checker.process.pid != waiting  # none waited: started there and then
+        checker.check(VALID_CONFIG)
+
+
+def test_a_checker_started_ahead_is_not_used_once_haproxy_changed_or_died(haproxy_process,
+                                                                          tmp_path):
+    binary = tmp_path / "haproxy"
+    shutil.copy(find_binary(), binary)
+    haproxy_process.binary = str(binary)
+    haproxy_process.stand_by()
+    upgraded = _standby_pid(haproxy_process)
+    os.utime(binary, ns=(0, 0))  # a package upgrade replaces the file
+    with haproxy_process.checker(tmp_path / "haproxy.cfg") as checker:
+        assert checker.process.pid != upgraded
+        checker.check(VALID_CONFIG)
+    assert not process_alive(upgraded)
+
+    haproxy_process.stand_by()
+    died = _standby_pid(haproxy_process)
+    os.kill(died, signal.SIGKILL)
+    haproxy_process._standby[0].wait(timeout=30)
+    with haproxy_process.checker(tmp_path / "haproxy.cfg") as checker:
+        assert checker.process.pid != died
+        checker.check(VALID_CONFIG)
+
+
+def test_a_checker_started_ahead_ends_with_the_worker(tmp_path):
+    """Never given a text, it reads the end of the pipe when the worker is gone."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+              "from pathlib import Path\n"
+              "from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary\n"
+              f"p = HAProxyProcess(find_binary(), Path({str(tmp_path / 'h.cfg')!r}), "
+              f"Path({str(tmp_path / 'h.pid')!r}), Path({str(tmp_path / 'm.sock')!r}))\n"
+              "p.stand_by()\nprint(p._standby[0].pid)\n")
+    pid = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, timeout=60).stdout)
+    for _ in range(3000):
+        if not process_alive(pid):
+            break
+        time.sleep(0.01)
+    assert not process_alive(pid)
 
 
 def test_find_binary():

@@ -139,6 +139,7 @@ class HAProxyDriver(LoadBalancerDriver):
             if self.process.is_running():
                 # An adopted sink may run the code of the release before an upgrade.
                 self._ensure_sink()
+        self.process.stand_by()
 
     def sync_live_config(self, lock_timeout: float) -> None:
         """Make the live file what state.json says, without touching HAProxy: for
@@ -248,6 +249,8 @@ class HAProxyDriver(LoadBalancerDriver):
             # What the state file now holds, already parsed.
             self._accepted = (saved, device, layout)
             self._rendered = (device, text)
+            if checked:
+                self.process.stand_by()  # for the next UPDATE that needs a check
 
     def suspend(self) -> None:
         """Also a PASS on a device never configured or deleted, as in Libra: nothing

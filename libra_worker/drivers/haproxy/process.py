@@ -8,6 +8,7 @@ connections, so no request is dropped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -141,6 +142,10 @@ class HAProxyProcess:
     # (pid, start time) of the last master `master_pid` proved ours by its command line.
     _proven_master: tuple[int, int] | None = field(default=None, init=False, repr=False,
                                                     compare=False)
+    # The `haproxy -c` started ahead for the next check (`stand_by`), and the identity of
+    # the binary file it was started from.
+    _standby: tuple[subprocess.Popen[str], tuple[int, ...] | None] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ queries
 
@@ -233,15 +238,39 @@ class HAProxyProcess:
 
     @contextlib.contextmanager
     def checker(self, config_file: Path) -> Iterator["ConfigChecker"]:
-        """A `haproxy -c` started now, for a text to come (see ConfigChecker); stopped when
-        the block ends if it is still running. `config_file` is where that text is
-        written, and what HAProxy's words name."""
-        process = self._spawn([self.binary, "-c", "-f", _STDIN], stdin=subprocess.PIPE)
+        """A `haproxy -c` for a text to come (see ConfigChecker): the one `stand_by`
+        started, if it still waits and the binary on disk is still the one it runs, else
+        one started now. Stopped when the block ends if it is still running.
+        `config_file` is where that text is written, and what HAProxy's words name."""
+        process = self._standing_by() or self._spawn_checker()
         try:
             yield ConfigChecker(self, process, config_file)
         finally:
             if process.returncode is None:
                 _kill_group(process)
+
+    def stand_by(self) -> None:
+        """Start the `haproxy -c` the next `checker` takes, unless one waits already: its
+        start-up then costs the next check nothing. It waits on an open pipe, and ends
+        (on an empty configuration) if the worker ends without using it."""
+        if self._standby is not None:
+            return
+        try:
+            self._standby = (self._spawn_checker(), _file_identity(self.binary))
+        except OSError as exc:  # the next check starts its own, and says what is wrong
+            LOG.warning("Could not start haproxy -c ahead of the next check: %s", exc)
+
+    def _standing_by(self) -> subprocess.Popen[str] | None:
+        if self._standby is None:
+            return None
+        (process, binary), self._standby = self._standby, None
+        if process.poll() is None and binary is not None and binary == _file_identity(self.binary):
+            return process
+        _kill_group(process)  # it died, or HAProxy was upgraded since: a check by the old one
+        return None
+
+    def _spawn_checker(self) -> subprocess.Popen[str]:
+        return self._spawn([self.binary, "-c", "-f", _STDIN], stdin=subprocess.PIPE)
 
     def start(self) -> None:
         """Start the master; it returns once the workers are listening, or fails."""
@@ -385,13 +414,15 @@ class HAProxyProcess:
 
     def _finish(self, process: subprocess.Popen[str], what: str, text: str | None = None,
                 meanwhile: Callable[[], object] | None = None) -> subprocess.CompletedProcess[str]:
-        """Wait for `process` within `command_timeout`, after calling `meanwhile` and
-        giving it `text` on stdin; on timeout or any interruption (a job's own timeout,
-        `meanwhile` raising), kill its whole process group: a wrapper's children too."""
+        """Give `process` `text` on stdin and wait for it within `command_timeout`,
+        calling `meanwhile` as it works; on timeout or any interruption (a job's own
+        timeout, `meanwhile` raising), kill its whole process group: a wrapper's children
+        too."""
         try:
-            if meanwhile is not None:
-                meanwhile()
-            stdout, stderr = process.communicate(text, timeout=self.command_timeout)
+            if meanwhile is None:
+                stdout, stderr = process.communicate(text, timeout=self.command_timeout)
+            else:
+                stdout, stderr = _communicating(process, text, self.command_timeout, meanwhile)
         except subprocess.TimeoutExpired:
             _kill_group(process)
             raise ActionTimeout(f"{what} did not finish within {self.command_timeout:g} s.") from None
@@ -404,7 +435,8 @@ class HAProxyProcess:
 class ConfigChecker:
     """`haproxy -c` started before the text it checks exists, reading it from a pipe:
     HAProxy's own start-up (measured: 9 of the 13 ms that checking a one-server file
-    takes, 8 of 28 ms at 1,000 servers) runs while the worker renders the text."""
+    takes, 8 of 28 ms at 1,000 servers) is over, or runs while the worker renders the
+    text, by the time the text comes."""
 
     def __init__(self, owner: HAProxyProcess, process: subprocess.Popen[str],
                  config_file: Path) -> None:
@@ -414,7 +446,7 @@ class ConfigChecker:
 
     def check(self, text: str, meanwhile: Callable[[], object] | None = None) -> None:
         """Prove `text`, the content of `config_file`; HAProxy's own words on failure.
-        `meanwhile` runs first, while HAProxy starts (if it raises, the check is stopped)."""
+        `meanwhile` runs while HAProxy checks (if it raises, the check is stopped)."""
         result = self.owner._finish(self.process, "haproxy -c", text, meanwhile)
         if result.returncode != 0:
             # The same text as the file: HAProxy's words name the file an operator can open.
@@ -423,6 +455,31 @@ class ConfigChecker:
                 "HAProxy rejected the configuration: " + _first_alert(output),
                 detail="HAProxy rejected the configuration: " + _alerts(output),
             )
+
+
+def _communicating(process: subprocess.Popen[str], text: str | None, timeout: float,
+                   meanwhile: Callable[[], object]) -> tuple[str, str]:
+    """`process.communicate(text, timeout)` on another thread while `meanwhile` runs on
+    this one. (Writing the text first and then calling `meanwhile` could deadlock: a
+    process that fills its stderr pipe before reading all of its input waits for a reader
+    that waits for it.)"""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        talking = pool.submit(process.communicate, text, timeout)
+        try:
+            meanwhile()
+            return talking.result()
+        except BaseException:  # `meanwhile` failed, or the job's time ran out meanwhile
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # `talking` ends with it
+            raise
+
+
+def _file_identity(path: str) -> tuple[int, ...] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _kill_group(process: subprocess.Popen[str]) -> None:
