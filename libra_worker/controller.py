@@ -106,7 +106,7 @@ class LBaaSController:
             return bad_request({}, str(exc), **self._failure_fields(sniff_action(payload)))
         try:
             with without_cycle_collection():
-                return parse(document)
+                return parse(document, payload if isinstance(payload, bytes) else None)
         except InvalidMessage as exc:
             LOG.info("Rejected message: %s", exc)
             action = next((value for key, value in document.items()
@@ -142,7 +142,7 @@ class LBaaSController:
                         "see the worker's log for details.")
             return Outcome(reply(document, sentence, **self._failure_fields(message.action.value)), exc)
         LOG.debug("%s passed", message.action.value)
-        return Outcome(reply(document, **extra))
+        return Outcome(reply(document, payload=message.payload, **extra))
 
     def failed(self, message: Message, error: WorkerError) -> Outcome:
         """The FAIL reply of `message` for `error`."""

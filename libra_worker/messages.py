@@ -178,6 +178,9 @@ class Message:
     original: dict[str, Any]
     device: Device | None = None
     archive: ArchiveRequest | None = None
+    # The bytes `original` was decoded from, when it came as bytes: a PASS reply that only
+    # adds the outcome is those bytes with it (see `reply`).
+    payload: bytes | None = None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -323,8 +326,9 @@ def too_deep_fields(document: Mapping[str, Any]) -> list[str]:
     return deep
 
 
-def parse(document: dict[str, Any]) -> Message:
-    """Validate a decoded message whole, before anything is touched."""
+def parse(document: dict[str, Any], payload: bytes | None = None) -> Message:
+    """Validate a decoded message whole, before anything is touched; `payload`: the bytes
+    `document` was decoded from, if it came as bytes."""
     deep = too_deep_fields(document)
     if deep:
         names = ", ".join(quoted(name) for name in deep[:3])
@@ -335,10 +339,10 @@ def parse(document: dict[str, Any]) -> Message:
     fields = _lower_keys(document)
     action = _enum(Action, fields.get("hpcs_action"), "hpcs_action", required=True)
     if action is Action.UPDATE:
-        return Message(action, document, device=parse_device(fields))
+        return Message(action, document, device=parse_device(fields), payload=payload)
     if action is Action.ARCHIVE:
-        return Message(action, document, archive=_parse_archive(fields))
-    return Message(action, document)
+        return Message(action, document, archive=_parse_archive(fields), payload=payload)
+    return Message(action, document, payload=payload)
 
 
 def parse_device(fields: Mapping[str, Any]) -> Device:
@@ -755,11 +759,23 @@ def short_error(sentence: str) -> str:
     return sentence[: MAX_ERROR_LENGTH - len(_ELLIPSIS)].rstrip() + _ELLIPSIS
 
 
+class EchoedReply(dict):  # type: ignore[type-arg]
+    """A PASS reply that adds nothing but the outcome, with its JSON: the message's own
+    bytes with ``"hpcs_response": "PASS"`` added before the closing brace. Encoding the
+    echo of a 1,000-node UPDATE again cost about 1 ms; these bytes are the message as
+    received, which is what the echo means."""
+
+    def __init__(self, fields: dict[str, Any], encoded: bytes) -> None:
+        super().__init__(fields)
+        self.encoded = encoded
+
+
 def reply(
     original: Mapping[str, Any],
     error: str | None = None,
     *,
     detail: str | None = None,
+    payload: bytes | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The original message, as received, plus the outcome.
@@ -768,11 +784,16 @@ def reply(
     MAX_ERROR_LENGTH characters, and, when there is more to say (the sentence was cut, or
     `detail` carries HAProxy's whole message), ``hpcs_error_detail``, which Libra ignores.
     Any reply field the sender already put in the message (in whatever casing) is
-    replaced, so the reply never carries two contradictory outcomes.
+    replaced, so the reply never carries two contradictory outcomes. `payload`: the bytes
+    `original` was decoded from, for an EchoedReply when that is all there is to say.
     """
     added = {key.translate(_ASCII_LOWER) for key in extra} | set(_REPLY_FIELDS)
     answer = {key: value for key, value in original.items()
               if key.translate(_ASCII_LOWER) not in added}
+    if payload is not None and not error and not extra and len(answer) == len(original):
+        echoed = _with_outcome(payload)
+        if echoed is not None:
+            return EchoedReply({**answer, "hpcs_response": PASS}, echoed)
     answer.update(extra)
     answer["hpcs_response"] = FAIL if error else PASS
     if error:
@@ -781,6 +802,16 @@ def reply(
         if full != answer["hpcs_error"]:
             answer["hpcs_error_detail"] = full
     return answer
+
+
+def _with_outcome(payload: bytes) -> bytes | None:
+    """`payload`, a JSON object, with a PASS outcome as its last field; None if it does
+    not end as one (it always does once decoded; this only declines, never guesses)."""
+    body = payload.rstrip(b" \t\r\n")
+    if not body.endswith(b"}"):
+        return None
+    fields = body[:-1].rstrip(b" \t\r\n")
+    return fields + (b"" if fields.endswith(b"{") else b",") + b' "hpcs_response": "PASS"}'
 
 
 def error_detail(answer: Mapping[str, Any]) -> str | None:
@@ -811,6 +842,8 @@ def bad_request(original: Mapping[str, Any], error: str, **extra: Any) -> dict[s
 
 def encode_reply(answer: Mapping[str, Any]) -> bytes:
     """The reply as JSON bytes; strict JSON always, whatever a handler put in it."""
+    if isinstance(answer, EchoedReply):
+        return answer.encoded
     try:
         # A decoded message is a tree; a cycle from a handler would end in RecursionError.
         return json.dumps(answer, allow_nan=False, check_circular=False).encode("utf-8")

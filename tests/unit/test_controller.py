@@ -28,6 +28,7 @@ from libra_worker.messages import (
     Message,
     Protocol,
     bad_request,
+    encode_reply,
 )
 from libra_worker.metrics import MetricsPeriod
 
@@ -117,9 +118,11 @@ def controller(driver) -> LBaaSController:
 
 
 def handle(controller, document) -> dict[str, Any]:
-    """Send `document` as the JSON bytes a job carries; the reply must be JSON-serialisable."""
+    """Send `document` as the JSON bytes a job carries; the reply must be JSON-serialisable,
+    and the bytes sent back must be that reply."""
     answer = controller.handle(json.dumps(document).encode("utf-8"))
     assert json.loads(json.dumps(answer)) == answer
+    assert json.loads(encode_reply(answer)) == answer
     return answer
 
 
@@ -134,6 +137,26 @@ def test_update_passes_parsed_device(controller, driver):
     assert isinstance(device, Device)
     assert device.loadbalancers[0].protocol is Protocol.HTTP
     assert device.loadbalancers[0].nodes[0].address == "10.0.0.1"
+
+
+def test_a_pass_that_adds_only_the_outcome_echoes_the_bytes_received(controller):
+    payload = b'{"hpcs_action":"UPDATE",\n "loadbalancers": [{"protocol": "HTTP", "port": 80, ' \
+              b'"nodes": [{"address": "10.0.0.1", "port": 80, "note": "caf\xc3\xa9"}]}]}\n'
+    answer = controller.handle(payload)
+    assert encode_reply(answer) == payload.rstrip()[:-1] + b', "hpcs_response": "PASS"}'
+    assert json.loads(encode_reply(answer)) == {**json.loads(payload), "hpcs_response": "PASS"}
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"hpcs_action": "SUSPEND", "HPCS_Response": "FAIL"}',  # the sender's outcome is replaced
+    '{"hpcs_action": "SUSPEND"}',  # text, not bytes: encoded afresh
+    b'{"hpcs_action": "DISCOVER"}',  # more than the outcome to add
+])
+def test_other_replies_are_encoded_afresh_with_one_outcome(controller, payload):
+    answer = controller.handle(payload)
+    encoded = encode_reply(answer)
+    assert json.loads(encoded) == answer and answer["hpcs_response"] == "PASS"
+    assert encoded.lower().count(b"hpcs_response") == 1
 
 
 @pytest.mark.parametrize("action, method", [
