@@ -30,16 +30,26 @@ def settings(tmp_path: Path, **changes) -> WorkerSettings:
     return WorkerSettings(**values)
 
 
+def _all_loggers() -> list[logging.Logger]:
+    return [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                   if isinstance(logger, logging.Logger))]
+
+
 @pytest.fixture(autouse=True)
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+def restore_loggers():
+    """Every logger as it was: a logging config sets named ones too (the shipped one puts
+    swiftclient at WARNING), which later tests in the same process would otherwise see."""
+    saved = {logger: (logger.handlers[:], logger.level, logger.propagate, logger.disabled)
+             for logger in _all_loggers()}
     yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    for logger in _all_loggers():
+        handlers, level, propagate, disabled = saved.get(logger, ([], logging.NOTSET, True, False))
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate, logger.disabled = propagate, disabled
 
 
 def test_utc_timestamps_show_the_zone():
