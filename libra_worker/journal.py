@@ -1,10 +1,14 @@
 """A bounded journal of jobs under state_dir, for operators (`libra-worker ctl jobs`).
 
-Each job is written twice, as JSON lines: once RUNNING when it starts, once with its final
-state (COMPLETE, FAIL or TIMEOUT). A worker killed mid-job therefore leaves a RUNNING entry
-behind, which is what an operator needs to see. When the file holds `max_entries` jobs it
-becomes `<name>.1` (replacing the older one) and a new file starts, so between
-`max_entries` and twice that many jobs are kept, and no job pays for a rewrite.
+Each job is a JSON line with its final state (COMPLETE, FAIL or TIMEOUT). A job that
+could outlive the worker (a mutating job, or a read-only one on a reader thread) is
+written a first time, RUNNING, when it starts: a worker killed mid-job leaves that entry
+behind, which is what an operator needs to see. A job answered in place on the Gearman loop
+(a ping bounded to 50 ms, a refused message) gets its final line only: a worker killed
+within those milliseconds leaves no entry, and the job server gives the job out again.
+When the file holds `max_entries` finished jobs it becomes `<name>.1` (replacing the older
+one) and a new file starts, so between `max_entries` and twice that many jobs are kept,
+and no job pays for a rewrite.
 
 Bounded in bytes too, whatever the messages hold: an error is kept to its first
 `MAX_ERROR_CHARS` characters, and a file that reaches `max_bytes` rotates early. Both
@@ -30,6 +34,8 @@ JOURNAL_NAME = "jobs.journal"
 MAX_ERROR_CHARS = 1024
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 RUNNING, COMPLETE, FAIL, TIMEOUT = "RUNNING", "COMPLETE", "FAIL", "TIMEOUT"
+# How a RUNNING line spells its state (json.dumps with sort_keys, as _append writes it).
+_RUNNING_FIELD = b'"state": "RUNNING"'
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,20 @@ class Journal:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._lines = self._count_lines()
+        self._finished = self._count_finished()
         self._bytes = self._size()
         self._file: TextIO | None = None
 
-    def started(self, handle: str, action: str) -> "JobTicket":
+    def ticket(self, handle: str, action: str) -> "JobTicket":
+        """A job's entry, started now and not written yet (`JobTicket.running`, `finish`)."""
         record = JobRecord(handle=handle, action=action, state=RUNNING, started=utc_now())
-        self._append(record)
         return JobTicket(self, record, time.monotonic())
+
+    def started(self, handle: str, action: str) -> "JobTicket":
+        """A job's entry, written RUNNING now."""
+        ticket = self.ticket(handle, action)
+        ticket.running()
+        return ticket
 
     def recent(self, count: int) -> list[JobRecord]:
         """The newest `count` jobs, oldest first, each in its latest state."""
@@ -78,10 +90,10 @@ class Journal:
                     self._file = os.fdopen(descriptor, "a", encoding="utf-8")
                 self._file.write(line)
                 self._file.flush()  # readable by `ctl jobs` at once; no fsync: not state
-                self._lines += 1
                 self._bytes += len(line)
-                # Two lines a job.
-                if self._lines >= 2 * self.max_entries or self._bytes >= self.max_bytes:
+                if record.state != RUNNING:
+                    self._finished += 1
+                if self._finished >= self.max_entries or self._bytes >= self.max_bytes:
                     self._rotate()
             except OSError as exc:
                 # The journal is for operators; a full disk must not fail the job itself.
@@ -92,7 +104,7 @@ class Journal:
             self._file.close()
             self._file = None
         os.replace(self.path, self._older)
-        self._lines = 0
+        self._finished = 0
         self._bytes = 0
 
     @property
@@ -119,21 +131,24 @@ class Journal:
         except FileNotFoundError:
             return 0
 
-    def _count_lines(self) -> int:
+    def _count_finished(self) -> int:
         try:
             with open(self.path, "rb") as handle:
-                return sum(1 for _ in handle)
+                return sum(1 for line in handle if _RUNNING_FIELD not in line)
         except FileNotFoundError:
             return 0
 
 
 class JobTicket:
-    """One running job's entry; `finish` records its outcome."""
+    """One job's entry: `running` records that it started, `finish` its outcome."""
 
     def __init__(self, journal: Journal, record: JobRecord, started: float) -> None:
         self.journal = journal
         self.record = record
         self.started = started
+
+    def running(self) -> None:
+        self.journal._append(self.record)
 
     def finish(self, state: str, error: str | None = None) -> None:
         self.journal._append(

@@ -108,6 +108,7 @@ class JobLanes:
             answer = self._run_in_place(item)
             if answer is not None:
                 return item, answer
+        job.journal_running()
         with self._lock:
             self._in_hand[id(item)] = item
             if job.read_only:

@@ -25,6 +25,19 @@ def test_a_killed_worker_leaves_its_job_running(tmp_path):
     assert [r.state for r in Journal(tmp_path / "jobs.journal").recent(5)] == [RUNNING]
 
 
+def test_a_ticket_is_written_once_when_the_job_is_not_journaled_running(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal")
+    ticket = journal.ticket("H:1", "DISCOVER")
+    assert not (tmp_path / "jobs.journal").exists() and journal.recent(5) == []
+
+    ticket.finish(COMPLETE)
+
+    assert (tmp_path / "jobs.journal").read_text().count("\n") == 1
+    [record] = journal.recent(5)
+    assert (record.handle, record.action, record.state) == ("H:1", "DISCOVER", COMPLETE)
+    assert record.started <= record.finished
+
+
 def test_the_journal_keeps_between_max_and_twice_max_jobs(tmp_path):
     journal = Journal(tmp_path / "jobs.journal", max_entries=10)
     for number in range(35):
@@ -80,3 +93,24 @@ def test_the_journal_rotates_by_bytes_as_well_as_by_jobs(tmp_path):
     sizes = [path.stat().st_size for path in tmp_path.iterdir()]
     assert len(sizes) == 2 and max(sizes) < 20_000 + 2 * MAX_ERROR_CHARS, sizes
     assert journal.recent(1)[0].handle == "H:99"
+
+
+def test_jobs_of_one_line_count_as_jobs_for_rotation(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal", max_entries=10)
+    for number in range(35):
+        journal.ticket(f"H:{number}", "STATS").finish(COMPLETE)
+
+    assert 10 <= len(journal.recent(100)) <= 20
+
+
+def test_a_restarted_journal_counts_the_jobs_already_written(tmp_path):
+    path = tmp_path / "jobs.journal"
+    first = Journal(path, max_entries=10)
+    for number in range(6):
+        first.started(f"H:{number}", "UPDATE").finish(COMPLETE)  # 12 lines, 6 jobs
+    second = Journal(path, max_entries=10)
+    for number in range(6, 10):
+        second.ticket(f"H:{number}", "STATS").finish(COMPLETE)
+
+    # The tenth job rotates the file: its 12 lines were not counted as 12 jobs.
+    assert not path.exists() and len(Journal(path).recent(100)) == 10

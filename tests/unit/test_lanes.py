@@ -116,6 +116,28 @@ def test_read_only_jobs_are_answered_while_a_mutating_job_blocks(setup, monkeypa
     assert driver.calls == ["SUSPEND", "ENABLE"] and not lanes.busy()
 
 
+def test_jobs_answered_in_place_have_one_journal_line_the_others_a_running_one_first(
+        setup, monkeypatch, tmp_path):
+    lanes, driver, stop = setup
+    run_mutating_in_background(lanes, stop, monkeypatch)
+    take(lanes, "discover", "H:1", b'{"hpcs_action": "DISCOVER"}')
+    take(lanes, "invalid", "H:2", b"not json")
+    take(lanes, "metrics", "H:3", b'{"hpcs_action": "METRICS"}')
+    take(lanes, "suspend", "H:4", b'{"hpcs_action": "SUSPEND"}')
+    lines = (tmp_path / "jobs.journal").read_text().splitlines()
+    # The reader's and the mutating job's RUNNING lines are there before they end.
+    assert any('"H:3"' in line and '"RUNNING"' in line for line in lines)
+    assert any('"H:4"' in line and '"RUNNING"' in line for line in lines)
+
+    driver.release.set()
+    collect(lanes, 2)
+    lines = (tmp_path / "jobs.journal").read_text().splitlines()
+    states = {handle: [line.split('"state": "')[1].split('"')[0] for line in lines
+                       if f'"{handle}"' in line] for handle in ("H:1", "H:2", "H:3", "H:4")}
+    assert states == {"H:1": ["COMPLETE"], "H:2": ["FAIL"], "H:3": ["RUNNING", "FAIL"],
+                      "H:4": ["RUNNING", "COMPLETE"]}
+
+
 def test_a_read_only_job_past_its_timeout_is_answered_once(setup):
     lanes, driver, _stop = setup
     driver.metrics_seconds = 1.0
