@@ -10,6 +10,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -363,9 +364,9 @@ class PolledConnection:
         return self.pending
 
 
-def test_connections_are_registered_once_per_poller_and_modified_only_on_change(tmp_path):
-    from gearman.io import READ, WRITE
-
+@pytest.fixture
+def unit_worker(tmp_path):
+    """A JobServerWorker whose job server is never connected, and its lanes."""
     from libra_worker.controller import LBaaSController
     from libra_worker.jobs import JobRunner
     from libra_worker.journal import Journal
@@ -374,6 +375,45 @@ def test_connections_are_registered_once_per_poller_and_modified_only_on_change(
     settings = GearmanSettings(servers=(("127.0.0.1", free_port()),), function="lb-unit")
     lanes = JobLanes(JobRunner(LBaaSController(driver=None), Journal(tmp_path / "jobs.journal")))
     worker = transport.JobServerWorker(settings, lanes, threading.Event())
+    try:
+        yield worker, lanes
+    finally:
+        worker.shutdown()
+        lanes.close()
+
+
+def test_passed_pings_are_logged_at_debug_and_counted_in_one_info_line_a_period(
+        unit_worker, caplog):
+    worker, _lanes = unit_worker
+    caplog.set_level(logging.DEBUG, logger="libra_worker.transport")
+    worker._answered += [("H:1", "DISCOVER", "PASS", 0.31), ("H:2", "STATS", "FAIL", 0.52),
+                         ("H:3", "UPDATE", "PASS", 30.0), ("H:4", "STATS", "PASS", 0.94),
+                         ("H:5", "INVALID", "FAIL", 0.1), ("H:6", "STATS", "PASS", 0.4)]
+    worker.after_poll(True)
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "Job H:1 DISCOVER answered PASS in 0.3 ms"),
+        ("INFO", "Job H:2 STATS answered FAIL in 0.5 ms"),
+        ("INFO", "Job H:3 UPDATE answered PASS in 30.0 ms"),
+        ("DEBUG", "Job H:4 STATS answered PASS in 0.9 ms"),
+        ("INFO", "Job H:5 INVALID answered FAIL in 0.1 ms"),
+        ("DEBUG", "Job H:6 STATS answered PASS in 0.4 ms"),
+    ]
+    caplog.clear()
+    period_end = time.monotonic() + transport.PING_SUMMARY_INTERVAL
+    worker.pings.log_if_due(period_end)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Pings passed in the last 60 s: DISCOVER 1, STATS 2; the slowest took 0.9 ms")]
+
+    caplog.clear()  # a period without a passed ping says nothing
+    worker.pings.log_if_due(period_end + transport.PING_SUMMARY_INTERVAL)
+    assert caplog.records == []
+
+
+def test_connections_are_registered_once_per_poller_and_modified_only_on_change(unit_worker):
+    from gearman.io import READ, WRITE
+
+    worker, lanes = unit_worker
     first, second = socket.socketpair()
     try:
         connection = PolledConnection(first)
@@ -406,5 +446,3 @@ def test_connections_are_registered_once_per_poller_and_modified_only_on_change(
     finally:
         first.close()
         second.close()
-        worker.shutdown()
-        lanes.close()
