@@ -254,7 +254,7 @@ def stats_socket():
 def test_server_statuses(stats_socket):
     fake = stats_socket(SHOW_STAT)
     statuses = server_statuses(fake.path, timeout=2)
-    assert fake.commands == ["show stat -1 4 -1\n"]
+    assert fake.commands == ["show stat -1 4 -1 no-maint\n"]
     assert statuses == [
         ServerStatus("lb-http", "web1", "UP"),
         ServerStatus("lb-http", "web2", "DOWN"),

@@ -305,13 +305,12 @@ class HAProxyDriver(LoadBalancerDriver):
                                     self.configured_layout() or ())
             for slot in lb_slots if slot.node is not None
         }
-        nodes = tuple(
-            NodeStatus(wanted[server.backend, server.server][0],
-                       "UP" if server.is_up else "DOWN",
-                       wanted[server.backend, server.server][1])
-            for server in server_statuses(self.files.stats_socket)
-            if (server.backend, server.server) in wanted
-        )
+        # A node whose server HAProxy does not list is DOWN: in maintenance (a DISABLED
+        # node), or not in the running configuration.
+        up = {(server.backend, server.server): server.is_up
+              for server in server_statuses(self.files.stats_socket)}
+        nodes = tuple(NodeStatus(node, "UP" if up.get(server, False) else "DOWN", protocol)
+                      for server, (node, protocol) in wanted.items())
         return DeviceStats(
             state=desired.lifecycle.value,
             since=desired.since,

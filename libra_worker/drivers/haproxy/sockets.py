@@ -87,13 +87,16 @@ class ServerStatus:
 
 
 def server_statuses(stats_socket: Path, timeout: float = 5.0) -> list[ServerStatus]:
-    """Every server's health, from `show stat` on the stats socket.
+    """The health of every server not in maintenance, from `show stat` on the stats socket.
 
-    Only server rows are asked for (any proxy, type 4 = servers, any id), and only the
-    three columns used are split out: STATS runs often and HAProxy's CSV row has ~100.
+    Only server rows are asked for (any proxy, type 4 = servers, any id), without those in
+    maintenance (`no-maint`: the spare slots, retired and disabled nodes, which serve
+    nothing), and only the three columns used are split out: STATS runs often, HAProxy's
+    CSV row has ~100 columns, and each row costs HAProxy and us CPU (a backend with 2 nodes
+    and its 10 spares: 4.3 KB of CSV, 1.9 KB without the spares).
     """
     try:
-        answer = send_command(stats_socket, "show stat -1 4 -1", timeout)
+        answer = send_command(stats_socket, "show stat -1 4 -1 no-maint", timeout)
     except OSError as exc:
         raise StatsUnavailable(f"HAProxy's stats socket does not answer: {exc}.") from None
     header, _, body = answer.partition("\n")
