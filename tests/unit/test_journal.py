@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import threading
 
 from libra_worker.journal import COMPLETE, FAIL, MAX_ERROR_CHARS, RUNNING, Journal
 
@@ -114,3 +115,22 @@ def test_a_restarted_journal_counts_the_jobs_already_written(tmp_path):
 
     # The tenth job rotates the file: its 12 lines were not counted as 12 jobs.
     assert not path.exists() and len(Journal(path).recent(100)) == 10
+
+
+def test_final_lines_written_while_deferred_wait_for_write_deferred(tmp_path):
+    journal = Journal(tmp_path / "jobs.journal")
+    with journal.deferred():
+        journal.ticket("H:1", "DISCOVER").finish(COMPLETE)
+        reader = journal.started("H:2", "METRICS")  # RUNNING: written at once
+        other_thread = threading.Thread(
+            target=lambda: journal.ticket("H:3", "STATS").finish(COMPLETE))
+        other_thread.start()
+        other_thread.join()
+    reader.finish(COMPLETE)  # outside the block: at once
+    assert [(r.handle, r.state) for r in journal.recent(5)] == [
+        ("H:3", COMPLETE), ("H:2", COMPLETE)]
+
+    journal.write_deferred()
+
+    assert [(r.handle, r.state) for r in journal.recent(5)] == [
+        ("H:3", COMPLETE), ("H:2", COMPLETE), ("H:1", COMPLETE)]

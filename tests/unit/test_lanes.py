@@ -70,12 +70,14 @@ def setup(tmp_path: Path) -> Iterator[tuple[JobLanes, GatedDriver, threading.Eve
 
 
 def collect(lanes: JobLanes, count: int, within: float = 5.0) -> list[tuple[Any, str, str]]:
-    """Poll `answers()` as the Gearman loop does until `count` answers came."""
+    """Poll `answers()` and write the journal as the Gearman loop does until `count`
+    answers came."""
     answers: list[tuple[Any, str, str]] = []
     deadline = time.monotonic() + within
     while len(answers) < count and time.monotonic() < deadline:
         for item, answer in lanes.answers():
             answers.append((item.token, answer.action, answer.reply["hpcs_response"]))
+        lanes.write_journal()
         time.sleep(0.01)
     return answers
 
@@ -125,9 +127,11 @@ def test_jobs_answered_in_place_have_one_journal_line_the_others_a_running_one_f
     take(lanes, "metrics", "H:3", b'{"hpcs_action": "METRICS"}')
     take(lanes, "suspend", "H:4", b'{"hpcs_action": "SUSPEND"}')
     lines = (tmp_path / "jobs.journal").read_text().splitlines()
-    # The reader's and the mutating job's RUNNING lines are there before they end.
+    # The reader's and the mutating job's RUNNING lines are there before they end; the
+    # lines of the jobs answered in place come once the loop wrote their answers.
     assert any('"H:3"' in line and '"RUNNING"' in line for line in lines)
     assert any('"H:4"' in line and '"RUNNING"' in line for line in lines)
+    assert not any('"H:1"' in line or '"H:2"' in line for line in lines)
 
     driver.release.set()
     collect(lanes, 2)
