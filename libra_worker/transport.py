@@ -43,7 +43,7 @@ import gearman
 import gearman.io
 from gearman.connection_manager import NoopEncoder
 from gearman.errors import GearmanError
-from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_TO_NAME
 from gearman.worker_handler import GearmanWorkerCommandHandler
 
 from libra_worker.config import GearmanSettings
@@ -66,6 +66,9 @@ _REGISTERED_PROBE = b"libra-worker registered"
 PING_SUMMARY_INTERVAL = 60.0
 _PINGS = frozenset(action.value for action in IN_PLACE)  # the jobs the lanes run in place
 _JOB_LINE = "Job %s %s answered %s in %.1f ms"
+# Each command's handler method, named as pygearman's recv_command names it.
+_RECEIVERS = {command: name.lower().replace("gearman_command_", "recv_")
+              for command, name in GEARMAN_COMMAND_TO_NAME.items()}
 
 UP, DOWN, CONNECTING = "up", "down", "connecting"
 
@@ -172,6 +175,13 @@ class PingSummary:
 
 
 class _CommandHandler(GearmanWorkerCommandHandler):
+    def recv_command(self, cmd_type: int, **cmd_args: Any) -> bool:
+        # pygearman builds the receiver's name from the command's for every packet.
+        receiver = getattr(self, _RECEIVERS.get(cmd_type, ""), None)
+        if receiver is None:
+            return super().recv_command(cmd_type, **cmd_args)  # raises its own errors
+        return receiver(**cmd_args)
+
     def recv_echo_res(self, data: bytes) -> bool:
         self.connection_manager.on_echo(self)
         return True
@@ -352,6 +362,7 @@ class JobServerWorker(gearman.GearmanWorker):
     def after_poll(self, any_activity: bool) -> bool:
         self.send_answers(self._woken)
         self._woken = False
+        self.lanes.write_journal()
         for handle, action, response, ms in self._answered:
             if response == "PASS" and action in _PINGS:
                 self.pings.add(action, ms)
@@ -414,6 +425,7 @@ def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Even
     finally:
         stopping.set()
         gearman_loop.join()
+        lanes.write_journal()  # a loop that ended on an error wrote no line after its last job
         lanes.close()
         worker.pings.log(time.monotonic())
         LOG.info("Stopped serving after %d jobs", worker.jobs_done)
