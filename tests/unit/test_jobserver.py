@@ -3,6 +3,7 @@ that must not spin, keepalive on every socket, timed answers, state changes logg
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -16,10 +17,20 @@ from typing import Any
 
 import pytest
 from gearman.errors import ConnectionError as GearmanConnectionError
+from gearman.errors import ProtocolError
 from gearman.protocol import (
+    GEARMAN_COMMAND_CAN_DO,
     GEARMAN_COMMAND_ECHO_REQ,
+    GEARMAN_COMMAND_ECHO_RES,
+    GEARMAN_COMMAND_GRAB_JOB_UNIQ,
+    GEARMAN_COMMAND_JOB_ASSIGN,
     GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_COMMAND_NO_JOB,
     GEARMAN_COMMAND_NOOP,
+    GEARMAN_COMMAND_PRE_SLEEP,
+    GEARMAN_COMMAND_WORK_COMPLETE,
+    pack_binary_command,
+    parse_binary_command,
 )
 
 from libra_worker import transport
@@ -241,6 +252,52 @@ def test_a_job_within_the_limit_is_handed_on_whole():
     job = packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:2\0lb-unit\0unique-2\0" + data)
     commands, _ = commands_received(free_port(), job, max_job_bytes=100_000, count=1)
     assert commands[0][1]["data"] == data
+
+
+def test_packets_are_parsed_as_pygearman_parses_them():
+    stream = [packet(GEARMAN_COMMAND_NOOP, b""),
+              packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:3\0lb-unit\0u-3\0da\0ta"),
+              packet(GEARMAN_COMMAND_JOB_ASSIGN, b"H:vm:4\0lb-unit\0"),
+              packet(GEARMAN_COMMAND_NO_JOB, b""),
+              packet(GEARMAN_COMMAND_ECHO_RES, b"probe")]
+    commands, _ = commands_received(free_port(), b"".join(stream), max_job_bytes=None,
+                                    count=len(stream))
+    expected = []
+    for raw in stream:
+        kind, arguments, size = parse_binary_command(array.array("b", raw), is_response=True)
+        assert size == len(raw)
+        expected.append((kind, arguments))
+    assert commands == expected
+
+
+def test_a_packet_that_is_not_a_response_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="Malformed Magic"):
+        commands_received(free_port(), b"\0REQ" + packet(GEARMAN_COMMAND_NOOP, b"")[4:],
+                          max_job_bytes=None, count=1)
+
+
+@pytest.mark.parametrize("kind, arguments", [
+    (GEARMAN_COMMAND_GRAB_JOB_UNIQ, {}),
+    (GEARMAN_COMMAND_PRE_SLEEP, {}),
+    (GEARMAN_COMMAND_WORK_COMPLETE, {"job_handle": b"H:vm:5", "data": b'{"a": "\0"}'}),
+    (GEARMAN_COMMAND_CAN_DO, {"task": "lb-unit"}),  # text: pygearman's own packing
+    (GEARMAN_COMMAND_ECHO_REQ, {"data": b"libra-worker registered"}),
+])
+def test_packets_are_packed_as_pygearman_packs_them(kind, arguments):
+    settings = GearmanSettings(servers=(("127.0.0.1", 1),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", 1, settings, None)
+    connection._is_server_side = False
+    assert connection._pack_command(kind, dict(arguments)) == pack_binary_command(
+        kind, dict(arguments), is_response=False)
+
+
+def test_a_null_byte_before_the_last_argument_is_refused_as_pygearman_refuses_it():
+    settings = GearmanSettings(servers=(("127.0.0.1", 1),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", 1, settings, None)
+    connection._is_server_side = False
+    with pytest.raises(ProtocolError, match="NULL byte"):
+        connection._pack_command(GEARMAN_COMMAND_WORK_COMPLETE,
+                                 {"job_handle": b"H:\0", "data": b"{}"})
 
 
 def test_an_oversized_packet_that_is_no_job_ends_the_connection():
