@@ -42,6 +42,7 @@ does not answer SYNs never stalls jobs from the others.
 from __future__ import annotations
 
 import errno
+import functools
 import select
 import socket
 import ssl
@@ -268,6 +269,8 @@ class JobServerConnection(GearmanConnection):
         names = GEARMAN_PARAMS_FOR_COMMAND.get(cmd_type)
         if names is None or cmd_type == GEARMAN_COMMAND_TEXT_COMMAND or len(cmd_args) != len(names):
             return super()._pack_command(cmd_type, cmd_args)
+        if not names and not self._is_server_side:  # GRAB_JOB_UNIQ, PRE_SLEEP: one each job
+            return _bare_request(cmd_type)
         values = [cmd_args.get(name) for name in names]
         if (not all(isinstance(value, bytes) for value in values)
                 or any(b"\0" in value for value in values[:-1])):
@@ -348,6 +351,12 @@ class _Drain:
         size = self.length - sum(len(field) + 1 for field in prefix)
         return self.command_type, {**dict(zip(names, prefix)),
                                    "data": Oversized(size, head[:SNIFF_BYTES])}
+
+
+@functools.lru_cache(maxsize=None)
+def _bare_request(cmd_type: int) -> bytes:
+    """The whole packet of a request without arguments."""
+    return _HEADER.pack(MAGIC_REQ_STRING, cmd_type, 0)
 
 
 def raise_connection_error(address: str, reason: str | None) -> NoReturn:

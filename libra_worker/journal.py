@@ -62,7 +62,7 @@ class Journal:
         self._finished = self._count_finished()
         self._bytes = self._size()
         self._descriptor: int | None = None
-        self._deferred: list[bytes] = []  # only the thread that defers adds to it
+        self._deferred: list[dict[str, Any]] = []  # only the thread that defers adds to it
 
     def ticket(self, handle: str, action: str) -> "JobTicket":
         """A job's entry, started now and not written yet (`JobTicket.running`, `finish`)."""
@@ -96,19 +96,18 @@ class Journal:
 
     def write_deferred(self) -> None:
         if self._deferred:
-            lines, self._deferred = self._deferred, []
-            self._write(b"".join(lines), finished=len(lines))
+            entries, self._deferred = self._deferred, []
+            self._write(b"".join(map(_line, entries)), finished=len(entries))
 
     def _append(self, fields: dict[str, Any]) -> None:
         """Write one line: `fields` are JobRecord's, in the sorted order of their names
         (the order `recent` and `_RUNNING_FIELD` expect)."""
-        line = (json.dumps(fields) + "\n").encode("utf-8")
         if fields["state"] == RUNNING:
-            self._write(line, finished=0)
+            self._write(_line(fields), finished=0)
         elif _DEFERRING.get():
-            self._deferred.append(line)
+            self._deferred.append(fields)
         else:
-            self._write(line, finished=1)
+            self._write(_line(fields), finished=1)
 
     def _write(self, lines: bytes, finished: int) -> None:
         with self._lock:
@@ -208,6 +207,10 @@ class _Stamps:
 
 
 _STAMPS = _Stamps()
+
+
+def _line(fields: dict[str, Any]) -> bytes:
+    return (json.dumps(fields) + "\n").encode("utf-8")
 
 
 def _bounded(error: str | None) -> str | None:

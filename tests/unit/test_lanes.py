@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from libra_worker.controller import LBaaSController
-from libra_worker.drivers.haproxy.sockets import server_statuses
+from libra_worker.drivers.haproxy.sockets import StatusQuery
 from libra_worker.errors import StatsUnavailable, WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import Journal
@@ -46,7 +46,7 @@ class GatedDriver:
         self.stats_threads.append(threading.current_thread().name)
         time.sleep(self.stats_seconds)  # as a parse of many servers would hold the thread
         if self.stats_socket is not None:
-            server_statuses(self.stats_socket, timeout=0.5)
+            StatusQuery(self.stats_socket, timeout=0.5).statuses()
         raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
 
     def metrics(self, _job: str | None) -> Any:
