@@ -282,31 +282,32 @@ class HAProxyDriver(LoadBalancerDriver):
                 self._save(desired, Lifecycle.DELETED, loadbalancers=[], layout=None)
 
     def stats(self) -> DeviceStats:
-        desired = self.store.load()
-        if desired.lifecycle is Lifecycle.DELETED:
-            raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
-        if desired.lifecycle is Lifecycle.NEW:
-            raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
-        if self.supervised and desired.lifecycle is Lifecycle.SUSPENDED:
-            raise StatsUnavailable("The load balancer is SUSPENDED: HAProxy serves none of its "
-                                   "ports.", status=desired.lifecycle.value)
-        # Asked first, read last: HAProxy answers while the master and the layout are
-        # looked at (measured: they took a third of the time HAProxy's answer did).
+        # Asked first, read last: HAProxy answers while the state, the master and the
+        # layout are looked at (measured: they took a third of the time HAProxy's answer
+        # did). When there is nothing to ask it about, the answer is never read.
         query = StatusQuery(self.files.stats_socket)
         try:
+            # One look at the state file: the lifecycle, the load balancers and their slots
+            # all from the same UPDATE.
+            desired, accepted, layout = self._parsed_state()
+            if desired.lifecycle is Lifecycle.DELETED:
+                raise StatsUnavailable("The load balancer has been deleted.", status="DELETED")
+            if desired.lifecycle is Lifecycle.NEW:
+                raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
+            if self.supervised and desired.lifecycle is Lifecycle.SUSPENDED:
+                raise StatsUnavailable("The load balancer is SUSPENDED: HAProxy serves none of "
+                                       "its ports.", status=desired.lifecycle.value)
             if not self.process.is_running_beside_reload():
                 raise StatsUnavailable(
                     f"HAProxy is not running (the load balancer is {desired.lifecycle.value}).",
                     status=desired.lifecycle.value,
                 )
-            accepted = self.configured_device()
             # Only the nodes of the last UPDATE, by node id, whatever slot serves them: not
             # empty slots nor servers retired in maintenance. A TCP and a GALERA load
             # balancer share their backend's name: the UPDATE says which it is.
             wanted = {
                 (render.PROXY_NAMES[lb.protocol], slot.name): (slot.node, lb.protocol.value)
-                for lb, lb_slots in zip(accepted.loadbalancers if accepted else (),
-                                        self.configured_layout() or ())
+                for lb, lb_slots in zip(accepted.loadbalancers if accepted else (), layout or ())
                 for slot in lb_slots if slot.node is not None
             }
             # A node whose server HAProxy does not list is DOWN: in maintenance (a DISABLED
