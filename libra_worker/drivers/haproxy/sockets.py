@@ -38,9 +38,10 @@ class Exchange:
     With `half_close` the write side is shut down after the command: the master CLI only
     closes its end once the client has. The stats socket closes its end after answering
     one command whatever the client does (one system call and one wakeup of HAProxy fewer
-    without it). Reading to EOF is then the end of the answer. `timeout` bounds the whole
-    exchange; within `budget.limited` (a job run in place on
-    the Gearman loop) so does what is left of that bound, and running out of it raises
+    without it). Reading to EOF is then the end of the answer.
+
+    `timeout` bounds the whole exchange; within `budget.limited` (a job run in place on the
+    Gearman loop) so does what is left of that bound, and running out of it raises
     `budget.OverBudget`. An error while sending is raised by `answer()`.
     """
 
