@@ -165,10 +165,9 @@ class PingSummary:
     def log(self, now: float) -> None:
         """The summary line (none when no ping passed); a new period starts."""
         if self._counts:
+            counts = ", ".join(f"{action} {count}" for action, count in sorted(self._counts.items()))
             LOG.info("Pings passed in the last %.0f s: %s; the slowest took %.1f ms",
-                     now - self._since,
-                     ", ".join(f"{action} {count}" for action, count in sorted(self._counts.items())),
-                     self._slowest_ms)
+                     now - self._since, counts, self._slowest_ms)
         self._counts.clear()
         self._slowest_ms = 0.0
         self._since = now
