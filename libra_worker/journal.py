@@ -4,8 +4,9 @@ Each job is a JSON line with its final state (COMPLETE, FAIL or TIMEOUT). A job 
 could outlive the worker (a mutating job, or a read-only one on a reader thread) is
 written a first time, RUNNING, when it starts: a worker killed mid-job leaves that entry
 behind, which is what an operator needs to see. A job answered in place on the Gearman loop
-(a ping bounded to 50 ms, a refused message) gets its final line only: a worker killed
-within those milliseconds leaves no entry, and the job server gives the job out again.
+(a ping bounded to 50 ms, a refused message) gets its final line only, written just after
+its answer (`Journal.deferred`): a worker killed within those milliseconds leaves no entry,
+and the job server gives the job out again.
 When the file holds `max_entries` finished jobs it becomes `<name>.1` (replacing the older
 one) and a new file starts, so between `max_entries` and twice that many jobs are kept,
 and no job pays for a rewrite.
@@ -37,7 +38,7 @@ RUNNING, COMPLETE, FAIL, TIMEOUT = "RUNNING", "COMPLETE", "FAIL", "TIMEOUT"
 # Set by `Journal.deferred` in the thread that defers (a context variable: per thread).
 _DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("journal_deferring",
                                                                    default=False)
-# How a RUNNING line spells its state (json.dumps with sort_keys, as _append writes it).
+# How a RUNNING line spells its state (json.dumps's default separators, as `_line` writes).
 _RUNNING_FIELD = b'"state": "RUNNING"'
 
 
