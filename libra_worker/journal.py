@@ -5,8 +5,8 @@ could outlive the worker (a mutating job, or a read-only one on a reader thread)
 written a first time, RUNNING, when it starts: a worker killed mid-job leaves that entry
 behind, which is what an operator needs to see. A job answered in place on the Gearman loop
 (a ping bounded to 50 ms, a refused message) gets its final line only, written just after
-its answer (`Journal.deferred`): a worker killed within those milliseconds leaves no entry,
-and the job server gives the job out again.
+its answer (`Journal.deferred`): a worker killed in those milliseconds leaves no entry
+(and the job server gives out again a job that was not answered yet).
 When the file holds `max_entries` finished jobs it becomes `<name>.1` (replacing the older
 one) and a new file starts, so between `max_entries` and twice that many jobs are kept,
 and no job pays for a rewrite.
