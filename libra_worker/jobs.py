@@ -1,6 +1,6 @@
 """Run one job: validate, execute under its action's timeout, journal it, mask the token.
 
-A job is accepted first (`JobRunner.accept`: validated and journaled RUNNING), which
+A job is accepted first (`JobRunner.accept`: validated, its journal entry opened), which
 tells whether it is read-only (DISCOVER, STATS, METRICS, DIAGNOSTICS: they change
 nothing, so they may run beside anything) or mutating; `libra_worker.lanes` runs each
 kind in its own lane. A `Job` is answered exactly once: by its execution or by its
@@ -102,6 +102,11 @@ class Job:
         """True for the first caller only: the one that answers the job."""
         return self._claim.acquire(blocking=False)
 
+    def journal_running(self) -> None:
+        """Journal the job RUNNING: it may outlive the worker (see `libra_worker.journal`)."""
+        if self.ticket is not None:
+            self.ticket.running()
+
 
 class JobTimeout:
     """Raise `ActionTimeout` in this (main) thread after `seconds`; always disarmed on exit."""
@@ -145,7 +150,9 @@ class JobRunner:
         self._heap_grown = False
 
     def accept(self, handle: str, payload: bytes | Oversized, unique: str = "") -> Job:
-        """Validate and journal a job; a refused one carries its answer already.
+        """Validate a job and open its journal entry; a refused one carries its answer
+        already (and is journaled). The lanes write an accepted job RUNNING unless they
+        answer it in place (`Job.journal_running`).
 
         `unique` is the client's unique id of the job (pygearman makes a random one):
         without it a handle alone could come back after the job server restarts.
@@ -156,13 +163,13 @@ class JobRunner:
         self._heap_grown = isinstance(payload, bytes) and len(payload) >= LARGE_PAYLOAD_BYTES
         prepared = self.controller.prepare(payload)
         if not isinstance(prepared, Message):
-            self.journal.started(handle, INVALID).finish(journal.FAIL, error_detail(prepared))
+            self.journal.ticket(handle, INVALID).finish(journal.FAIL, error_detail(prepared))
             job = Job(handle, None, 0.0, refusal=Answer(INVALID, prepared))
             job.claim()
             return job
         timeout = self.timeouts.get(prepared.action, self.default_timeout)
         return Job(handle, prepared, timeout, f"{handle} {unique}" if unique else None,
-                   self.journal.started(handle, prepared.action.value))
+                   self.journal.ticket(handle, prepared.action.value))
 
     def execute(self, job: Job, alarm: bool) -> Answer | None:
         """Execute an accepted job; None when its deadline answered it first.

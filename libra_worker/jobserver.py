@@ -1,7 +1,7 @@
 """One connection to one job server: TLS, TCP keepalive, connecting without blocking the others.
 
 `JobServerConnection` replaces pygearman's `GearmanConnection` for the worker and for
-libra-client. It changes six things:
+libra-client. It changes seven things:
 
 * **TLS reads and writes never spin.** pygearman retries `recv`/`send` in a loop while
   OpenSSL says SSL_ERROR_WANT_READ/WANT_WRITE. With TLS 1.3 the server sends session tickets
@@ -29,6 +29,11 @@ libra-client. It changes six things:
   announces more is drained from the socket in chunks as it arrives, and handed on as an
   `Oversized` payload (its size and first bytes), which the worker refuses as it refuses
   any payload over the limit.
+* **Packets cost less.** Reads take up to 64 KiB (pygearman: 4 KiB, a poll each), each
+  packet is parsed once where it lies in a bytearray (pygearman copies what follows it,
+  and converts it back to bytes), and packed without building a format string and two
+  sets for it. Both were a fifth of a ping's Python in the worker; what they produce is
+  pygearman's, and anything unusual still goes through pygearman's own code.
 
 `BackgroundJobServerConnection` (the worker's) connects in a thread, so a job server that
 does not answer SYNs never stalls jobs from the others.
@@ -36,8 +41,8 @@ does not answer SYNs never stalls jobs from the others.
 
 from __future__ import annotations
 
-import array
 import errno
+import functools
 import select
 import socket
 import ssl
@@ -48,6 +53,7 @@ from typing import Any, Callable, NoReturn
 
 from gearman.connection import GearmanConnection
 from gearman.errors import ConnectionError as GearmanConnectionError
+from gearman.errors import ProtocolError
 from gearman.protocol import (
     COMMAND_HEADER_SIZE,
     GEARMAN_COMMAND_ECHO_REQ,
@@ -55,7 +61,10 @@ from gearman.protocol import (
     GEARMAN_COMMAND_GRAB_JOB_UNIQ,
     GEARMAN_COMMAND_JOB_ASSIGN,
     GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_COMMAND_TEXT_COMMAND,
     GEARMAN_PARAMS_FOR_COMMAND,
+    MAGIC_REQ_STRING,
+    MAGIC_RES_STRING,
 )
 
 from libra_worker.config import GearmanSettings
@@ -69,6 +78,8 @@ _HEADER = struct.Struct("!4sII")  # a Gearman packet's magic, type and length
 # (gearmand allows 64 bytes for a unique id; the handle and our function name are short).
 _JOB_PREFIX_ROOM = 4096
 _DRAIN_CHUNK = 256 * 1024
+# What one read takes from the socket (pygearman: 4 KiB, so a 100 KB UPDATE took 25 polls).
+_READ_CHUNK = 64 * 1024
 
 
 def describe_error(error: BaseException, settings: GearmanSettings) -> str:
@@ -132,6 +143,7 @@ class JobServerConnection(GearmanConnection):
 
     def _reset_connection(self) -> None:
         super()._reset_connection()
+        self._incoming_buffer = bytearray()  # pygearman's array is copied per packet parsed
         self.question_since = None
         self.answered = False
         self._draining: _Drain | None = None
@@ -157,7 +169,7 @@ class JobServerConnection(GearmanConnection):
         self._is_client_side = True
         self._is_server_side = False
 
-    def read_data_from_socket(self, bytes_to_read: int = 4096) -> int:
+    def read_data_from_socket(self, bytes_to_read: int = _READ_CHUNK) -> int:
         if not self.connected:
             raise_connection_error(self.address, "disconnected")  # last_error keeps why
         if self._draining is not None:
@@ -185,11 +197,36 @@ class JobServerConnection(GearmanConnection):
                     self.throw_exception(message=f"a {drained.length}-byte job packet without "
                                                  f"the fields that precede its data")
                 self._incoming_commands.append(command)
-        self._incoming_buffer.frombytes(received)
+        self._incoming_buffer += received
         return len(self._incoming_buffer)
 
     def read_commands_from_buffer(self) -> int:
-        commands = super().read_commands_from_buffer()
+        """The whole packets read so far, as pygearman parses them (binary, each argument
+        bytes), onto the command queue: each parsed once where it lies in the buffer
+        (pygearman copies the rest of the buffer after each packet, and each packet back
+        to bytes)."""
+        buffer = self._incoming_buffer
+        magic = MAGIC_RES_STRING if self._is_client_side else MAGIC_REQ_STRING
+        offset = commands = 0
+        while len(buffer) - offset >= COMMAND_HEADER_SIZE:
+            packet_magic, command, length = _HEADER.unpack_from(buffer, offset)
+            if packet_magic != magic:
+                raise ProtocolError("Malformed Magic")
+            names = GEARMAN_PARAMS_FOR_COMMAND.get(command)
+            if names is None or command == GEARMAN_COMMAND_TEXT_COMMAND:
+                raise ProtocolError(f"Received unknown binary command: {command}")
+            end = offset + COMMAND_HEADER_SIZE + length
+            if len(buffer) < end:
+                break
+            body = bytes(buffer[offset + COMMAND_HEADER_SIZE:end])
+            values = body.split(b"\0", len(names) - 1) if names else ([body] if body else [])
+            if len(values) != len(names):
+                raise ProtocolError(f"Received {len(values)} argument(s), expecting "
+                                    f"{len(names)} argument(s): {command}")
+            self._incoming_commands.append((command, dict(zip(names, values))))
+            commands += 1
+            offset = end
+        del buffer[:offset]
         # What is left is the start of a packet still incomplete: drain it if it is too large.
         if self.max_job_bytes is not None and self._draining is None:
             self._draining = self._oversized_job_ahead(self.max_job_bytes)
@@ -200,15 +237,15 @@ class JobServerConnection(GearmanConnection):
         within `max_job_bytes` needs (its bytes so far moved into the drain); else None."""
         if len(self._incoming_buffer) < COMMAND_HEADER_SIZE:
             return None
-        _magic, command, length = _HEADER.unpack(self._incoming_buffer[:COMMAND_HEADER_SIZE].tobytes())
+        _magic, command, length = _HEADER.unpack_from(self._incoming_buffer)
         if length <= max_job_bytes + _JOB_PREFIX_ROOM:
             return None
         if command not in (GEARMAN_COMMAND_JOB_ASSIGN, GEARMAN_COMMAND_JOB_ASSIGN_UNIQ):
             self.throw_exception(message=f"the job server announced a {length}-byte packet of "
                                          f"type {command}, more than any answer to a worker")
         drain = _Drain(command, length)
-        drain.consume(self._incoming_buffer[COMMAND_HEADER_SIZE:].tobytes())
-        self._incoming_buffer = array.array("b")
+        drain.consume(bytes(self._incoming_buffer[COMMAND_HEADER_SIZE:]))
+        self._incoming_buffer = bytearray()
         return drain
 
     def send_data_to_socket(self) -> int:
@@ -224,6 +261,23 @@ class JobServerConnection(GearmanConnection):
             self._lost(exc)
         self._outgoing_buffer = self._outgoing_buffer[sent:]
         return len(self._outgoing_buffer)
+
+    def _pack_command(self, cmd_type: int, cmd_args: dict[str, Any]) -> bytes:
+        """A packet as pygearman packs it, without the format string and sets it builds
+        for each; any argument that is not bytes, or not named as the protocol names it,
+        is left to pygearman's own (which converts text and raises its errors)."""
+        names = GEARMAN_PARAMS_FOR_COMMAND.get(cmd_type)
+        if names is None or cmd_type == GEARMAN_COMMAND_TEXT_COMMAND or len(cmd_args) != len(names):
+            return super()._pack_command(cmd_type, cmd_args)
+        if not names and not self._is_server_side:  # GRAB_JOB_UNIQ, PRE_SLEEP: one each job
+            return _bare_request(cmd_type)
+        values = [cmd_args.get(name) for name in names]
+        if (not all(isinstance(value, bytes) for value in values)
+                or any(b"\0" in value for value in values[:-1])):
+            return super()._pack_command(cmd_type, cmd_args)
+        payload = b"\0".join(values)
+        magic = MAGIC_RES_STRING if self._is_server_side else MAGIC_REQ_STRING
+        return _HEADER.pack(magic, cmd_type, len(payload)) + payload
 
     def send_command(self, cmd_type: int, cmd_args: dict[str, Any]) -> None:
         if cmd_type in _QUESTIONS and self.question_since is None:
@@ -297,6 +351,12 @@ class _Drain:
         size = self.length - sum(len(field) + 1 for field in prefix)
         return self.command_type, {**dict(zip(names, prefix)),
                                    "data": Oversized(size, head[:SNIFF_BYTES])}
+
+
+@functools.lru_cache(maxsize=None)
+def _bare_request(cmd_type: int) -> bytes:
+    """The whole packet of a request without arguments."""
+    return _HEADER.pack(MAGIC_REQ_STRING, cmd_type, 0)
 
 
 def raise_connection_error(address: str, reason: str | None) -> NoReturn:

@@ -1,10 +1,15 @@
 """A bounded journal of jobs under state_dir, for operators (`libra-worker ctl jobs`).
 
-Each job is written twice, as JSON lines: once RUNNING when it starts, once with its final
-state (COMPLETE, FAIL or TIMEOUT). A worker killed mid-job therefore leaves a RUNNING entry
-behind, which is what an operator needs to see. When the file holds `max_entries` jobs it
-becomes `<name>.1` (replacing the older one) and a new file starts, so between
-`max_entries` and twice that many jobs are kept, and no job pays for a rewrite.
+Each job is a JSON line with its final state (COMPLETE, FAIL or TIMEOUT). A job that
+could outlive the worker (a mutating job, or a read-only one on a reader thread) is
+written a first time, RUNNING, when it starts: a worker killed mid-job leaves that entry
+behind, which is what an operator needs to see. A job answered in place on the Gearman loop
+(a ping bounded to 50 ms, a refused message) gets its final line only, written just after
+its answer (`Journal.deferred`): a worker killed in those milliseconds leaves no entry
+(and the job server gives out again a job that was not answered yet).
+When the file holds `max_entries` finished jobs it becomes `<name>.1` (replacing the older
+one) and a new file starts, so between `max_entries` and twice that many jobs are kept,
+and no job pays for a rewrite.
 
 Bounded in bytes too, whatever the messages hold: an error is kept to its first
 `MAX_ERROR_CHARS` characters, and a file that reaches `max_bytes` rotates early. Both
@@ -13,16 +18,16 @@ files are the worker's own (0600): errors may name the device's configuration.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
-
-from libra_worker.state import utc_now
+from typing import Any, Iterator
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +35,11 @@ JOURNAL_NAME = "jobs.journal"
 MAX_ERROR_CHARS = 1024
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 RUNNING, COMPLETE, FAIL, TIMEOUT = "RUNNING", "COMPLETE", "FAIL", "TIMEOUT"
+# Set by `Journal.deferred` in the thread that defers (a context variable: per thread).
+_DEFERRING: contextvars.ContextVar[bool] = contextvars.ContextVar("journal_deferring",
+                                                                   default=False)
+# How a RUNNING line spells its state (json.dumps's default separators, as `_line` writes).
+_RUNNING_FIELD = b'"state": "RUNNING"'
 
 
 @dataclass(frozen=True)
@@ -50,14 +60,20 @@ class Journal:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._lines = self._count_lines()
+        self._finished = self._count_finished()
         self._bytes = self._size()
-        self._file: TextIO | None = None
+        self._descriptor: int | None = None
+        self._deferred: list[dict[str, Any]] = []  # only the thread that defers adds to it
+
+    def ticket(self, handle: str, action: str) -> "JobTicket":
+        """A job's entry, started now and not written yet (`JobTicket.running`, `finish`)."""
+        return JobTicket(self, handle, action)
 
     def started(self, handle: str, action: str) -> "JobTicket":
-        record = JobRecord(handle=handle, action=action, state=RUNNING, started=utc_now())
-        self._append(record)
-        return JobTicket(self, record, time.monotonic())
+        """A job's entry, written RUNNING now."""
+        ticket = self.ticket(handle, action)
+        ticket.running()
+        return ticket
 
     def recent(self, count: int) -> list[JobRecord]:
         """The newest `count` jobs, oldest first, each in its latest state."""
@@ -67,32 +83,57 @@ class Journal:
             latest[record.handle] = record
         return list(latest.values())[-count:]
 
-    def _append(self, record: JobRecord) -> None:
-        # vars(), not asdict(): every field is a plain value, and asdict deep-copies
-        # them all, which was most of a DISCOVER's time in the worker.
-        line = json.dumps(vars(record), sort_keys=True) + "\n"
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Final lines this thread writes within the block wait for `write_deferred`: the
+        Gearman loop writes those of the jobs it answered in place after the answers, not
+        between a job and its answer. RUNNING lines are never deferred (a reader's final
+        line must not come first)."""
+        token = _DEFERRING.set(True)
+        try:
+            yield
+        finally:
+            _DEFERRING.reset(token)
+
+    def write_deferred(self) -> None:
+        if self._deferred:
+            entries, self._deferred = self._deferred, []
+            self._write(b"".join(map(_line, entries)), finished=len(entries))
+
+    def _append(self, fields: dict[str, Any]) -> None:
+        """Write one line: `fields` are JobRecord's, in the sorted order of their names
+        (the order `recent` and `_RUNNING_FIELD` expect)."""
+        if fields["state"] == RUNNING:
+            self._write(_line(fields), finished=0)
+        elif _DEFERRING.get():
+            self._deferred.append(fields)
+        else:
+            self._write(_line(fields), finished=1)
+
+    def _write(self, lines: bytes, finished: int) -> None:
         with self._lock:
             try:
-                if self._file is None:
-                    descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                    self._file = os.fdopen(descriptor, "a", encoding="utf-8")
-                self._file.write(line)
-                self._file.flush()  # readable by `ctl jobs` at once; no fsync: not state
-                self._lines += 1
-                self._bytes += len(line)
-                # Two lines a job.
-                if self._lines >= 2 * self.max_entries or self._bytes >= self.max_bytes:
+                if self._descriptor is None:
+                    self._descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                               0o600)
+                # Unbuffered: readable by `ctl jobs` at once. No fsync: not state.
+                written = 0
+                while written < len(lines):
+                    written += os.write(self._descriptor, lines[written:])
+                self._bytes += len(lines)
+                self._finished += finished
+                if self._finished >= self.max_entries or self._bytes >= self.max_bytes:
                     self._rotate()
             except OSError as exc:
                 # The journal is for operators; a full disk must not fail the job itself.
                 LOG.error("Cannot write the job journal %s: %s", self.path, exc)
 
     def _rotate(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
         os.replace(self.path, self._older)
-        self._lines = 0
+        self._finished = 0
         self._bytes = 0
 
     @property
@@ -119,32 +160,58 @@ class Journal:
         except FileNotFoundError:
             return 0
 
-    def _count_lines(self) -> int:
+    def _count_finished(self) -> int:
         try:
             with open(self.path, "rb") as handle:
-                return sum(1 for _ in handle)
+                return sum(1 for line in handle if _RUNNING_FIELD not in line)
         except FileNotFoundError:
             return 0
 
 
 class JobTicket:
-    """One running job's entry; `finish` records its outcome."""
+    """One job's entry: `running` records that it started, `finish` its outcome."""
 
-    def __init__(self, journal: Journal, record: JobRecord, started: float) -> None:
+    def __init__(self, journal: Journal, handle: str, action: str) -> None:
         self.journal = journal
-        self.record = record
-        self.started = started
+        self.handle = handle
+        self.action = action
+        self.started = _STAMPS.now()
+        self._since = time.monotonic()
+
+    def running(self) -> None:
+        self.journal._append({"action": self.action, "duration_ms": None, "finished": None,
+                              "handle": self.handle, "hpcs_error": None,
+                              "started": self.started, "state": RUNNING})
 
     def finish(self, state: str, error: str | None = None) -> None:
-        self.journal._append(
-            replace(
-                self.record,
-                state=state,
-                finished=utc_now(),
-                duration_ms=round((time.monotonic() - self.started) * 1000, 1),
-                hpcs_error=_bounded(error),
-            )
-        )
+        duration_ms = round((time.monotonic() - self._since) * 1000, 1)
+        self.journal._append({"action": self.action, "duration_ms": duration_ms,
+                              "finished": _STAMPS.now(), "handle": self.handle,
+                              "hpcs_error": _bounded(error), "started": self.started,
+                              "state": state})
+
+
+class _Stamps:
+    """UTC times to the second, as `state.utc_now` writes them, each second formatted once:
+    pings come many a second, and formatting was a tenth of a DISCOVER's time in the worker."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, str] = (-1, "")
+
+    def now(self) -> str:
+        second = int(time.time())
+        last = self._last  # one read: another thread may replace it meanwhile
+        if last[0] != second:
+            last = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+            self._last = last
+        return last[1]
+
+
+_STAMPS = _Stamps()
+
+
+def _line(fields: dict[str, Any]) -> bytes:
+    return (json.dumps(fields) + "\n").encode("utf-8")
 
 
 def _bounded(error: str | None) -> str | None:

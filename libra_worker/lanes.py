@@ -100,14 +100,18 @@ class JobLanes:
         """Accept a grabbed job: its answer when it was answered here (refused, or run in
         place), else None and the job is in its lane. Waits for no other job."""
         grabbed = time.monotonic()
-        job = self.runner.accept(handle, payload, unique)
-        item = InHand(token, job, grabbed)
-        if job.refusal is not None:
-            return item, job.refusal
-        if job.read_only and self._in_place(job):
-            answer = self._run_in_place(item)
-            if answer is not None:
-                return item, answer
+        # The final journal lines of jobs answered here are written after the answers
+        # (`write_journal`).
+        with self.runner.journal.deferred():
+            job = self.runner.accept(handle, payload, unique)
+            item = InHand(token, job, grabbed)
+            if job.refusal is not None:
+                return item, job.refusal
+            if job.read_only and self._in_place(job):
+                answer = self._run_in_place(item)
+                if answer is not None:
+                    return item, answer
+        job.journal_running()
         with self._lock:
             self._in_hand[id(item)] = item
             if job.read_only:
@@ -141,6 +145,10 @@ class JobLanes:
         while not self._answered.empty():
             ready.append(self._answered.get_nowait())
         return ready
+
+    def write_journal(self) -> None:
+        """Write the journal lines of the jobs `take` answered (after their answers)."""
+        self.runner.journal.write_deferred()
 
     def next_deadline(self) -> float | None:
         """When the earliest running read-only job must be answered (monotonic)."""

@@ -43,7 +43,7 @@ import gearman
 import gearman.io
 from gearman.connection_manager import NoopEncoder
 from gearman.errors import GearmanError
-from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ
+from gearman.protocol import GEARMAN_COMMAND_ECHO_REQ, GEARMAN_COMMAND_TO_NAME
 from gearman.worker_handler import GearmanWorkerCommandHandler
 
 from libra_worker.config import GearmanSettings
@@ -51,7 +51,7 @@ from libra_worker.fileutil import atomic_write
 from libra_worker.jobs import Answer, JobRunner
 from libra_worker.jobserver import BackgroundJobServerConnection, JobServerConnection, connections
 from libra_worker.messages import Oversized, encode_reply
-from libra_worker.lanes import InHand, JobLanes
+from libra_worker.lanes import IN_PLACE, InHand, JobLanes
 
 LOG = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ _STUCK_GRACE = 10.0
 # While a job server stays down, remind the log this often (not at every attempt).
 DOWN_REMINDER_INTERVAL = 60.0
 _REGISTERED_PROBE = b"libra-worker registered"
+# How often the passed pings are counted in one INFO line (`PingSummary`).
+PING_SUMMARY_INTERVAL = 60.0
+_PINGS = frozenset(action.value for action in IN_PLACE)  # the jobs the lanes run in place
+_JOB_LINE = "Job %s %s answered %s in %.1f ms"
+# Each command's handler method, named as pygearman's recv_command names it.
+_RECEIVERS = {command: name.lower().replace("gearman_command_", "recv_")
+              for command, name in GEARMAN_COMMAND_TO_NAME.items()}
 
 UP, DOWN, CONNECTING = "up", "down", "connecting"
 
@@ -131,7 +138,49 @@ class JobServerHealth:
             LOG.warning("Cannot write %s: %s", self.status_file, exc.strerror)
 
 
+class PingSummary:
+    """The pings (DISCOVER, STATS) answered PASS since the last summary line.
+
+    Every API server pings every worker it knows, every few seconds: hundreds of them
+    would make one log line per ping most of the log, and part of each ping's cost.
+    A passed ping is logged at DEBUG only, and counted here in one INFO line per
+    `interval`; every ping is still in the job journal (`libra-worker ctl jobs`), and a
+    ping that fails gets its own INFO line, as every other job does.
+    """
+
+    def __init__(self, interval: float = PING_SUMMARY_INTERVAL) -> None:
+        self.interval = interval
+        self._counts: dict[str, int] = {}
+        self._slowest_ms = 0.0
+        self._since = time.monotonic()
+
+    def add(self, action: str, ms: float) -> None:
+        self._counts[action] = self._counts.get(action, 0) + 1
+        self._slowest_ms = max(self._slowest_ms, ms)
+
+    def log_if_due(self, now: float) -> None:
+        if now - self._since >= self.interval:
+            self.log(now)
+
+    def log(self, now: float) -> None:
+        """The summary line (none when no ping passed); a new period starts."""
+        if self._counts:
+            counts = ", ".join(f"{action} {count}" for action, count in sorted(self._counts.items()))
+            LOG.info("Pings passed in the last %.0f s: %s; the slowest took %.1f ms",
+                     now - self._since, counts, self._slowest_ms)
+        self._counts.clear()
+        self._slowest_ms = 0.0
+        self._since = now
+
+
 class _CommandHandler(GearmanWorkerCommandHandler):
+    def recv_command(self, cmd_type: int, **cmd_args: Any) -> bool:
+        # pygearman builds the receiver's name from the command's for every packet.
+        receiver = getattr(self, _RECEIVERS.get(cmd_type, ""), None)
+        if receiver is None:
+            return super().recv_command(cmd_type, **cmd_args)  # raises its own errors
+        return receiver(**cmd_args)
+
     def recv_echo_res(self, data: bytes) -> bool:
         self.connection_manager.on_echo(self)
         return True
@@ -179,6 +228,7 @@ class JobServerWorker(gearman.GearmanWorker):
         self._registered: dict[int, tuple[Any, int]] = {}
         self._woken = False  # the last poll returned for the lanes' wakeup
         self._answered: list[tuple[str, str, Any, float]] = []  # to log: see _send
+        self.pings = PingSummary()
         # pygearman crashes on the first job if the task name is text.
         self.register_task(settings.function.encode("utf-8"), self._not_called)
 
@@ -311,9 +361,15 @@ class JobServerWorker(gearman.GearmanWorker):
     def after_poll(self, any_activity: bool) -> bool:
         self.send_answers(self._woken)
         self._woken = False
-        for answered in self._answered:
-            LOG.info("Job %s %s answered %s in %.1f ms", *answered)
+        self.lanes.write_journal()
+        for handle, action, response, ms in self._answered:
+            if response == "PASS" and action in _PINGS:
+                self.pings.add(action, ms)
+                LOG.debug(_JOB_LINE, handle, action, response, ms)
+            else:
+                LOG.info(_JOB_LINE, handle, action, response, ms)
         self._answered.clear()
+        self.pings.log_if_due(time.monotonic())
         for connection in self.connection_list:
             if connection.connected and connection.overdue(self.settings.answer_timeout):
                 connection.last_error = (f"no answer within {self.settings.answer_timeout:g} s "
@@ -368,7 +424,9 @@ def serve(settings: GearmanSettings, runner: JobRunner, stopping: threading.Even
     finally:
         stopping.set()
         gearman_loop.join()
+        lanes.write_journal()  # a loop that ended on an error wrote no line after its last job
         lanes.close()
+        worker.pings.log(time.monotonic())
         LOG.info("Stopped serving after %d jobs", worker.jobs_done)
     if failure:
         raise failure[0]

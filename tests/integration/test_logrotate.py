@@ -18,13 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.support import REPO_ROOT, Worker, wait_until
+from tests.integration.support import REPO_ROOT, Worker, WorkerFactory, wait_until
 
 SHIPPED = REPO_ROOT / "etc" / "libra-worker.logrotate"
 JOB_LINE = re.compile(r"^\S+ [A-Z]+ libra_worker\S*: Job \S+ .*answered ", re.MULTILINE)
 
 pytestmark = pytest.mark.skipif(shutil.which("logrotate") is None,
                                 reason="logrotate is not installed")
+
+
+@pytest.fixture
+def worker(worker_factory: WorkerFactory) -> Worker:
+    """At DEBUG: a passed DISCOVER's line is a DEBUG one (at INFO pings are only counted)."""
+    return worker_factory(log_level="DEBUG")
 
 
 def logrotate_config(worker: Worker) -> Path:

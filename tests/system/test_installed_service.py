@@ -261,9 +261,10 @@ def test_every_action_passes(serving):
     assert summary["failures"] == []
 
 
-def test_the_workers_lines_are_in_the_journal_one_per_job_with_priorities(serving):
+def test_the_workers_lines_are_in_the_journal_one_per_job_but_passed_pings(serving):
     cursor = serving.sandbox.journal_cursor()
-    serving.passes("DISCOVER")
+    serving.passes("DISCOVER")  # a passed ping: a DEBUG line, and this worker logs INFO
+    serving.passes("DIAGNOSTICS")
     refused = serving.client('{"hpcs_action": "FROBNICATE"}')
     assert refused["hpcs_response"] == "FAIL"
 

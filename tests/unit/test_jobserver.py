@@ -3,6 +3,7 @@ that must not spin, keepalive on every socket, timed answers, state changes logg
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -10,15 +11,26 @@ import select
 import socket
 import ssl
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from gearman.errors import ConnectionError as GearmanConnectionError
+from gearman.errors import ProtocolError
 from gearman.protocol import (
+    GEARMAN_COMMAND_CAN_DO,
     GEARMAN_COMMAND_ECHO_REQ,
+    GEARMAN_COMMAND_ECHO_RES,
+    GEARMAN_COMMAND_GRAB_JOB_UNIQ,
+    GEARMAN_COMMAND_JOB_ASSIGN,
     GEARMAN_COMMAND_JOB_ASSIGN_UNIQ,
+    GEARMAN_COMMAND_NO_JOB,
     GEARMAN_COMMAND_NOOP,
+    GEARMAN_COMMAND_PRE_SLEEP,
+    GEARMAN_COMMAND_WORK_COMPLETE,
+    pack_binary_command,
+    parse_binary_command,
 )
 
 from libra_worker import transport
@@ -242,6 +254,52 @@ def test_a_job_within_the_limit_is_handed_on_whole():
     assert commands[0][1]["data"] == data
 
 
+def test_packets_are_parsed_as_pygearman_parses_them():
+    stream = [packet(GEARMAN_COMMAND_NOOP, b""),
+              packet(GEARMAN_COMMAND_JOB_ASSIGN_UNIQ, b"H:vm:3\0lb-unit\0u-3\0da\0ta"),
+              packet(GEARMAN_COMMAND_JOB_ASSIGN, b"H:vm:4\0lb-unit\0"),
+              packet(GEARMAN_COMMAND_NO_JOB, b""),
+              packet(GEARMAN_COMMAND_ECHO_RES, b"probe")]
+    commands, _ = commands_received(free_port(), b"".join(stream), max_job_bytes=None,
+                                    count=len(stream))
+    expected = []
+    for raw in stream:
+        kind, arguments, size = parse_binary_command(array.array("b", raw), is_response=True)
+        assert size == len(raw)
+        expected.append((kind, arguments))
+    assert commands == expected
+
+
+def test_a_packet_that_is_not_a_response_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="Malformed Magic"):
+        commands_received(free_port(), b"\0REQ" + packet(GEARMAN_COMMAND_NOOP, b"")[4:],
+                          max_job_bytes=None, count=1)
+
+
+@pytest.mark.parametrize("kind, arguments", [
+    (GEARMAN_COMMAND_GRAB_JOB_UNIQ, {}),
+    (GEARMAN_COMMAND_PRE_SLEEP, {}),
+    (GEARMAN_COMMAND_WORK_COMPLETE, {"job_handle": b"H:vm:5", "data": b'{"a": "\0"}'}),
+    (GEARMAN_COMMAND_CAN_DO, {"task": "lb-unit"}),  # text: pygearman's own packing
+    (GEARMAN_COMMAND_ECHO_REQ, {"data": b"libra-worker registered"}),
+])
+def test_packets_are_packed_as_pygearman_packs_them(kind, arguments):
+    settings = GearmanSettings(servers=(("127.0.0.1", 1),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", 1, settings, None)
+    connection._is_server_side = False
+    assert connection._pack_command(kind, dict(arguments)) == pack_binary_command(
+        kind, dict(arguments), is_response=False)
+
+
+def test_a_null_byte_before_the_last_argument_is_refused_as_pygearman_refuses_it():
+    settings = GearmanSettings(servers=(("127.0.0.1", 1),), function="lb-unit")
+    connection = JobServerConnection("127.0.0.1", 1, settings, None)
+    connection._is_server_side = False
+    with pytest.raises(ProtocolError, match="NULL byte"):
+        connection._pack_command(GEARMAN_COMMAND_WORK_COMPLETE,
+                                 {"job_handle": b"H:\0", "data": b"{}"})
+
+
 def test_an_oversized_packet_that_is_no_job_ends_the_connection():
     echo_res = 17
     with pytest.raises(GearmanConnectionError, match="announced a 3000000-byte packet of type 17"):
@@ -363,9 +421,9 @@ class PolledConnection:
         return self.pending
 
 
-def test_connections_are_registered_once_per_poller_and_modified_only_on_change(tmp_path):
-    from gearman.io import READ, WRITE
-
+@pytest.fixture
+def unit_worker(tmp_path):
+    """A JobServerWorker whose job server is never connected, and its lanes."""
     from libra_worker.controller import LBaaSController
     from libra_worker.jobs import JobRunner
     from libra_worker.journal import Journal
@@ -374,6 +432,45 @@ def test_connections_are_registered_once_per_poller_and_modified_only_on_change(
     settings = GearmanSettings(servers=(("127.0.0.1", free_port()),), function="lb-unit")
     lanes = JobLanes(JobRunner(LBaaSController(driver=None), Journal(tmp_path / "jobs.journal")))
     worker = transport.JobServerWorker(settings, lanes, threading.Event())
+    try:
+        yield worker, lanes
+    finally:
+        worker.shutdown()
+        lanes.close()
+
+
+def test_passed_pings_are_logged_at_debug_and_counted_in_one_info_line_a_period(
+        unit_worker, caplog):
+    worker, _lanes = unit_worker
+    caplog.set_level(logging.DEBUG, logger="libra_worker.transport")
+    worker._answered += [("H:1", "DISCOVER", "PASS", 0.31), ("H:2", "STATS", "FAIL", 0.52),
+                         ("H:3", "UPDATE", "PASS", 30.0), ("H:4", "STATS", "PASS", 0.94),
+                         ("H:5", "INVALID", "FAIL", 0.1), ("H:6", "STATS", "PASS", 0.4)]
+    worker.after_poll(True)
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("DEBUG", "Job H:1 DISCOVER answered PASS in 0.3 ms"),
+        ("INFO", "Job H:2 STATS answered FAIL in 0.5 ms"),
+        ("INFO", "Job H:3 UPDATE answered PASS in 30.0 ms"),
+        ("DEBUG", "Job H:4 STATS answered PASS in 0.9 ms"),
+        ("INFO", "Job H:5 INVALID answered FAIL in 0.1 ms"),
+        ("DEBUG", "Job H:6 STATS answered PASS in 0.4 ms"),
+    ]
+    caplog.clear()
+    period_end = time.monotonic() + transport.PING_SUMMARY_INTERVAL
+    worker.pings.log_if_due(period_end)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Pings passed in the last 60 s: DISCOVER 1, STATS 2; the slowest took 0.9 ms")]
+
+    caplog.clear()  # a period without a passed ping says nothing
+    worker.pings.log_if_due(period_end + transport.PING_SUMMARY_INTERVAL)
+    assert caplog.records == []
+
+
+def test_connections_are_registered_once_per_poller_and_modified_only_on_change(unit_worker):
+    from gearman.io import READ, WRITE
+
+    worker, lanes = unit_worker
     first, second = socket.socketpair()
     try:
         connection = PolledConnection(first)
@@ -406,5 +503,3 @@ def test_connections_are_registered_once_per_poller_and_modified_only_on_change(
     finally:
         first.close()
         second.close()
-        worker.shutdown()
-        lanes.close()

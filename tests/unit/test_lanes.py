@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 
 from libra_worker.controller import LBaaSController
-from libra_worker.drivers.haproxy.sockets import server_statuses
+from libra_worker.drivers.haproxy.sockets import StatusQuery
 from libra_worker.errors import StatsUnavailable, WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import Journal
@@ -46,7 +46,7 @@ class GatedDriver:
         self.stats_threads.append(threading.current_thread().name)
         time.sleep(self.stats_seconds)  # as a parse of many servers would hold the thread
         if self.stats_socket is not None:
-            server_statuses(self.stats_socket, timeout=0.5)
+            StatusQuery(self.stats_socket, timeout=0.5).statuses()
         raise StatsUnavailable("No load balancer is configured yet.", status="NEW")
 
     def metrics(self, _job: str | None) -> Any:
@@ -70,12 +70,14 @@ def setup(tmp_path: Path) -> Iterator[tuple[JobLanes, GatedDriver, threading.Eve
 
 
 def collect(lanes: JobLanes, count: int, within: float = 5.0) -> list[tuple[Any, str, str]]:
-    """Poll `answers()` as the Gearman loop does until `count` answers came."""
+    """Poll `answers()` and write the journal as the Gearman loop does until `count`
+    answers came."""
     answers: list[tuple[Any, str, str]] = []
     deadline = time.monotonic() + within
     while len(answers) < count and time.monotonic() < deadline:
         for item, answer in lanes.answers():
             answers.append((item.token, answer.action, answer.reply["hpcs_response"]))
+        lanes.write_journal()
         time.sleep(0.01)
     return answers
 
@@ -114,6 +116,30 @@ def test_read_only_jobs_are_answered_while_a_mutating_job_blocks(setup, monkeypa
     driver.release.set()
     assert collect(lanes, 2) == [("suspend", "SUSPEND", "PASS"), ("enable", "ENABLE", "PASS")]
     assert driver.calls == ["SUSPEND", "ENABLE"] and not lanes.busy()
+
+
+def test_jobs_answered_in_place_have_one_journal_line_the_others_a_running_one_first(
+        setup, monkeypatch, tmp_path):
+    lanes, driver, stop = setup
+    run_mutating_in_background(lanes, stop, monkeypatch)
+    take(lanes, "discover", "H:1", b'{"hpcs_action": "DISCOVER"}')
+    take(lanes, "invalid", "H:2", b"not json")
+    take(lanes, "metrics", "H:3", b'{"hpcs_action": "METRICS"}')
+    take(lanes, "suspend", "H:4", b'{"hpcs_action": "SUSPEND"}')
+    lines = (tmp_path / "jobs.journal").read_text().splitlines()
+    # The reader's and the mutating job's RUNNING lines are there before they end; the
+    # lines of the jobs answered in place come once the loop wrote their answers.
+    assert any('"H:3"' in line and '"RUNNING"' in line for line in lines)
+    assert any('"H:4"' in line and '"RUNNING"' in line for line in lines)
+    assert not any('"H:1"' in line or '"H:2"' in line for line in lines)
+
+    driver.release.set()
+    collect(lanes, 2)
+    lines = (tmp_path / "jobs.journal").read_text().splitlines()
+    states = {handle: [line.split('"state": "')[1].split('"')[0] for line in lines
+                       if f'"{handle}"' in line] for handle in ("H:1", "H:2", "H:3", "H:4")}
+    assert states == {"H:1": ["COMPLETE"], "H:2": ["FAIL"], "H:3": ["RUNNING", "FAIL"],
+                      "H:4": ["RUNNING", "COMPLETE"]}
 
 
 def test_a_read_only_job_past_its_timeout_is_answered_once(setup):

@@ -27,7 +27,7 @@ from libra_worker.drivers.haproxy.process import (
     find_binary,
     process_alive,
 )
-from libra_worker.drivers.haproxy.sockets import ServerStatus, server_statuses
+from libra_worker.drivers.haproxy.sockets import ServerStatus, StatusQuery
 from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed, StatsUnavailable
 from libra_worker.jobs import JobTimeout
 from libra_worker.fileutil import atomic_write
@@ -392,8 +392,8 @@ def stats_socket():
 
 def test_server_statuses(stats_socket):
     fake = stats_socket(SHOW_STAT)
-    statuses = server_statuses(fake.path, timeout=2)
-    assert fake.commands == ["show stat -1 4 -1\n"]
+    statuses = StatusQuery(fake.path, timeout=2).statuses()
+    assert fake.commands == ["show stat -1 4 -1 no-maint\n"]
     assert statuses == [
         ServerStatus("lb-http", "web1", "UP"),
         ServerStatus("lb-http", "web2", "DOWN"),
@@ -406,24 +406,34 @@ def test_server_statuses(stats_socket):
     assert [status.is_up for status in statuses] == [True, False, False, True, True, False, True]
 
 
+def test_a_status_query_is_asked_when_made_and_read_when_wanted(stats_socket):
+    fake = stats_socket(SHOW_STAT)
+    query = StatusQuery(fake.path, timeout=2)
+    deadline = time.monotonic() + 5
+    while not fake.commands and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.commands == ["show stat -1 4 -1 no-maint\n"]  # before statuses() is called
+    assert [status.server for status in query.statuses()][:2] == ["web1", "web2"]
+
+
 def test_server_statuses_unexpected_answer(stats_socket):
     fake = stats_socket("Unknown command. Please enter one of the following commands only :\n")
     with pytest.raises(StatsUnavailable, match="unexpected answer"):
-        server_statuses(fake.path, timeout=2)
+        StatusQuery(fake.path, timeout=2).statuses()
 
 
 def test_server_statuses_no_socket():
     directory = tempfile.mkdtemp(prefix="lw-")
     try:
         with pytest.raises(StatsUnavailable, match="does not answer"):
-            server_statuses(Path(directory) / "absent.sock", timeout=1)
+            StatusQuery(Path(directory) / "absent.sock", timeout=1).statuses()
     finally:
         shutil.rmtree(directory)
 
 
 def test_server_statuses_header_only(stats_socket):
     fake = stats_socket("# pxname,svname,status\n\n")
-    assert server_statuses(fake.path, timeout=2) == []
+    assert StatusQuery(fake.path, timeout=2).statuses() == []
 
 
 # ---------------------------------------------------------------------- fileutil.atomic_write
