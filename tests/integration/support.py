@@ -676,7 +676,9 @@ class Worker:
         return {**environment_for(self.python), **self.env}
 
     def start(self, ready_timeout: float = START_TIMEOUT) -> "Worker":
-        """Start the worker and wait until it answers DISCOVER through the job server."""
+        """Start the worker and wait until it answers DISCOVER through the job server, and
+        its job journal has the line of that DISCOVER (written just after the answer)."""
+        journaled = self._journal_lines()
         self.spawn()
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -687,8 +689,16 @@ class Worker:
                 answer = None
             if answer is not None:
                 assert answer["hpcs_response"] == "PASS", answer
+                wait_until(lambda: self._journal_lines() > journaled, 10,
+                           "the journal line of the DISCOVER that found the worker ready")
                 return self
             assert time.monotonic() < deadline, f"the worker never answered:\n{self.output()}"
+
+    def _journal_lines(self) -> int:
+        try:
+            return (self.state_dir / "jobs.journal").read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
