@@ -207,7 +207,7 @@ def test_a_checker_started_before_its_text_names_the_file_in_haproxys_words(hapr
     assert "/dev/stdin" not in caught.value.detail + str(caught.value)
 
 
-def test_meanwhile_runs_while_haproxy_starts(haproxy_process, tmp_path):
+def test_meanwhile_runs_while_haproxy_checks(haproxy_process, tmp_path):
     pid_file = _slow_checker(haproxy_process, tmp_path, pause=1)
     config = tmp_path / "ok.cfg"
     config.write_text("defaults\n    mode tcp\n    timeout client 1s\n    timeout server 1s\n"

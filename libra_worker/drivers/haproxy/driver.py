@@ -215,8 +215,8 @@ class HAProxyDriver(LoadBalancerDriver):
                 saved = desired.moved_to(Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
                                          loadbalancers=device_document(device)["loadbalancers"],
                                          layout=slots.to_document(layout))
-                # Written as HAProxy starts to check the file, renamed into place once
-                # HAProxy serves the change: the state file is the commit point.
+                # Written while HAProxy checks the file, renamed into place once HAProxy
+                # serves the change: the state file is the commit point.
                 staged = stack.enter_context(self.store.staging(saved))
                 # Always: a later start or reload must come up exactly as this UPDATE says.
                 # If the file is refused, the live one is untouched. Under systemd a
@@ -536,7 +536,7 @@ class HAProxyDriver(LoadBalancerDriver):
     def _check(self, text: str, checker: ConfigChecker | None = None,
                meanwhile: Callable[[], object] | None = None) -> None:
         """Write the candidate and prove it with `haproxy -c`: `checker`, started earlier
-        for it (process.checker), or one started now; `meanwhile` runs as HAProxy starts.
+        for it (process.checker), or one started now; `meanwhile` runs while HAProxy checks.
         The candidate is left for the caller to swap in (or remove). A refused one is kept
         for the operator to read."""
         atomic_write(self.files.candidate, text, durable=False)
