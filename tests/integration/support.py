@@ -516,6 +516,7 @@ class TrafficLoop:
         self.answered: collections.Counter[str] = collections.Counter()
         self.errors: list[str] = []
         self._stop = threading.Event()
+        self._turn = threading.Lock()  # held for each request; `paused` takes it
         self._thread = threading.Thread(target=self._run, name="traffic-loop", daemon=True)
 
     @property
@@ -524,11 +525,20 @@ class TrafficLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.answered[request_once(self.url)] += 1
-            except (OSError, http.client.HTTPException) as exc:
-                self.errors.append(f"{time.monotonic():.3f} {type(exc).__name__}: {exc}")
+            with self._turn:
+                try:
+                    self.answered[request_once(self.url)] += 1
+                except (OSError, http.client.HTTPException) as exc:
+                    self.errors.append(f"{time.monotonic():.3f} {type(exc).__name__}: {exc}")
             time.sleep(0.005)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No request of the loop's in flight until the block ends. A check of which nodes
+        answer needs it under LEAST_CONNECTIONS: a loop request always holding one server
+        would steer every one of the check's requests to another."""
+        with self._turn:
+            yield
 
     def __enter__(self) -> "TrafficLoop":
         self._thread.start()

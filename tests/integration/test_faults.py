@@ -919,7 +919,8 @@ def test_gearmand_killed_idle_and_mid_job_and_a_re_run_update_is_harmless(worker
         assert worker.files()[0] == rerun_config
         assert json.loads(worker.files()[1])["loadbalancers"] == json.loads(rerun_state)["loadbalancers"]
         assert worker.haproxy.master_pid() == master
-        served_by(port, {"gm-b", "gm-c"})
+        with loop.paused():
+            served_by(port, {"gm-b", "gm-c"})
 
     assert loop.errors == [], f"requests failed while gearmand or the worker died: {loop.errors[:5]}"
     print(f"DISCOVER again after gearmand kill -9: idle {idle:.2f} s, mid-job {mid_job:.2f} s")
@@ -1051,7 +1052,8 @@ def test_sigterm_drains_a_slow_update_and_a_second_sigterm_exits_at_once(workers
         assert worker.wait() == 0
         thread.join(timeout=10)
         assert outcome and passed(outcome[0]), "the job in hand was not answered"
-        served_by(port, {"drain-b", "drain-c"})  # HAProxy keeps serving without the worker
+        with loop.paused():
+            served_by(port, {"drain-b", "drain-c"})  # HAProxy keeps serving without the worker
 
         # Cold: a second SIGTERM ends the worker at once, job unanswered (exit 1).
         worker.start()
@@ -1063,7 +1065,8 @@ def test_sigterm_drains_a_slow_update_and_a_second_sigterm_exits_at_once(workers
         worker.terminate()
         assert worker.wait(timeout=5) == 1
         assert not outcome, "a cold stop must not answer the job"
-        served_by(port, {"drain-b", "drain-c"})
+        with loop.paused():
+            served_by(port, {"drain-b", "drain-c"})
         stand_in.kill_leftovers()
         stand_in.mode(None)
         worker.start()  # gearmand re-runs the unanswered job
