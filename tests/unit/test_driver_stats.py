@@ -3,9 +3,6 @@ answer, and HAProxy's master looked for only when that socket does not answer.""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -17,36 +14,12 @@ from libra_worker.drivers.haproxy.driver import HAProxyDriver
 from libra_worker.errors import StatsUnavailable
 from libra_worker.messages import Protocol
 from libra_worker.state import DesiredState, Lifecycle
+from tests.unit.stand_ins import FakeStatsSocket
 
 LOADBALANCER = {"protocol": "HTTP", "port": 8080, "nodes": [
     {"id": "n-up", "address": "127.0.0.1", "port": 9001},
     {"id": "n-down", "address": "127.0.0.1", "port": 9002},
 ]}
-
-
-class StandInStatsSocket:
-    """Answers every connection's command with `answer`, as HAProxy's stats socket does."""
-
-    def __init__(self, path: Path, answer: bytes) -> None:
-        self.answer = answer
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(8)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            with connection, contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                connection.recv(4096)
-                connection.sendall(self.answer)
-
-    def close(self) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
 
 
 @pytest.fixture
@@ -75,8 +48,8 @@ def haproxy_answering(driver: tuple[HAProxyDriver, list[str]]) -> Iterator[None]
     names = {slot.node: slot.name for slot in layout[0] if slot.node is not None}
     answer = (f"# pxname,svname,qcur,status,weight,\n"
               f"{backend},{names['n-up']},0,UP,1,\n"
-              f"{backend},{names['n-down']},0,DOWN,1,\n\n").encode()
-    server = StandInStatsSocket(haproxy_driver.files.stats_socket, answer)
+              f"{backend},{names['n-down']},0,DOWN,1,\n\n")
+    server = FakeStatsSocket(answer, haproxy_driver.files.stats_socket)
     try:
         yield
     finally:

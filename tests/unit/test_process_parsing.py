@@ -8,12 +8,10 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from libra_worker.errors import ActionTimeout, ConfigCheckFailed, ReloadFailed, 
 from libra_worker.jobs import JobTimeout
 from libra_worker.fileutil import atomic_write
 from libra_worker.state import DesiredState, Lifecycle, StateStore
+from tests.unit.stand_ins import FakeStatsSocket
 
 # ---------------------------------------------------------------------- show proc (HAProxy 2.6.12)
 
@@ -335,46 +334,6 @@ lb-tcp,db1,0,0,0,0,,0,0,0,,0,,0,0,0,0,UP,1,1,0
 lb-tcp,BACKEND,0,0,0,0,999,0,0,0,0,0,,0,0,0,0,UP,1,1,0
 
 """
-
-
-class FakeStatsSocket:
-    """A unix stream socket answering each connection with a fixed text, like HAProxy's."""
-
-    def __init__(self, answer: str) -> None:
-        self.answer = answer
-        self.commands: list[str] = []
-        self.directory = tempfile.mkdtemp(prefix="lw-")
-        self.path = Path(self.directory) / "stats.sock"
-        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.server.bind(str(self.path))
-        self.server.listen(4)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:
-                return  # closed
-            with connection:
-                received = b""
-                while not received.endswith(b"\n"):
-                    chunk = connection.recv(1024)
-                    if not chunk:
-                        break
-                    received += chunk
-                self.commands.append(received.decode())
-                connection.sendall(self.answer.encode())
-
-    def close(self) -> None:
-        try:
-            self.server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self.server.close()
-        self.thread.join(timeout=2)
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @pytest.fixture
