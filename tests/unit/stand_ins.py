@@ -7,12 +7,15 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
+from typing import Mapping
 
 
 class FakeStatsSocket:
-    """A unix stream socket answering each connection with a fixed text, like HAProxy's."""
+    """A unix stream socket answering each connection's one command, like HAProxy's: with a
+    fixed text, or from a table by command ("Unknown command." for any other). It records
+    the commands received, as sent (newline included)."""
 
-    def __init__(self, answer: str, path: Path | None = None) -> None:
+    def __init__(self, answer: str | Mapping[str, str], path: Path | None = None) -> None:
         """Listens on `path`, or on a socket in a temporary directory of its own."""
         self.answer = answer
         self.commands: list[str] = []
@@ -23,9 +26,14 @@ class FakeStatsSocket:
         self.path = path
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(self.path))
-        self.server.listen(4)
+        self.server.listen(16)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    @property
+    def received(self) -> list[str]:
+        """The commands received, without their newlines."""
+        return [command.strip() for command in self.commands]
 
     def _serve(self) -> None:
         while True:
@@ -40,8 +48,11 @@ class FakeStatsSocket:
                     if not chunk:
                         break
                     received += chunk
-                self.commands.append(received.decode())
-                connection.sendall(self.answer.encode())
+                command = received.decode()
+                self.commands.append(command)
+                answer = (self.answer if isinstance(self.answer, str)
+                          else self.answer.get(command.strip(), "Unknown command.\n\n"))
+                connection.sendall(answer.encode())
 
     def close(self) -> None:
         try:

@@ -9,10 +9,6 @@ tests/integration/test_runtime_changes.py.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
-import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator
@@ -43,6 +39,7 @@ from libra_worker.messages import (
     Protocol,
     parse_device,
 )
+from tests.unit.stand_ins import FakeStatsSocket
 
 MONITOR = Monitor(MonitorType.CONNECT, delay=5, timeout=2, attempts=3)
 CHECK = "check inter 5s fall 3 rise 2"
@@ -567,39 +564,6 @@ def test_missing_and_extra_servers_are_named():
 
 
 # ---------------------------------------------------------------------- executor failures
-
-
-class FakeStatsSocket:
-    """A unix socket answering each connection's one command from a canned table."""
-
-    def __init__(self, answers: dict[str, str]) -> None:
-        self.answers = answers
-        self.received: list[str] = []
-        self.root = Path(tempfile.mkdtemp(prefix="lwrt-"))
-        self.path = self.root / "stats.sock"
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(self.path))
-        self.listener.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                data = b""
-                while chunk := connection.recv(4096):
-                    data += chunk
-                command = data.decode().strip()
-                self.received.append(command)
-                connection.sendall(self.answers.get(command, "Unknown command.\n\n").encode())
-
-    def close(self) -> None:
-        self.listener.close()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
