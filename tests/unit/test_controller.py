@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from libra_worker import __version__
+from libra_worker import controller as controller_module
 from libra_worker.controller import RELEASE, LBaaSController
 from libra_worker.diagnostics import Diagnostics
 from libra_worker.drivers.base import DeviceHealth, DeviceStats, LoadBalancerDriver, NodeStatus
@@ -28,6 +30,7 @@ from libra_worker.messages import (
     Message,
     Protocol,
     bad_request,
+    decode,
     encode_reply,
 )
 from libra_worker.metrics import MetricsPeriod
@@ -145,6 +148,24 @@ def test_a_pass_that_adds_only_the_outcome_echoes_the_bytes_received(controller)
     answer = controller.handle(payload)
     assert encode_reply(answer) == payload.rstrip()[:-1] + b', "hpcs_response": "PASS"}'
     assert json.loads(encode_reply(answer)) == {**json.loads(payload), "hpcs_response": "PASS"}
+
+
+def test_the_cycle_collector_is_paused_while_a_large_message_is_validated_not_a_ping(
+        controller, monkeypatch):
+    collector_running: list[bool] = []
+
+    def watched(payload: Any, max_bytes: int) -> Any:
+        collector_running.append(gc.isenabled())
+        return decode(payload, max_bytes)
+
+    monkeypatch.setattr(controller_module, "decode", watched)
+    nodes = [{"address": "10.0.0.1", "port": 8000 + i} for i in range(200)]
+    large = json.dumps({"hpcs_action": "UPDATE", "loadbalancers": [
+        {"protocol": "HTTP", "port": 80, "nodes": nodes}]}).encode()
+    assert handle(controller, {"hpcs_action": "DISCOVER"})["hpcs_response"] == "PASS"
+    assert controller.handle(large)["hpcs_response"] == "PASS"
+    assert collector_running == [True, False]
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("payload", [
