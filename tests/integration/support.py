@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 from libra_worker import client
 from libra_worker.drivers.haproxy.process import HAProxyProcess, find_binary, process_alive
+from libra_worker.journal import JOURNAL_NAME
 from libra_worker.logsink import LogSink
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -706,7 +707,7 @@ class Worker:
 
     def _journal_lines(self) -> int:
         try:
-            return (self.state_dir / "jobs.journal").read_bytes().count(b"\n")
+            return (self.state_dir / JOURNAL_NAME).read_bytes().count(b"\n")
         except FileNotFoundError:
             return 0
 
