@@ -62,6 +62,42 @@ def test_a_stalled_socket_is_over_budget_in_place_and_a_timeout_elsewhere(stalle
         send_command(stalled_socket, "show info", timeout=0.05)
 
 
+@pytest.fixture
+def trickling_socket(tmp_path: Path):
+    """A unix socket that answers a byte every 20 ms for 3 s: each read gets data in time,
+    the whole answer does not."""
+    path = tmp_path / "trickling.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            for _ in range(150):
+                if stop.wait(0.02):
+                    return
+                try:
+                    connection.sendall(b".")
+                except OSError:
+                    return  # the reader gave up
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        sender.join()
+        listener.close()
+
+
+def test_the_timeout_bounds_the_whole_answer_not_each_read(trickling_socket):
+    with pytest.raises(TimeoutError, match="trickling.sock did not answer 'show stat'"):
+        send_command(trickling_socket, "show stat", timeout=0.2)
+
+
 def test_a_missing_haproxy_is_looked_at_again_only_off_the_loop(tmp_path):
     process = HAProxyProcess("haproxy", tmp_path / "haproxy.cfg", tmp_path / "haproxy.pid",
                              tmp_path / "master.sock")
