@@ -431,6 +431,36 @@ def save_figure(plt: Any, figure: Any, path: Path) -> None:
 # --------------------------------------------------------------------------- one run
 
 
+class BusyLoop:
+    """A Python process spinning on this process's CPUs: the neighbour of a slow machine."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "BusyLoop":
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                        stdin=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+
+def add_busy_core_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--busy-core", type=int, metavar="CPU",
+                        help="run everything on this CPU beside a busy loop (a slow machine)")
+
+
+def busy_core(run: "Run", cpu: int) -> None:
+    """Play a slow machine: this process and everything it starts from now on run on `cpu`
+    only, beside a Python busy loop, until the run ends. Call it before starting anything:
+    a process inherits its parent's CPUs when it starts."""
+    os.sched_setaffinity(0, {cpu})
+    run.own(BusyLoop().start())
+
+
 def argument_parser(doc: str) -> argparse.ArgumentParser:
     """The options every bench takes (`--out-dir`, `--no-plot`); the script adds its own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -19,7 +19,11 @@ echo worker's p50 in the same block, so that load from outside (a shared machine
 and goes weighs on both sides of each ratio; the overall p50s are shown too. The TLS series
 is a measurement (the cost of TLS per job), with no target.
 
-Usage: python bench/round_trip.py [--jobs 3000] [--blocks 10] [--out-dir DIR] [--no-plot]
+`--busy-core CPU` plays a slow machine (as bench/update_latency.py's): this script and
+everything it starts run on that one CPU only, beside a Python busy loop.
+
+Usage: python bench/round_trip.py [--jobs 3000] [--blocks 10] [--busy-core CPU]
+       [--out-dir DIR] [--no-plot]
 """
 
 from __future__ import annotations
@@ -179,8 +183,11 @@ def moves_to_readers(log: Path) -> int:
     return log.read_text(errors="replace").count("go to reader threads")
 
 
-def machine(info: dict[str, str]) -> str:
-    """The machine for the table: CPU model (as lscpu names it) and CPU count."""
+def machine(info: dict[str, str], busy_core: int | None) -> str:
+    """The machine for the table: CPU model (as lscpu names it) and CPU count, or the one
+    busy CPU everything ran on."""
+    if busy_core is not None:
+        return f"{info['cpu']}, 1 busy CPU of {info['nproc']}"
     return f"{info['cpu']}, {info['nproc']} CPUs"
 
 
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=3000, help="jobs per series")
     parser.add_argument("--blocks", type=int, default=10, help="interleaved blocks")
     parser.add_argument("--warmup", type=int, default=100, help="unmeasured jobs per series")
+    c.add_busy_core_option(parser)
     parser.add_argument("--echo-worker", nargs=2, metavar=("ADDRESS", "FUNCTION"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -213,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = c.machine_info()
     with c.Run() as run:
+        if args.busy_core is not None:
+            c.busy_core(run, args.busy_core)
         gearmand = run.own(c.Gearmand(run.root).start())
         worker = run.own(c.Worker(run.root, gearmand).start())
         echo, echo_function = start_echo_worker(gearmand, run.root)
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         moved = sum(moves_to_readers(w.root / "worker.log") for w in (worker, tls_worker))
 
     rows = summarize(results)
-    text = table(rows, machine(info))
+    text = table(rows, machine(info, args.busy_core))
     judged = f"{verdict(rows)} Pings moved off the Gearman loop during the run: {moved}."
     print(text)
     print(judged)

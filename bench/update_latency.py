@@ -36,7 +36,6 @@ Usage: python bench/update_latency.py [--sizes 1,100,1000,10000] [--iterations 2
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -299,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20, help="samples per series and size")
     parser.add_argument("--large-iterations", type=int, default=6,
                         help=f"samples per series for sizes >= {LARGE}")
-    parser.add_argument("--busy-core", type=int, metavar="CPU",
-                        help="run everything on this CPU beside a busy loop (a slow machine)")
+    c.add_busy_core_option(parser)
     args = parser.parse_args(argv)
     sizes = [int(item) for item in args.sizes.split(",") if item.strip()]
 
@@ -308,9 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with c.Run() as run:
         if args.busy_core is not None:
-            # Before anything starts: every process started from here inherits the CPU.
-            os.sched_setaffinity(0, {args.busy_core})
-            run.own(BusyLoop().start())
+            c.busy_core(run, args.busy_core)
         gearmand = run.own(c.Gearmand(run.root).start())
         second = run.own(SecondHAProxy(run.root, c.free_port()))
         worker = run.own(c.Worker(run.root, gearmand).start())
@@ -351,23 +347,6 @@ def main(argv: list[str] | None = None) -> int:
               [text, "\n".join(lines), notes], info, "UPDATE latency",
               lambda plt, path: plot(results, plt, path))
     return 0
-
-
-class BusyLoop:
-    """A Python process spinning on this process's CPUs: the neighbour of a slow machine."""
-
-    def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> "BusyLoop":
-        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                                        stdin=subprocess.DEVNULL)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
 
 
 if __name__ == "__main__":
