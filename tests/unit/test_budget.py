@@ -98,6 +98,32 @@ def test_the_timeout_bounds_the_whole_answer_not_each_read(trickling_socket):
         send_command(trickling_socket, "show stat", timeout=0.2)
 
 
+def test_a_socket_whose_backlog_is_full_times_out_instead_of_hanging(tmp_path):
+    path = tmp_path / "full.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)  # never accepts: the queue fills
+    waiting = []
+    try:
+        while True:
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(str(path))
+            except BlockingIOError:
+                break
+        with pytest.raises(TimeoutError, match="full.sock did not take 'show info' in time"):
+            send_command(path, "show info", timeout=0.1)
+        with budget.limited(0.05):
+            with pytest.raises(budget.OverBudget):
+                send_command(path, "show info", timeout=5.0)
+    finally:
+        for client in waiting:
+            client.close()
+        listener.close()
+
+
 def test_a_missing_haproxy_is_looked_at_again_only_off_the_loop(tmp_path):
     process = HAProxyProcess("haproxy", tmp_path / "haproxy.cfg", tmp_path / "haproxy.pid",
                              tmp_path / "master.sock")
