@@ -6,7 +6,6 @@ import csv
 import errno
 import functools
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -15,7 +14,6 @@ from libra_worker import budget
 from libra_worker.errors import StatsUnavailable
 
 _READ_CHUNK = 65536
-_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 # Errors that another try cannot cure: the same call fails the same way.
 _PERMANENT_ERRNOS = frozenset({
     errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.ENOTDIR, errno.ENAMETOOLONG,
@@ -31,16 +29,6 @@ def is_permanent(error: OSError) -> bool:
 def send_command(path: Path, command: str, timeout: float = 5.0) -> str:
     """Send one command and return HAProxy's whole answer (see `Exchange`)."""
     return Exchange(path, command, timeout).answer()
-
-
-def _bound(connection: socket.socket, option: int, seconds: float) -> None:
-    """Have the kernel end a blocking send or connect (SO_SNDTIMEO) or receive
-    (SO_RCVTIMEO) after `seconds`, at least a millisecond (0 would mean never).
-
-    Not `settimeout`: with it Python switches the socket to non-blocking and polls before
-    every call, three system calls more per exchange for the same bound."""
-    whole, micro = divmod(max(round(seconds * 1_000_000), 1000), 1_000_000)
-    connection.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, micro))
 
 
 class Exchange:
@@ -68,13 +56,11 @@ class Exchange:
         self._socket: socket.socket | None = None
         try:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            _bound(self._socket, socket.SO_SNDTIMEO, timeout)
+            self._socket.settimeout(timeout)
             self._socket.connect(str(path))
             self._socket.sendall(command.encode("ascii") + b"\n")
             if half_close:
                 self._socket.shutdown(socket.SHUT_WR)
-        except BlockingIOError:  # the kernel's bound ran out
-            self._error = TimeoutError(f"{path.name} did not take {command!r} in time")
         except OSError as exc:
             self._error = exc
 
@@ -85,13 +71,8 @@ class Exchange:
             assert self._socket is not None
             chunks = []
             while True:
-                _bound(self._socket, socket.SO_RCVTIMEO, self._deadline - time.monotonic())
-                try:
-                    chunk = self._socket.recv(_READ_CHUNK)
-                except BlockingIOError:  # the kernel's bound ran out
-                    raise TimeoutError(f"{self.path.name} did not answer {self.command!r} "
-                                       f"in time") from None
-                if not chunk:
+                self._socket.settimeout(max(self._deadline - time.monotonic(), 0.001))
+                if not (chunk := self._socket.recv(_READ_CHUNK)):
                     break
                 chunks.append(chunk)
         except TimeoutError:
