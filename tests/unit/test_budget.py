@@ -13,13 +13,19 @@ from libra_worker.drivers.haproxy.process import HAProxyProcess
 from libra_worker.drivers.haproxy.sockets import send_command
 
 
+def listening(path: Path, backlog: int = 8) -> socket.socket:
+    """A unix stream socket listening at `path`, that accepts nothing by itself."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(backlog)
+    return listener
+
+
 @pytest.fixture
 def stalled_socket(tmp_path: Path):
     """A unix socket that accepts (the kernel does) and never answers."""
     path = tmp_path / "stalled.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(8)
+    listener = listening(path)
     try:
         yield path
     finally:
@@ -67,9 +73,7 @@ def trickling_socket(tmp_path: Path):
     """A unix socket that answers a byte every 20 ms for 3 s: each read gets data in time,
     the whole answer does not."""
     path = tmp_path / "trickling.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(8)
+    listener = listening(path)
     listener.settimeout(5)  # a client that never connects fails the test, not hangs it
     stop = threading.Event()
 
@@ -104,9 +108,7 @@ def test_the_timeout_bounds_the_whole_answer_not_each_read(trickling_socket):
 
 def test_a_socket_whose_backlog_is_full_is_an_error_not_a_hang(tmp_path):
     path = tmp_path / "full.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(0)  # never accepts: the queue fills
+    listener = listening(path, backlog=0)  # never accepts: the queue fills
     waiting = []
     try:
         while True:
