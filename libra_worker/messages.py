@@ -232,7 +232,7 @@ def decode(payload: bytes | str | Oversized,
         )
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        document = _DECODER.decode(text)
+        document = _decoder_for(payload).decode(text)
     except _Refused as exc:
         raise InvalidMessage(str(exc)) from None
     except RecursionError:
@@ -306,6 +306,23 @@ _DECODER = json.JSONDecoder(
     parse_float=_finite_float,
     parse_int=_bounded_int,
 )
+# The same, reading integers in C: for a payload in which no integer can leave 64 bits.
+_SHORT_INTEGERS_DECODER = json.JSONDecoder(
+    object_pairs_hook=_fields_given_once,
+    parse_constant=_non_finite,
+    parse_float=_finite_float,
+)
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_DIGIT_RUN = b"0" * _MAX_INTEGER_DIGITS
+
+
+def _decoder_for(payload: bytes | str) -> json.JSONDecoder:
+    """An integer outside 64 bits has 19 digits or more in a row; a payload with no such
+    run anywhere (strings included) needs no Python call per integer to refuse one. (A
+    1,000-node UPDATE has 2,000 integers; the scan costs a tenth of calling for them.)"""
+    if isinstance(payload, bytes) and payload.translate(_DIGITS_AS_ZERO).find(_LONG_DIGIT_RUN) < 0:
+        return _SHORT_INTEGERS_DECODER
+    return _DECODER
 
 
 def too_deep_fields(document: Mapping[str, Any]) -> list[str]:

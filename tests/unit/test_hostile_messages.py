@@ -73,8 +73,11 @@ def strict_reply(payload: bytes | str, **options) -> dict:
     '{"hpcs_action": "DISCOVER", "x": -9223372036854775809}',
     '{"hpcs_action": "DISCOVER", "x": ' + "9" * 5000 + "}",
 ])
-def test_non_finite_and_overflowing_numbers_are_not_valid_json(payload):
-    reply = strict_reply(payload)
+@pytest.mark.parametrize("encoded", [False, True], ids=["str", "bytes"])
+def test_non_finite_and_overflowing_numbers_are_not_valid_json(payload, encoded):
+    # Bytes, as jobs come, take the decoder that reads integers in C when no run of 19
+    # digits could hold one outside 64 bits; both ways refuse the same.
+    reply = strict_reply(payload.encode() if encoded else payload)
 
     assert reply["hpcs_response"] == "FAIL"
     assert "not valid JSON" in reply["hpcs_error"]
@@ -82,9 +85,23 @@ def test_non_finite_and_overflowing_numbers_are_not_valid_json(payload):
     assert "x" not in reply  # nothing of a refused document is echoed
 
 
-def test_the_largest_64_bit_integers_and_ordinary_floats_are_accepted():
-    document = decode('{"a": 9223372036854775807, "b": -9223372036854775808, "c": 1.5e308}')
+@pytest.mark.parametrize("encoded", [False, True], ids=["str", "bytes"])
+def test_the_largest_64_bit_integers_and_ordinary_floats_are_accepted(encoded):
+    payload = '{"a": 9223372036854775807, "b": -9223372036854775808, "c": 1.5e308}'
+    document = decode(payload.encode() if encoded else payload)
     assert document == {"a": 2**63 - 1, "b": -(2**63), "c": 1.5e308}
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"a": 999999999999999999, "b": -999999999999999999, "c": [0, -0, 7]}',
+    # A run of 19 digits in a string sends the whole payload the careful way.
+    b'{"a": 999999999999999999, "id": "12345678901234567890", "c": [0, -0, 7]}',
+    b'{"a": 999999999999999999, "c": 1.2345678901234567890e5}',
+])
+def test_integers_read_the_same_whichever_way_the_payload_is_decoded(payload):
+    assert decode(payload) == json.loads(payload)
+    assert all(type(value) is type(json.loads(payload)[key])
+               for key, value in decode(payload).items())
 
 
 def test_no_reply_ever_holds_a_non_json_token():

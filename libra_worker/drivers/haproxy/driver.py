@@ -249,8 +249,6 @@ class HAProxyDriver(LoadBalancerDriver):
             # What the state file now holds, already parsed.
             self._accepted = (saved, device, layout)
             self._rendered = (device, text)
-            if checked:
-                self.process.stand_by()  # for the next UPDATE that needs a check
 
     def suspend(self) -> None:
         """Also a PASS on a device never configured or deleted, as in Libra: nothing
@@ -545,13 +543,24 @@ class HAProxyDriver(LoadBalancerDriver):
         """Write the candidate and prove it with `haproxy -c`: `checker`, started earlier
         for it (process.checker), or one started now; `meanwhile` runs while HAProxy checks.
         The candidate is left for the caller to swap in (or remove). A refused one is kept
-        for the operator to read."""
-        atomic_write(self.files.candidate, text, durable=False)
+        for the operator to read.
+
+        HAProxy reads the text from a pipe, so the candidate file is written while it
+        checks, and the `haproxy -c` for the next check is started then too: neither waits
+        for the other, nor delays the reply (a fork of the worker and 100 KB of file at
+        1,000 nodes).
+        """
+        def alongside() -> None:
+            atomic_write(self.files.candidate, text, durable=False)
+            if meanwhile is not None:
+                meanwhile()
+            self.process.stand_by()
+
         with contextlib.ExitStack() as stack:
             if checker is None:
                 checker = stack.enter_context(self.process.checker(self.files.candidate))
             try:
-                checker.check(text, meanwhile)
+                checker.check(text, alongside)
             except ConfigCheckFailed:
                 os.replace(self.files.candidate, self.files.rejected)
                 raise
