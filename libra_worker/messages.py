@@ -395,8 +395,10 @@ def parse_device(fields: Mapping[str, Any]) -> Device:
     return Device(loadbalancers)
 
 
-# A node entry's fields and the types of their values: all `_parse_node` reads.
-_NodeKey = tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]
+# A node entry's field names, their values and the values' types, in one flat tuple (3n
+# items for n fields, so never ambiguous): all `_parse_node` reads. Flat, it is one
+# object per node for the allocator and the cycle collector to handle, not seven.
+_NodeKey = tuple[Any, ...]
 # The nodes of the last device parsed whole, by their key. An UPDATE repeats the nodes of
 # the one before but a few, and checking each node again cost more than all the rest of a
 # large message. The same names, with values of the same types that compare equal (so
@@ -439,7 +441,7 @@ def _nodes(entries: list[Any], where: str, parsed: dict[_NodeKey, Node]) -> tupl
     looked up for the whole list at once, which costs a fifth of doing it node by node.
     """
     try:
-        keys = [(tuple(entry.items()), tuple(map(type, entry.values()))) for entry in entries]
+        keys = [(*entry, *entry.values(), *map(type, entry.values())) for entry in entries]
         nodes: list[Node | None] = list(map(_last_nodes.get, keys))
     except (AttributeError, TypeError):
         # An entry that is not an object, or that holds a list or an object (an ignored
