@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import logging
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from libra_worker.fileutil import StagedFile, remove_leftovers
 
@@ -93,7 +94,8 @@ class StateStore:
             staged.commit()
 
     @contextlib.contextmanager
-    def staging(self, state: DesiredState) -> Iterator["StagedState"]:
+    def staging(self, state: DesiredState | Callable[[], DesiredState]
+                ) -> Iterator["StagedState"]:
         """`state`, to be saved in two steps (see StagedState); whatever was written and
         not committed is removed when the block ends."""
         staged = StagedState(self, state)
@@ -123,12 +125,21 @@ class StateStore:
 class StagedState:
     """A state saved in two steps: `write` encodes it and makes it durable beside the
     state file (while HAProxy checks the new configuration, say), `commit` renames it into
-    place, the moment the change it records becomes the device's."""
+    place, the moment the change it records becomes the device's.
 
-    def __init__(self, store: StateStore, state: DesiredState) -> None:
+    `state` may come as the function that makes it, called when the state is first
+    needed: a large device's document is then built while HAProxy checks, too.
+    """
+
+    def __init__(self, store: StateStore,
+                 state: DesiredState | Callable[[], DesiredState]) -> None:
         self.store = store
-        self.state = state
+        self._make = state if callable(state) else lambda: state
         self._file: StagedFile | None = None
+
+    @functools.cached_property
+    def state(self) -> DesiredState:
+        return self._make()
 
     def write(self) -> None:
         if self._file is None:

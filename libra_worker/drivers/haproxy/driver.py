@@ -212,12 +212,12 @@ class HAProxyDriver(LoadBalancerDriver):
                 # A reload renders every node under its own id again, with new spares.
                 layout = plan.layout if plan else slots.fresh(device, self.settings.spare_servers)
                 text = self._render(device, layout)
-                saved = desired.moved_to(Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
-                                         loadbalancers=device_document(device)["loadbalancers"],
-                                         layout=slots.to_document(layout))
-                # Written while HAProxy checks the file, renamed into place once HAProxy
-                # serves the change: the state file is the commit point.
-                staged = stack.enter_context(self.store.staging(saved))
+                # Made and written while HAProxy checks the file, renamed into place once
+                # HAProxy serves the change: the state file is the commit point.
+                staged = stack.enter_context(self.store.staging(lambda: desired.moved_to(
+                    Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
+                    loadbalancers=device_document(device)["loadbalancers"],
+                    layout=slots.to_document(layout))))
                 # Always: a later start or reload must come up exactly as this UPDATE says.
                 # If the file is refused, the live one is untouched. Under systemd a
                 # suspended device keeps serving its idle file; ENABLE renders this one.
@@ -247,7 +247,7 @@ class HAProxyDriver(LoadBalancerDriver):
                     self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
                     raise
             # What the state file now holds, already parsed.
-            self._accepted = (saved, device, layout)
+            self._accepted = (staged.state, device, layout)
             self._rendered = (device, text)
 
     def suspend(self) -> None:
