@@ -6,6 +6,7 @@ accepts connections, and what STATS reports from HAProxy's own stats socket.
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -27,6 +28,31 @@ from tests.integration.support import (
 
 def url(port: int, path: str = "/") -> str:
     return f"http://127.0.0.1:{port}{path}"
+
+
+def waiting_checks(root: int) -> set[int]:
+    """The `haproxy -c -f /dev/stdin` processes below `root`: between jobs, the one the
+    worker keeps waiting for its next check."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        try:
+            # The parent pid is the 4th field, after the name in parentheses.
+            parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    below, found = {root}, True
+    while found:
+        found = {pid for pid, parent in parents.items() if parent in below} - below
+        below |= found
+    checks = set()
+    for pid in below - {root}:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if command[1:5] == [b"-c", b"-f", b"/dev/stdin", b""]:
+            checks.add(pid)
+    return checks
 
 
 def test_round_robin_spreads_requests_over_every_node(worker, http_backend, free_port):
@@ -61,6 +87,23 @@ def test_second_update_replaces_the_node_set(worker, http_backend, free_port):
     assert list(node_statuses(worker.submit("STATS"))) == ["new-node"]
     # A reload of the running master, not a restart.
     assert worker.haproxy.master_pid() == pid_before
+
+
+def test_every_checked_update_leaves_one_haproxy_check_waiting_for_the_next(
+        worker, http_backend, free_port):
+    node = http_backend("checked")
+    port = free_port()
+    assert worker.submit(update(lb("HTTP", port, [node.node()])))["hpcs_response"] == "PASS"
+    first = waiting_checks(worker.process.pid)
+    assert len(first) == 1
+
+    # A change that reloads takes the waiting check, and starts the next one meanwhile.
+    reply = worker.submit(update(lb("HTTP", port, [node.node()], algorithm="LEAST_CONNECTIONS")))
+
+    assert reply["hpcs_response"] == "PASS", reply
+    second = waiting_checks(worker.process.pid)
+    assert len(second) == 1 and second.isdisjoint(first)
+    assert traffic(url(port), 3) == ({"checked": 3}, 0)
 
 
 def test_update_can_move_the_load_balancer_to_another_port(worker, http_backend, free_port):

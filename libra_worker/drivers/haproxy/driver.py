@@ -218,6 +218,13 @@ class HAProxyDriver(LoadBalancerDriver):
                     Lifecycle.SUSPENDED if suspended else Lifecycle.ACTIVE,
                     loadbalancers=device_document(device)["loadbalancers"],
                     layout=slots.to_document(layout))))
+
+                def while_checking() -> None:
+                    staged.write()
+                    # For the next UPDATE that needs a check: started now, its fork does
+                    # not delay this reply.
+                    self.process.stand_by()
+
                 # Always: a later start or reload must come up exactly as this UPDATE says.
                 # If the file is refused, the live one is untouched. Under systemd a
                 # suspended device keeps serving its idle file; ENABLE renders this one.
@@ -226,10 +233,10 @@ class HAProxyDriver(LoadBalancerDriver):
                 if checker is None:
                     atomic_write(self.files.config, text, durable=False)
                 elif suspended and self.supervised:
-                    self._check(text, checker, meanwhile=staged.write)
+                    self._check(text, checker, meanwhile=while_checking)
                     self.files.candidate.unlink()
                 else:
-                    self._install(text, checker, meanwhile=staged.write)
+                    self._install(text, checker, meanwhile=while_checking)
                 try:
                     if suspended:
                         LOG.info("Suspended: the new configuration is kept for ENABLE")
@@ -546,15 +553,12 @@ class HAProxyDriver(LoadBalancerDriver):
         for the operator to read.
 
         HAProxy reads the text from a pipe, so the candidate file is written while it
-        checks, and the `haproxy -c` for the next check is started then too: neither waits
-        for the other, nor delays the reply (a fork of the worker and 100 KB of file at
-        1,000 nodes).
+        checks (100 KB at 1,000 nodes).
         """
         def alongside() -> None:
             atomic_write(self.files.candidate, text, durable=False)
             if meanwhile is not None:
                 meanwhile()
-            self.process.stand_by()
 
         with contextlib.ExitStack() as stack:
             if checker is None:
