@@ -441,7 +441,9 @@ def _nodes(entries: list[Any], where: str, parsed: dict[_NodeKey, Node]) -> tupl
     looked up for the whole list at once, which costs a fifth of doing it node by node.
     """
     try:
-        keys = [(*entry, *entry.values(), *map(type, entry.values())) for entry in entries]
+        # keys() first: an entry that is no object fails here before anything of it is
+        # copied (unpacking an 8 MB string first made a tuple of its characters).
+        keys = [(*entry.keys(), *entry.values(), *map(type, entry.values())) for entry in entries]
         nodes: list[Node | None] = list(map(_last_nodes.get, keys))
     except (AttributeError, TypeError):
         # An entry that is not an object, or that holds a list or an object (an ignored

@@ -73,3 +73,23 @@ def test_one_node_with_an_object_value_does_not_stop_the_others_being_checked():
                       {**VALID, "id": "bad id", "address": "10.0.0.3"})
     with pytest.raises(InvalidMessage, match=r"loadbalancers\[0\]\.nodes\[2\]\.id"):
         parse(document)
+
+
+def test_the_same_values_under_other_names_make_another_node():
+    first = nodes_of(update({"address": "10.0.0.1", "port": 80, "weight": 2}))[0]
+    swapped = nodes_of(update({"address": "10.0.0.1", "weight": 80, "port": 2}))[0]
+    assert (first.port, first.weight) == (80, 2)
+    assert (swapped.port, swapped.weight) == (2, 80)
+
+
+class Unrolled(str):
+    """A node entry that is no object, and says so if anything copies it item by item."""
+
+    def __iter__(self):
+        raise AssertionError("the entry was unpacked before being found not to be an object")
+
+
+def test_an_entry_that_is_no_object_is_refused_before_anything_of_it_is_copied():
+    # An 8 MB string in place of a node must not become a tuple of 8 million characters.
+    with pytest.raises(InvalidMessage, match=r"nodes\[0\] must be a JSON object"):
+        parse(update(Unrolled("x" * 1000)))
