@@ -84,7 +84,10 @@ class JobLanes:
         # Entered around each mutating job: systemd's watchdog counts it as progress.
         self.around_mutating = around_mutating
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="read-only-job")
-        self._mutating: queue.SimpleQueue[InHand] = queue.SimpleQueue()
+        # Not a SimpleQueue: the main thread waits on this one, and signal handlers run
+        # there. CPython 3.11's SimpleQueue.get(timeout) waits forever once a handler
+        # outlasts the timeout (measured: a SIGTERM while idle left the worker running).
+        self._mutating: queue.Queue[InHand] = queue.Queue()
         self._answered: queue.SimpleQueue[tuple[InHand, Answer]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._in_hand: dict[int, InHand] = {}

@@ -3,6 +3,8 @@ FIFO order, one answer per job."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -16,6 +18,7 @@ from libra_worker.drivers.haproxy.sockets import StatusQuery
 from libra_worker.errors import StatsUnavailable, WorkerError
 from libra_worker.jobs import JobRunner
 from libra_worker.journal import Journal
+from libra_worker import lanes as lanes_module
 from libra_worker.lanes import JobLanes
 from libra_worker.messages import Action
 
@@ -208,3 +211,33 @@ def test_a_mutating_job_whose_connection_was_lost_is_skipped(setup, monkeypatch)
 
     assert collect(lanes, 1) == [("kept", "ENABLE", "PASS")]
     assert driver.calls == ["ENABLE"] and not lanes.busy()
+
+
+class Hung(Exception):
+    pass
+
+
+def test_a_signal_handler_that_outlasts_the_idle_wait_does_not_hide_the_stop(setup):
+    """SIGTERM's handler runs on the main thread, where the mutating lane waits for jobs;
+    one that ends after the wait's timeout must not leave that wait blocked for good."""
+    lanes, _driver, stop = setup
+
+    def slow_stop(_signum, _frame):
+        time.sleep(3 * lanes_module._IDLE_CHECK)  # a log write on a loaded machine, say
+        stop.set()
+
+    def hung(_signum, _frame):
+        raise Hung
+
+    previous = signal.signal(signal.SIGUSR1, slow_stop), signal.signal(signal.SIGUSR2, hung)
+    threading.Timer(lanes_module._IDLE_CHECK / 4, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    watchdog = threading.Timer(10, os.kill, (os.getpid(), signal.SIGUSR2))
+    watchdog.start()
+    try:
+        lanes.run_mutating(stop=stop.is_set, still_held=lambda _token: True)
+    except Hung:
+        pytest.fail("the mutating lane never looked at stop() again after the signal")
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGUSR1, previous[0])
+        signal.signal(signal.SIGUSR2, previous[1])
