@@ -28,12 +28,17 @@ class StagedFile:
     def __init__(self, path: Path, data: str, mode: int = 0o600) -> None:
         self.path = path
         self._temporary: str | None = _temporary_beside(path, data.encode("utf-8"), mode, True)
+        # Renamed over `path`: what a reader (a restarted worker) finds from then on, even
+        # if what follows the rename (its directory's fsync) is cut short by the job's alarm.
+        self.in_place = False
 
     def commit(self) -> None:
         if self._temporary is None:
             raise RuntimeError(f"{self.path}: staged data already committed or discarded")
         temporary, self._temporary = self._temporary, None
-        _rename_into_place(temporary, self.path, durable=True)
+        _replace(temporary, self.path)
+        self.in_place = True
+        fsync_directory(self.path.parent)
 
     def discard(self) -> None:
         if self._temporary is not None:
@@ -51,13 +56,17 @@ def remove_leftovers(path: Path) -> list[Path]:
 
 
 def _rename_into_place(temporary: str, path: Path, durable: bool) -> None:
+    _replace(temporary, path)
+    if durable:
+        fsync_directory(path.parent)
+
+
+def _replace(temporary: str, path: Path) -> None:
     try:
         os.replace(temporary, path)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         raise _naming(exc, path) from None
-    if durable:
-        fsync_directory(path.parent)
 
 
 def create_once(path: Path, data: str, mode: int = 0o600) -> bool:

@@ -151,6 +151,11 @@ class StagedState:
         self._file.commit()
         self.store._committed(self.state)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the state file holds this state already (see StagedFile.in_place)."""
+        return self._file is not None and self._file.in_place
+
     def discard(self) -> None:
         if self._file is not None:
             self._file.discard()

@@ -250,8 +250,10 @@ class HAProxyDriver(LoadBalancerDriver):
                     # Whatever failed (a refused reload, a full disk writing state.json,
                     # the job's alarm), HAProxy goes back to what state.json says it
                     # serves, so the reply's "left unchanged" holds and a restart brings
-                    # up the same.
-                    self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
+                    # up the same. Once state.json holds this UPDATE (the alarm landing in
+                    # its directory's fsync), it is what HAProxy serves and must keep.
+                    if not staged.in_place:
+                        self._put_back(previous, hurry=isinstance(exc, ActionTimeout))
                     raise
             # What the state file now holds, already parsed.
             self._accepted = (staged.state, device, layout)
