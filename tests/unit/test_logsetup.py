@@ -10,6 +10,7 @@ import pytest
 
 from libra_worker import logsetup
 from libra_worker.config import WorkerSettings
+from libra_worker.errors import ActionTimeout
 from libra_worker.logsetup import (
     MAX_RECORD_CHARS,
     JournalFormatter,
@@ -153,3 +154,42 @@ def test_the_shipped_logging_config_logs_utc_and_caps_records(tmp_path):
     (handler,) = logging.getLogger().handlers
     assert isinstance(handler.formatter, UTCFormatter)
     assert any(isinstance(item, RecordCap) for item in handler.filters)
+
+
+class AlarmInWrite:
+    """A log stream the job's alarm interrupts once, as a slow journald would let it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_job_alarm_landing_in_a_log_write_ends_the_job(tmp_path, monkeypatch):
+    stream = AlarmInWrite(ActionTimeout("UPDATE did not finish within its 1 s timeout."))
+    monkeypatch.setattr(sys, "stderr", stream)
+    logsetup.configure(settings(tmp_path), foreground=True)
+    logsetup.configure(settings(tmp_path), foreground=True)  # again, as a SIGHUP does
+
+    with pytest.raises(ActionTimeout):
+        logging.getLogger("libra_worker.test").warning("reloading")
+    logging.getLogger("libra_worker.test").warning("the next line")
+    assert stream.written and "the next line" in stream.written[-1]
+
+
+def test_any_other_error_in_a_log_write_is_still_only_reported(tmp_path, monkeypatch, capsys):
+    stream = AlarmInWrite(OSError(5, "Input/output error"))
+    monkeypatch.setattr(sys, "stderr", stream)
+    logsetup.configure(settings(tmp_path), foreground=True)
+
+    logging.getLogger("libra_worker.test").warning("lost")  # does not raise
+    logging.getLogger("libra_worker.test").warning("kept")
+    assert "kept" in stream.written[-1]
