@@ -52,15 +52,26 @@ def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HAProxyD
             waiting.communicate()
 
 
-def test_an_alarm_in_the_state_files_fsync_leaves_the_committed_update_serving(
-        driver, monkeypatch):
+ALARM = ActionTimeout("UPDATE did not finish within its 1 s timeout.")
+
+
+@pytest.fixture
+def serving(driver, monkeypatch) -> tuple[int, list[str | None]]:
+    """One UPDATE applied (node 127.0.0.1) on a port; then the record of the previous
+    texts put back."""
     port = unused_port()
     driver.update(device(port, "127.0.0.1"))
     put_backs: list[str | None] = []
     monkeypatch.setattr(driver, "_put_back", lambda previous, hurry=False: put_backs.append(previous))
+    return port, put_backs
+
+
+def test_an_alarm_in_the_state_files_fsync_leaves_the_committed_update_serving(
+        driver, serving, monkeypatch):
+    port, put_backs = serving
 
     def alarm_after_the_rename(_directory: Path) -> None:
-        raise ActionTimeout("UPDATE did not finish within its 1 s timeout.")
+        raise ALARM
 
     monkeypatch.setattr(fileutil, "fsync_directory", alarm_after_the_rename)
     with pytest.raises(ActionTimeout):
@@ -75,17 +86,13 @@ def test_an_alarm_in_the_state_files_fsync_leaves_the_committed_update_serving(
 
 
 def test_an_alarm_before_the_state_file_is_renamed_puts_the_previous_file_back(
-        driver, monkeypatch):
-    port = unused_port()
-    driver.update(device(port, "127.0.0.1"))
-    put_backs: list[str | None] = []
-    monkeypatch.setattr(driver, "_put_back", lambda previous, hurry=False: put_backs.append(previous))
-
+        driver, serving, monkeypatch):
+    port, put_backs = serving
     rename = fileutil._replace
 
     def alarm_in_the_rename(temporary: str, path: Path) -> None:
         if path == driver.store.path:
-            raise ActionTimeout("UPDATE did not finish within its 1 s timeout.")
+            raise ALARM
         rename(temporary, path)
 
     monkeypatch.setattr(fileutil, "_replace", alarm_in_the_rename)
