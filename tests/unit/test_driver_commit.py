@@ -7,7 +7,6 @@ proven by the real `haproxy -c`.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -17,12 +16,7 @@ from libra_worker import config, fileutil
 from libra_worker.drivers.haproxy.driver import HAProxyDriver
 from libra_worker.errors import ActionTimeout
 from libra_worker.messages import parse
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.integration.support import free_port
 
 
 def device(port: int, address: str):
@@ -33,8 +27,7 @@ def device(port: int, address: str):
 
 @pytest.fixture
 def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HAProxyDriver]:
-    """A driver whose HAProxy is "running" and reloads at once; `put_backs` records each
-    time the previous file was put back."""
+    """A driver whose HAProxy is "running" and reloads at once."""
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     ini = tmp_path / "worker.ini"
@@ -59,7 +52,7 @@ ALARM = ActionTimeout("UPDATE did not finish within its 1 s timeout.")
 def serving(driver, monkeypatch) -> tuple[int, list[str | None]]:
     """One UPDATE applied (node 127.0.0.1) on a port; then the record of the previous
     texts put back."""
-    port = unused_port()
+    port = free_port()
     driver.update(device(port, "127.0.0.1"))
     put_backs: list[str | None] = []
     monkeypatch.setattr(driver, "_put_back", lambda previous, hurry=False: put_backs.append(previous))

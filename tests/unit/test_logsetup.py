@@ -185,7 +185,7 @@ def test_a_job_alarm_landing_in_a_log_write_ends_the_job(tmp_path, monkeypatch):
     assert stream.written and "the next line" in stream.written[-1]
 
 
-def test_any_other_error_in_a_log_write_is_still_only_reported(tmp_path, monkeypatch, capsys):
+def test_any_other_error_in_a_log_write_is_still_only_reported(tmp_path, monkeypatch):
     stream = AlarmInWrite(OSError(5, "Input/output error"))
     monkeypatch.setattr(sys, "stderr", stream)
     logsetup.configure(settings(tmp_path), foreground=True)
